@@ -1,0 +1,203 @@
+"""PolicyEvaluation: roll the extracted policy out in the real environment and log the D4RL score."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics.aggregation import CatMetric
+
+from idql_pl.errors import ConfigError
+from idql_pl.sampler import Extraction, check_extraction
+
+Policy = Callable[[Tensor, torch.Generator], Tensor]
+
+
+def rollout(env: Any, policy: Policy, seeds: list[int], device: torch.device, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Run one episode per seed on a vector env, ``env.num_envs`` at a time; all live envs act in one batch.
+
+    Returns per-episode undiscounted returns and lengths (in ``seeds`` order). Steps of finished envs
+    (auto-reset by the vector env) are ignored.
+    """
+    n_envs = env.num_envs
+    action_shape = env.single_action_space.shape
+    returns, lengths = np.zeros(len(seeds)), np.zeros(len(seeds), dtype=np.int64)
+    for start in range(0, len(seeds), n_envs):
+        chunk = seeds[start : start + n_envs]
+        padded = chunk + [chunk[-1] + 1_000_003 + i for i in range(n_envs - len(chunk))]
+        obs, _ = env.reset(seed=padded)
+        active = np.arange(n_envs) < len(chunk)
+        ret, length = np.zeros(n_envs), np.zeros(n_envs, dtype=np.int64)
+        while active.any():
+            actions = np.zeros((n_envs, *action_shape), dtype=np.float32)
+            states = torch.as_tensor(np.asarray(obs)[active], dtype=torch.float32, device=device)
+            actions[active] = policy(states, generator).cpu().numpy()
+            obs, reward, terminated, truncated, _ = env.step(actions)
+            ret[active] += reward[active]
+            length[active] += 1
+            active &= ~(terminated | truncated)
+        returns[start : start + len(chunk)] = ret[: len(chunk)]
+        lengths[start : start + len(chunk)] = length[: len(chunk)]
+    return returns, lengths
+
+
+class PolicyEvaluation(L.Callback):
+    """Every ``every_n_steps`` (and at the last step, and on ``validate``), run ``num_episodes`` episodes.
+
+    Episode ``i`` is seeded ``seed + i`` (the same episodes at every evaluation); diffusion noise comes from
+    a generator seeded by the step, so evaluation never perturbs the training RNG. Under DDP rank ``r`` runs
+    episodes ``r, r + world, ...`` and torchmetrics gathers them, so the logged mean covers exactly
+    ``num_episodes``. Logs ``eval/return``, ``eval/normalized_score`` (0-100, the dataset's reference
+    scores), ``eval/episode_length``, ``perf/eval_env_steps_per_s``; writes ``eval_curve.png`` to the run dir.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50_000,
+        num_episodes: int = 10,
+        num_envs: int = 10,
+        num_samples: int | None = None,
+        extraction: Extraction | None = None,
+        precision: Literal["auto", "32", "bf16"] = "auto",
+        seed: int = 1_000_000,
+        at_end: bool = True,
+        plot: bool = True,
+    ):
+        if num_episodes < 1 or num_envs < 1 or every_n_steps < 0:
+            raise ConfigError("eval.num_episodes and eval.num_envs must be >= 1 and eval.every_n_steps >= 0 (0 = never)")
+        if num_samples is not None or extraction is not None:
+            check_extraction(extraction or "argmax", num_samples or 1)
+        self.every_n_steps, self.num_episodes, self.num_envs = every_n_steps, num_episodes, num_envs
+        self.num_samples, self.extraction, self.precision = num_samples, extraction, precision
+        self.seed, self.at_end, self.plot = seed, at_end, plot
+        self.history: list[tuple[int, float]] = []
+        self._env: Any = None
+        self._last_step = -1
+
+    # ------------------------------------------------------------------------------------- triggers
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        due = self.every_n_steps and step % self.every_n_steps == 0
+        last = self.at_end and trainer.max_steps > 0 and step >= trainer.max_steps
+        if (due or last) and step != self._last_step:
+            self._last_step = step
+            self.evaluate(trainer, pl_module, log_to_module=False)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self.evaluate(trainer, pl_module, log_to_module=True)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+    # ----------------------------------------------------------------------------------------- core
+    def policy_for(self, pl_module: L.LightningModule) -> Policy | None:
+        """IDQL: reweighted extraction; a behavior model alone: its own samples (BC); a critic alone: none."""
+        if hasattr(pl_module, "act"):
+            return lambda s, g: pl_module.act(
+                s, num_samples=self.num_samples, extraction=self.extraction, generator=g, precision=self.precision
+            )
+        return None
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, log_to_module: bool) -> dict[str, float] | None:
+        policy = self.policy_for(pl_module)
+        if policy is None:
+            rank_zero_info(f"[eval] skipped: {type(pl_module).__name__} has no policy to roll out")
+            return None
+        datamodule = trainer.datamodule
+        device = pl_module.device
+        rank, world = trainer.global_rank, trainer.world_size
+        seeds = [self.seed + i for i in range(rank, self.num_episodes, world)]
+        start = time.perf_counter()
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            if seeds:
+                if self._env is None:
+                    self._env = datamodule.make_vector_env(min(self.num_envs, len(seeds)))
+                generator = torch.Generator(device=device).manual_seed(self.seed + trainer.global_step)
+                returns, lengths = rollout(self._env, policy, seeds, device, generator)
+            else:
+                returns, lengths = np.zeros(0), np.zeros(0)
+        finally:
+            pl_module.train(was_training)
+        elapsed = time.perf_counter() - start
+        all_returns = self._gather(returns, device)
+        all_lengths = self._gather(lengths.astype(np.float64), device)
+        env_steps = float(all_lengths.sum())
+        metrics = {
+            "eval/return": float(all_returns.mean()),
+            "eval/return_std": float(all_returns.std(unbiased=False)),
+            "eval/episode_length": float(all_lengths.mean()),
+            "eval/num_episodes": float(all_returns.numel()),
+            "perf/eval_env_steps_per_s": env_steps / max(elapsed, 1e-9),
+        }
+        info = datamodule.info
+        if info.ref_min_score is not None and info.ref_max_score is not None:
+            scores = datamodule.normalized_score(all_returns.double().cpu().numpy())
+            metrics["eval/normalized_score"] = float(np.mean(scores))
+            metrics["eval/normalized_score_std"] = float(np.std(scores))
+        self._report(trainer, pl_module, metrics, log_to_module)
+        return metrics
+
+    @staticmethod
+    def _gather(values: np.ndarray, device: torch.device) -> Tensor:
+        metric = CatMetric(nan_strategy="disable").to(device)
+        metric.update(torch.as_tensor(values, dtype=torch.float64, device=device))
+        return metric.compute().reshape(-1)
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float], log_to_module: bool) -> None:
+        step = trainer.global_step
+        score = metrics.get("eval/normalized_score")
+        if score is not None and (not self.history or self.history[-1][0] != step):
+            self.history.append((step, score))
+        if log_to_module:
+            pl_module.log_dict(metrics, sync_dist=False)
+        elif trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        text = f"return {metrics['eval/return']:.2f} ± {metrics['eval/return_std']:.2f}"
+        if score is not None:
+            text += f", normalized score {score:.1f} ± {metrics['eval/normalized_score_std']:.1f}"
+        rank_zero_info(
+            f"[eval] step {step}: {text} over {int(metrics['eval/num_episodes'])} episodes"
+            f" (length {metrics['eval/episode_length']:.0f}, {metrics['perf/eval_env_steps_per_s']:.0f} env steps/s)"
+        )
+        if self.plot and trainer.is_global_zero and len(self.history) > 0:
+            self._plot(Path(trainer.default_root_dir) / "eval_curve.png")
+
+    def _plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps, scores = zip(*self.history)
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+        ax.plot(steps, scores, marker="o")
+        ax.set_xlabel("critic steps (trainer.global_step)")
+        ax.set_ylabel("eval/normalized_score")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        tmp.replace(path)
+
+    # -------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [[int(s), float(v)] for s, v in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(s), float(v)) for s, v in state_dict.get("history", [])]

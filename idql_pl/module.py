@@ -1,0 +1,87 @@
+"""Base class of the three IDQL LightningModules: manual optimization, exact resume, non-finite guard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from idql_pl.errors import CheckpointError, NonFiniteLossError
+from idql_pl.rng import capture_rng_state, restore_rng_state
+
+
+class IDQLModule(L.LightningModule):
+    """Shared plumbing; subclasses set ``hparams.obs_dim``/``hparams.action_dim`` and call :meth:`track_losses`.
+
+    - Checkpoints carry the global RNG states (dropout and diffusion noise continue identically after a
+      resume) and are refused when their obs/action dimensions differ from the data's.
+    - Losses are checked for NaN/inf without a host sync per step: a device-side flag accumulates and is read
+      only on logging steps and before every checkpoint save, so ``last.ckpt`` always holds a finite state.
+    """
+
+    automatic_optimization = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bad: Tensor | None = None  # per-metric "was ever non-finite" flags (device)
+        self._bad_step: Tensor | None = None  # first step at which any metric was non-finite (device)
+        self._metric_names: list[str] = []
+
+    # ------------------------------------------------------------------------------ losses and logs
+    def track_losses(self, metrics: dict[str, Tensor]) -> None:
+        """Accumulate the finiteness of ``metrics`` on device; log/check only when Lightning logs or saves."""
+        if not metrics:
+            return
+        values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
+        bad_now = ~torch.isfinite(values)
+        if self._bad is None or self._metric_names != list(metrics):
+            self._metric_names = list(metrics)
+            self._bad = torch.zeros_like(bad_now)
+            self._bad_step = torch.full((), torch.iinfo(torch.int64).max, device=values.device)
+        self._bad_step = torch.where(bad_now.any() & ~self._bad.any(), self.global_step, self._bad_step)
+        self._bad |= bad_now
+        if self._trainer is None:
+            return
+        if self.trainer._logger_connector.should_update_logs:
+            self.log_dict(metrics)
+            self.raise_if_nonfinite()
+        elif self._checkpoint_due():
+            self.raise_if_nonfinite()
+
+    def raise_if_nonfinite(self) -> None:
+        """One host sync: stop the run, naming the loss and the first bad step, before anything is saved."""
+        if self._bad is None or not bool(self._bad.any()):
+            return
+        names = [n for n, b in zip(self._metric_names, self._bad.tolist()) if b]
+        raise NonFiniteLossError(
+            f"non-finite {', '.join(names)} at step {int(self._bad_step)}: training stopped and last.ckpt keeps the"
+            " last finite state; check the dataset for NaN/inf (rewards, observations) or lower the learning rate"
+        )
+
+    def _checkpoint_due(self) -> bool:
+        step = self.global_step
+        for cb in self.trainer.checkpoint_callbacks:
+            every = getattr(cb, "_every_n_train_steps", 0)
+            if every and step % every == 0:
+                return True
+        return step >= self.trainer.max_steps > 0
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.raise_if_nonfinite()
+        checkpoint["idql_rng"] = capture_rng_state()
+        checkpoint["idql_dims"] = {"obs_dim": int(self.hparams.obs_dim), "action_dim": int(self.hparams.action_dim)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        dims = checkpoint.get("idql_dims")
+        ours = {"obs_dim": int(self.hparams.obs_dim), "action_dim": int(self.hparams.action_dim)}
+        if dims is not None and dims != ours:
+            raise CheckpointError(
+                f"checkpoint was trained with obs_dim={dims['obs_dim']}, action_dim={dims['action_dim']} but this"
+                f" dataset has obs_dim={ours['obs_dim']}, action_dim={ours['action_dim']}: use a checkpoint from"
+                " the same environment, or drop --ckpt_path"
+            )
+        if "idql_rng" in checkpoint:
+            restore_rng_state(checkpoint["idql_rng"])
