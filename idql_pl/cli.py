@@ -105,7 +105,7 @@ class IDQLCLI(LightningCLI):
                     f"--ckpt_path last: no {run_dir / 'last.ckpt'} to resume; pass the --run_name of the run to"
                     " continue (see checkpoints/), or drop --ckpt_path to start a new run"
                 )
-        elif ckpt is not None and self.subcommand == "fit":
+        elif ckpt is not None:
             run_dir = Path(ckpt).resolve().parent
         return run_dir
 
@@ -124,7 +124,8 @@ class IDQLCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _default_loggers(self, run_dir: Path, cfg: Any) -> list[Logger]:
-        loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+        csv_name = "csv" if self.subcommand == "fit" else f"csv_{self.subcommand}"
+        loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name=csv_name, version="")]
         mode = os.environ.get("WANDB_MODE", "")
         if mode == "disabled" or self.subcommand != "fit":
             return loggers

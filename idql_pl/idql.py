@@ -104,7 +104,7 @@ class IDQL(IDQLModule):
         metrics = {}
         metrics.update({f"val/critic/{k}": v for k, v in self.critic.validation_losses(buffer).items()})
         metrics.update({f"val/behavior/{k}": v for k, v in self.behavior.validation_losses(buffer).items()})
-        self.log_dict(metrics)
+        self.log_dict(metrics, batch_size=1)
 
     # ------------------------------------------------------------------------------------------- act
     @torch.no_grad()

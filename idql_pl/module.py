@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
 
 from idql_pl.errors import CheckpointError, NonFiniteLossError
@@ -28,6 +32,20 @@ class IDQLModule(L.LightningModule):
         self._bad: Tensor | None = None  # per-metric "was ever non-finite" flags (device)
         self._bad_step: Tensor | None = None  # first step at which any metric was non-finite (device)
         self._metric_names: list[str] = []
+
+    def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, frame: Any = None,
+                             logger: bool = True) -> None:
+        """Like Lightning's, but a module built *inside* another one (IDQL's injected critic/behavior) records
+        its own arguments: LightningCLI exposes the top-level model's config to every module built while it
+        is instantiated, which would otherwise become the children's hparams too."""
+        frame = frame or inspect.currentframe().f_back
+        given = _given_hyperparameters.get()
+        token = None if given is None or _is_class(given.get("_class_path"), type(self)) else _given_hyperparameters.set(None)
+        try:
+            super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        finally:
+            if token is not None:
+                _given_hyperparameters.reset(token)
 
     # ------------------------------------------------------------------------------ losses and logs
     def track_losses(self, metrics: dict[str, Tensor]) -> None:
@@ -85,3 +103,13 @@ class IDQLModule(L.LightningModule):
             )
         if "idql_rng" in checkpoint:
             restore_rng_state(checkpoint["idql_rng"])
+
+
+def _is_class(class_path: str | None, cls: type) -> bool:
+    if not class_path or "." not in class_path:
+        return False
+    module, name = class_path.rsplit(".", 1)
+    try:
+        return getattr(importlib.import_module(module), name, None) is cls
+    except ImportError:
+        return False

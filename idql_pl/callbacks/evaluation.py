@@ -16,7 +16,7 @@ from torch import Tensor
 from torchmetrics.aggregation import CatMetric
 
 from idql_pl.errors import ConfigError
-from idql_pl.sampler import Extraction, check_extraction
+from idql_pl.sampler import Extraction, autocast_for, check_extraction
 
 Policy = Callable[[Tensor, torch.Generator], Tensor]
 
@@ -47,6 +47,12 @@ def rollout(env: Any, policy: Policy, seeds: list[int], device: torch.device, ge
         returns[start : start + len(chunk)] = ret[: len(chunk)]
         lengths[start : start + len(chunk)] = length[: len(chunk)]
     return returns, lengths
+
+
+def autocast_sample(behavior: Any, states: Tensor, generator: torch.Generator, precision: str) -> Tensor:
+    """One behavior-policy sample per state (behavior cloning), float32 out."""
+    with torch.no_grad(), autocast_for(states.device, precision):
+        return behavior.sample(states, 1, generator=generator)[:, 0].float()
 
 
 class PolicyEvaluation(L.Callback):
@@ -107,6 +113,8 @@ class PolicyEvaluation(L.Callback):
             return lambda s, g: pl_module.act(
                 s, num_samples=self.num_samples, extraction=self.extraction, generator=g, precision=self.precision
             )
+        if hasattr(pl_module, "sample"):
+            return lambda s, g: autocast_sample(pl_module, s, g, self.precision)
         return None
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, log_to_module: bool) -> dict[str, float] | None:
@@ -134,6 +142,7 @@ class PolicyEvaluation(L.Callback):
         elapsed = time.perf_counter() - start
         all_returns = self._gather(returns, device)
         all_lengths = self._gather(lengths.astype(np.float64), device)
+        all_episodes = self._gather(np.asarray(seeds, dtype=np.float64) - self.seed, device)
         env_steps = float(all_lengths.sum())
         metrics = {
             "eval/return": float(all_returns.mean()),
@@ -148,6 +157,8 @@ class PolicyEvaluation(L.Callback):
             metrics["eval/normalized_score"] = float(np.mean(scores))
             metrics["eval/normalized_score_std"] = float(np.std(scores))
         self._report(trainer, pl_module, metrics, log_to_module)
+        if trainer.is_global_zero:
+            self._write_episodes(trainer, all_episodes, all_returns, all_lengths)
         return metrics
 
     @staticmethod
@@ -175,6 +186,19 @@ class PolicyEvaluation(L.Callback):
         )
         if self.plot and trainer.is_global_zero and len(self.history) > 0:
             self._plot(Path(trainer.default_root_dir) / "eval_curve.png")
+
+    def _write_episodes(self, trainer: L.Trainer, episodes: Tensor, returns: Tensor, lengths: Tensor) -> None:
+        """Append one row per episode (all ranks' episodes) to ``eval_episodes.csv`` in the run folder."""
+        path = Path(trainer.default_root_dir) / "eval_episodes.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.is_file()
+        order = torch.argsort(episodes)
+        with open(path, "a") as f:
+            if new:
+                f.write("stage,step,episode,seed,return,length\n")
+            stage = trainer.state.fn.value if trainer.state.fn else "fit"
+            for e, r, n in zip(episodes[order].tolist(), returns[order].tolist(), lengths[order].tolist()):
+                f.write(f"{stage},{trainer.global_step},{int(e)},{self.seed + int(e)},{r:.6f},{int(n)}\n")
 
     def _plot(self, path: Path) -> None:
         import matplotlib
