@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from idql_pl.callbacks.evaluation import PolicyEvaluation
 from idql_pl.checkpointing import AtomicCheckpointIO, safe_load
 from idql_pl.data import OfflineDataModule
-from idql_pl.errors import CheckpointError, ConfigError, IDQLError
+from idql_pl.errors import CheckpointError, IDQLError
 
 RUN_ID_FILE = "wandb_run_id.txt"
 
@@ -33,7 +34,9 @@ class RunConfigSaver(SaveConfigCallback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if trainer.is_global_zero:
-            path = Path(trainer.default_root_dir) / self.config_filename
+            # fit owns config.yaml; validate/test of the same run write theirs beside it, never over it
+            name = self.config_filename if stage == "fit" else f"config_{stage}.yaml"
+            path = Path(trainer.default_root_dir) / name
             path.parent.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
 
@@ -57,6 +60,7 @@ class IDQLCLI(LightningCLI):
                 "enable_model_summary": False,
             },
             auto_configure_optimizers=False,
+            parser_kwargs={"exit_on_error": False},
             args=args,
             run=run,
         )
@@ -78,6 +82,15 @@ class IDQLCLI(LightningCLI):
         )
         for dim in ("obs_dim", "action_dim"):
             parser.link_arguments("data", f"model.init_args.{dim}", compute_fn=lambda d, dim=dim: getattr(d, dim), apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads a checkpoint's hyperparameters into the config before anything else: refuse a missing,
+        corrupt or unsafe file there with our one-line error instead of a traceback."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in ("last", "best", "hpc"):
+            safe_load(ckpt)
+        super()._parse_ckpt_path()
 
     # ------------------------------------------------------------------------------------ run folder
     def _sub(self) -> Any:
@@ -163,19 +176,56 @@ class IDQLCLI(LightningCLI):
         if sub.get("ckpt_path") == "last":
             sub["ckpt_path"] = str(self.run_dir / "last.ckpt")
         if sub.get("ckpt_path"):
-            safe_load(sub["ckpt_path"])
+            dims = safe_load(sub["ckpt_path"]).get("idql_dims")
+            ours = {"obs_dim": self.datamodule.obs_dim, "action_dim": self.datamodule.action_dim}
+            if dims is not None and dims != ours:
+                raise CheckpointError(
+                    f"{sub['ckpt_path']} was trained with obs_dim={dims['obs_dim']}, action_dim={dims['action_dim']} but"
+                    f" {self.datamodule.info.name} has obs_dim={ours['obs_dim']}, action_dim={ours['action_dim']}: use a"
+                    " checkpoint from the same environment, or drop --ckpt_path"
+                )
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """One line for a user error (ours, or a config jsonargparse rejected); None for a bug."""
+    chain = _chain(err)
+    for e in chain:
+        if isinstance(e, IDQLError):
+            return str(e)
+    if not any(isinstance(e, ArgumentError) for e in chain):
+        return None
+    keys: list[str] = []
+    for e in chain:
+        match = re.match(r'\s*Parser key "([^"]+)"', str(e))
+        if match and match.group(1) not in keys:
+            keys.append(match.group(1))
+    root = next((ln.strip() for ln in str(chain[-1]).splitlines() if ln.strip()), type(chain[-1]).__name__)
+    where = f" at {'.'.join(keys)}" if keys else ""
+    return (f"invalid configuration{where}: {root}; list the accepted keys with `python -m idql_pl fit --help`"
+            " or `--print_config`")
 
 
 def main(args: list[str] | None = None) -> int:
     """Entry point: user errors print one ``error:`` line and exit 2 instead of a traceback."""
     try:
         IDQLCLI(args=args)
-    except IDQLError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted: resume with --ckpt_path last", file=sys.stderr)
         return 130
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        return IDQLError.exit_code
     return 0
 
 
@@ -188,4 +238,4 @@ def _wandb_has_key() -> bool:
         return False
 
 
-__all__ = ["IDQLCLI", "main", "ConfigError"]
+__all__ = ["IDQLCLI", "main"]

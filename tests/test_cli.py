@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 import yaml
 
-from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_state, run_cli
+from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_state, read_csv, run_cli
 
 
 @pytest.mark.parametrize("config", ["quickstart", "loco", "antmaze", "maze2d"])
@@ -41,10 +39,10 @@ def test_validate_from_checkpoint_runs_the_requested_episodes(tmp_path):
                    "--eval.num_episodes", "3", "--eval.num_envs", "3", "--eval.num_samples", "2",
                    "--eval.extraction", "implicit", "--ckpt_path", ckpt)
     assert code == 0
-    rows = list(csv.DictReader(open(tmp_path / "r" / "eval_episodes.csv")))
+    rows = read_csv(tmp_path / "r" / "eval_episodes.csv")
     validate_rows = [r for r in rows if r["stage"] == "validate"]
     assert sorted(int(r["episode"]) for r in validate_rows) == [0, 1, 2]
-    metrics = list(csv.DictReader(open(tmp_path / "r" / "csv_validate" / "metrics.csv")))
+    metrics = read_csv(tmp_path / "r" / "csv_validate" / "metrics.csv")
     logged = [float(m["eval/return"]) for m in metrics if m.get("eval/return")]
     assert logged and logged[-1] == pytest.approx(sum(float(r["return"]) for r in validate_rows) / 3, rel=1e-6)
 
@@ -65,7 +63,7 @@ def test_print_config_round_trips(tmp_path, capsys):
 
 
 def test_every_sweep_key_is_accepted(capsys):
-    sweep = yaml.safe_load(open(CONFIGS / "sweep_loco.yaml"))
+    sweep = yaml.safe_load((CONFIGS / "sweep_loco.yaml").read_text())
     assert sweep["command"][-1] == "${args}" and "configs/loco.yaml" in sweep["command"]
     for key, spec in sweep["parameters"].items():
         value = spec["values"][-1]
@@ -97,5 +95,5 @@ def test_behavior_alone(dataset, tmp_path):
     assert code == 0
     ckpt = load_state(tmp_path / "b" / "last.ckpt")
     assert ckpt["global_step"] == 6
-    rows = list(csv.DictReader(open(tmp_path / "b" / "eval_episodes.csv")))
+    rows = read_csv(tmp_path / "b" / "eval_episodes.csv")
     assert {int(r["step"]) for r in rows} == {3, 6}  # the behavior model alone is evaluated as a BC policy

@@ -3,14 +3,13 @@ covers exactly ``num_episodes`` (every episode once)."""
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, run_cli
+from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, read_csv, run_cli
 
 NUM_EPISODES = 5  # odd on purpose: rank 0 runs 3 episodes, rank 1 runs 2
 
@@ -27,9 +26,9 @@ def test_two_process_validate_covers_every_episode_once(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [r for r in csv.DictReader(open(run / "eval_episodes.csv")) if r["stage"] == "validate"]
+    rows = [r for r in read_csv(run / "eval_episodes.csv") if r["stage"] == "validate"]
     assert sorted(int(r["episode"]) for r in rows) == list(range(NUM_EPISODES))
-    metrics = [m for m in csv.DictReader(open(run / "csv_validate" / "metrics.csv")) if m.get("eval/return")]
+    metrics = [m for m in read_csv(run / "csv_validate" / "metrics.csv") if m.get("eval/return")]
     assert len(metrics) == 1  # rank 0 logs once
     assert float(metrics[0]["eval/num_episodes"]) == NUM_EPISODES
     expected = sum(float(r["return"]) for r in rows) / NUM_EPISODES

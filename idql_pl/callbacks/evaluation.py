@@ -101,6 +101,15 @@ class PolicyEvaluation(L.Callback):
         if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
             self.evaluate(trainer, pl_module, log_to_module=True)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Create the envs up front, so a run that cannot be evaluated fails in seconds, not at its first eval."""
+        if self.policy_for(pl_module) is not None and self._env is None:
+            self._env = trainer.datamodule.make_vector_env(self._envs_per_rank(trainer))
+
+    def _envs_per_rank(self, trainer: L.Trainer) -> int:
+        share = len(range(trainer.global_rank, self.num_episodes, trainer.world_size))
+        return max(1, min(self.num_envs, share))
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._env is not None:
             self._env.close()
@@ -132,7 +141,7 @@ class PolicyEvaluation(L.Callback):
         try:
             if seeds:
                 if self._env is None:
-                    self._env = datamodule.make_vector_env(min(self.num_envs, len(seeds)))
+                    self._env = datamodule.make_vector_env(self._envs_per_rank(trainer))
                 generator = torch.Generator(device=device).manual_seed(self.seed + trainer.global_step)
                 returns, lengths = rollout(self._env, policy, seeds, device, generator)
             else:
