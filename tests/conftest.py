@@ -6,11 +6,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MUJOCO_GL", "disable")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny test nets gain nothing from threads; spin-waits hurt on 2 cores
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,17 @@ def rollout(env: Any, policy: Policy, seeds: list[int], device: torch.device, ge
         returns[start : start + len(chunk)] = ret[: len(chunk)]
         lengths[start : start + len(chunk)] = length[: len(chunk)]
     return returns, lengths
+
+
+def resident_memory_mb() -> float:
+    """Current resident set size of this process (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def autocast_sample(behavior: Any, states: Tensor, generator: torch.Generator, precision: str) -> Tensor:
@@ -159,6 +171,7 @@ class PolicyEvaluation(L.Callback):
             "eval/episode_length": float(all_lengths.mean()),
             "eval/num_episodes": float(all_returns.numel()),
             "perf/eval_env_steps_per_s": env_steps / max(elapsed, 1e-9),
+            "perf/rss_mb": resident_memory_mb(),
         }
         info = datamodule.info
         if info.ref_min_score is not None and info.ref_max_score is not None:
