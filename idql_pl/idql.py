@@ -66,6 +66,9 @@ class IDQL(IDQLModule):
         for module, trained in ((self.behavior, self.train_behavior), (self.critic, self.train_critic)):
             module.requires_grad_(trained)
 
+    def updates_per_step(self) -> dict[str, int]:
+        return {"critic": int(self.train_critic), "actor": self.hparams.actor_updates_per_step * int(self.train_behavior)}
+
     # ----------------------------------------------------------------------------------------- optim
     def configure_optimizers(self) -> Any:
         optimizers, schedulers = [], []

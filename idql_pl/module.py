@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,11 @@ class IDQLModule(L.LightningModule):
         self._bad: Tensor | None = None  # per-metric "was ever non-finite" flags (device)
         self._bad_step: Tensor | None = None  # first step at which any metric was non-finite (device)
         self._metric_names: list[str] = []
+        self._last_log: tuple[int, float] | None = None  # (global_step, time) at the previous logging step
+
+    def updates_per_step(self) -> dict[str, int]:
+        """Optimizer updates per ``training_step`` by kind ("critic", "actor"), for the ``perf/*`` rates."""
+        return {}
 
     def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, frame: Any = None,
                              logger: bool = True) -> None:
@@ -63,10 +69,20 @@ class IDQLModule(L.LightningModule):
         if self._trainer is None:
             return
         if self.trainer._logger_connector.should_update_logs:
-            self.log_dict(metrics)
+            self.log_dict({**metrics, **self._throughput()})
             self.raise_if_nonfinite()
         elif self._checkpoint_due():
             self.raise_if_nonfinite()
+
+    def _throughput(self) -> dict[str, float]:
+        """``perf/<kind>_steps_per_s`` since the previous logging step (host clock; logging steps sync anyway)."""
+        now, rates = time.perf_counter(), {}
+        if self._last_log is not None:
+            steps, seconds = self.global_step - self._last_log[0], now - self._last_log[1]
+            if steps > 0 and seconds > 0:
+                rates = {f"perf/{k}_steps_per_s": n * steps / seconds for k, n in self.updates_per_step().items() if n}
+        self._last_log = (self.global_step, now)
+        return rates
 
     def raise_if_nonfinite(self) -> None:
         """One host sync: stop the run, naming the loss and the first bad step, before anything is saved."""

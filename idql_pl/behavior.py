@@ -1,0 +1,203 @@
+"""The diffusion behavior policy mu(a|s): DDPM behavior cloning with an EMA copy for sampling
+(paper Sec. 3 Eq. 4-5, Sec. 5, App. G; IDQL_SPEC Sec. 3)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from idql_pl.critic import adam_kwargs, backward, fixed_batch
+from idql_pl.data.buffer import Batch, TransitionBuffer
+from idql_pl.diffusion import (
+    SCHEDULES,
+    Schedule,
+    ddpm_loss,
+    make_schedule,
+    reverse_coefficients,
+    reverse_sample,
+)
+from idql_pl.errors import ConfigError
+from idql_pl.module import IDQLModule
+from idql_pl.nets import ACTIVATIONS, LNResNet, MLPScoreNet, ScoreNet, ema_update_, strip_dropout_
+
+SCORE_NETS = ("ln_resnet", "mlp")
+
+
+class CosineDecay:
+    """LR multiplier ``0.5 (1 + cos(pi min(step, total) / total))``: cosine decay to 0 over ``total_steps``
+    (optax ``cosine_decay_schedule``, as the reference code; IDQL_SPEC Sec. 3). A callable object, so
+    ``LambdaLR.state_dict`` stores ``total_steps`` (an int) and a resumed run keeps its decay length."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+
+
+class DiffusionBehavior(IDQLModule):
+    """DDPM behavior model ``eps_hat(a_k, k, s)`` trained by pure behavior cloning (Eq. 4; no advantage
+    weights, App. F.5), an EMA copy (rate ``ema_rate`` per step; dropout removed, i.e. always the eval-mode
+    network) used for all sampling, and the Eq. 5 sampler.
+
+    Defaults are the paper's (App. E, G): T 5, vp schedule, LN-ResNet 256/1024 x 3 blocks, dropout 0.1, mish,
+    AdamW lr 3e-4 with cosine decay to 0 and weight decay 0, batch 1024, EMA 0.001, actions clipped to +-1.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        T: int = 5,  # noqa: N803 - the paper's symbol
+        schedule: str = "vp",
+        hidden_dim: int = 256,
+        num_blocks: int = 3,
+        ff_dim: int = 1024,
+        dropout: float = 0.1,
+        activation: str = "mish",
+        time_dim: int = 128,
+        score_net: Literal["ln_resnet", "mlp"] = "ln_resnet",
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        lr_decay_steps: int | None = None,
+        ema_rate: float = 0.001,
+        batch_size: int = 1024,
+        clip_actions: float = 1.0,
+    ):
+        super().__init__()
+        if obs_dim < 1 or action_dim < 1:
+            raise ConfigError(f"obs_dim and action_dim must be >= 1 (got {obs_dim}, {action_dim})")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"unknown diffusion schedule {schedule!r}: use one of {', '.join(SCHEDULES)} (paper: vp)")
+        if score_net not in SCORE_NETS:
+            raise ConfigError(f"unknown score_net {score_net!r}: use one of {', '.join(SCORE_NETS)}")
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {activation!r}: use one of {', '.join(ACTIVATIONS)}")
+        for name, value in (("T", T), ("hidden_dim", hidden_dim), ("num_blocks", num_blocks), ("ff_dim", ff_dim),
+                            ("time_dim", time_dim), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"behavior {name} must be an integer >= 1 (got {value!r})")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"behavior dropout must lie in [0, 1) (got {dropout}); the paper uses 0.1")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ConfigError(f"behavior lr must be > 0 (got {lr}); the paper uses 3e-4")
+        if weight_decay < 0:
+            raise ConfigError(f"behavior weight_decay must be >= 0 (got {weight_decay}); the paper uses 0")
+        if lr_decay_steps is not None and lr_decay_steps < 1:
+            raise ConfigError(f"lr_decay_steps must be >= 1 or null (got {lr_decay_steps}): null uses max_steps")
+        if not 0.0 < ema_rate <= 1.0:
+            raise ConfigError(f"ema_rate must lie in (0, 1] (got {ema_rate}); the paper uses 0.001")
+        if not clip_actions > 0:
+            raise ConfigError(f"clip_actions must be > 0 (got {clip_actions}); actions live in [-1, 1]")
+        self.save_hyperparameters()
+
+        sched = make_schedule(schedule, T)
+        # Device copies (for the training loss) are derived from hparams, so not saved in checkpoints.
+        self.register_buffer("betas", sched.betas, persistent=False)
+        self.register_buffer("alphas", sched.alphas, persistent=False)
+        self.register_buffer("alpha_bars", sched.alpha_bars, persistent=False)
+        self._reverse_coefs = reverse_coefficients(sched)  # host floats for the sampler loop
+
+        self.net: ScoreNet
+        if score_net == "ln_resnet":
+            self.net = LNResNet(obs_dim, action_dim, hidden_dim, num_blocks, ff_dim, dropout, activation, time_dim,
+                                num_timesteps=T)
+        else:
+            self.net = MLPScoreNet(obs_dim, action_dim, hidden_dim, num_blocks, activation, time_dim, num_timesteps=T)
+        # The EMA copy has its dropout removed, so it computes the eval-mode network whatever mode Lightning
+        # sets (no train/eval juggling, no "modules in eval mode" warning); same parameters and state_dict keys.
+        self.ema_net = strip_dropout_(copy.deepcopy(self.net).requires_grad_(False))
+
+    # ------------------------------------------------------------------------------------ utilities
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(self.betas, self.alphas, self.alpha_bars)
+
+    # ------------------------------------------------------------------------------------- training
+    def loss(self, batch: Batch, net: ScoreNet | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """DDPM loss of Eq. 4 on ``(s, a)``; the state block of the first Dense is computed once per row."""
+        net = self.net if net is None else net
+        state_proj = net.project_state(batch.observations)
+        return ddpm_loss(lambda x, k: net.forward_projected(x, k, state_proj), self.schedule, batch.actions, generator)
+
+    def update(self, batch: Batch, opt: Any, scheduler: Any | None) -> dict[str, Tensor]:
+        """One actor step: DDPM loss (dropout as the module's mode says: active under ``fit``), optimizer step,
+        LR-scheduler step, EMA update. Returns detached scalars, no host sync: ``{"loss"}``."""
+        loss = self.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        backward(self, loss)
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        self.update_ema()
+        return {"loss": loss.detach()}
+
+    def update_ema(self) -> None:
+        """``ema <- (1 - ema_rate) ema + ema_rate online`` for all parameters in one fused op."""
+        ema_update_(list(self.ema_net.parameters()), list(self.net.parameters()), self.hparams.ema_rate)
+
+    def make_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+        """AdamW (weight decay set explicitly: PyTorch's default is 0.01) and cosine decay to 0 over
+        ``total_steps`` actor steps (IDQL_SPEC Sec. 3)."""
+        if total_steps is None or int(total_steps) < 1:
+            raise ConfigError(
+                f"the behavior LR schedule needs a length (got {total_steps}): set trainer.max_steps or"
+                " model.lr_decay_steps"
+            )
+        params = list(self.net.parameters())
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **adam_kwargs(params))
+        return opt, LambdaLR(opt, CosineDecay(int(total_steps)))
+
+    def updates_per_step(self) -> dict[str, int]:
+        """One actor update per ``training_step`` (for ``perf/actor_steps_per_s``)."""
+        return {"actor": 1}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        total = self.hparams.lr_decay_steps or self.trainer.max_steps
+        opt, sched = self.make_optimizer(total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
+        """One actor step on ``batch_size`` rows (``global_step`` counts actor steps)."""
+        out = self.update(buffer.sample(self.hparams.batch_size), self.optimizers(), self.lr_schedulers())
+        self.track_losses({f"train/behavior/{k}": v for k, v in out.items()})
+
+    @torch.no_grad()
+    def validation_losses(self, buffer: TransitionBuffer) -> dict[str, Tensor]:
+        """Eq. 4 loss of the EMA net (no dropout) on a fixed batch with fixed k and noise; updates nothing."""
+        batch = fixed_batch(buffer, self.hparams.batch_size)
+        gen = torch.Generator(device=batch.actions.device).manual_seed(0)
+        return {"loss": self.loss(batch, net=self.ema_net, generator=gen)}
+
+    def validation_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
+        metrics = self.validation_losses(buffer)
+        self.log_dict({f"val/behavior/{k}": v for k, v in metrics.items()}, batch_size=self.hparams.batch_size)
+
+    # ------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(self, states: Tensor, num_samples: int = 1, generator: torch.Generator | None = None) -> Tensor:
+        """``num_samples`` actions per state from the EMA net (no dropout) with the Eq. 5 sampler:
+        ``states [B, S] -> [B, num_samples, A]`` in ``[-clip_actions, clip_actions]``.
+
+        Each state is projected once; the T steps run on all ``B x num_samples`` candidates at once.
+        Noise: ``generator`` (on ``states``' device) or the global torch RNG.
+        """
+        net = self.ema_net  # dropout-free: eval-mode output in any mode
+        batch = states.shape[0]
+        state_proj = net.project_state(states).unsqueeze(1)  # [B, 1, H], broadcast over candidates
+        time_table = net.time_table()  # [T, H]
+        dtype = states.dtype if states.is_floating_point() else torch.float32
+        x_T = torch.randn(batch, num_samples, self.hparams.action_dim, device=states.device, dtype=dtype,
+                          generator=generator)
+        return reverse_sample(
+            lambda x, k: net.forward_parts(x, state_proj, time_table[k]),
+            self._reverse_coefs,
+            x_T,
+            generator=generator,
+            clip=self.hparams.clip_actions,
+        )

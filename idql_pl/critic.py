@@ -1,0 +1,191 @@
+"""The generalized-IQL critic: twin Q, V and the Polyak target (paper Sec. 3, 4.1, Alg. 1; IDQL_SPEC Sec. 1)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from idql_pl.data.buffer import Batch, TransitionBuffer
+from idql_pl.errors import ConfigError
+from idql_pl.losses import ValueLossKind, check_value_loss, implicit_weights, value_loss
+from idql_pl.module import IDQLModule
+from idql_pl.nets import MLP, TwinQ, ema_update_
+
+VALIDATION_SEED = 12345
+
+
+def backward(module: L.LightningModule, loss: Tensor) -> None:
+    """``module.manual_backward`` when a Trainer is attached (precision plugins, DDP), else ``loss.backward``."""
+    if module._trainer is not None or module._fabric is not None:
+        module.manual_backward(loss)
+    else:
+        loss.backward()
+
+
+def adam_kwargs(params: list[Tensor]) -> dict[str, Any]:
+    """Fused (one kernel per step) Adam(W) on CPU/CUDA float parameters, PyTorch's default elsewhere."""
+    fusable = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return {"fused": True} if fusable else {}
+
+
+def fixed_batch(buffer: TransitionBuffer, batch_size: int, seed: int = VALIDATION_SEED) -> Batch:
+    """The same rows at every call (validation losses), drawn without touching any training RNG."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randint(len(buffer), (min(batch_size, len(buffer)),), generator=gen)
+    return buffer.gather(idx.to(buffer.device))
+
+
+class ImplicitCritic(IDQLModule):
+    """Twin Q (+ Polyak target) and V trained with the generalized implicit Q-learning objective.
+
+    One :meth:`update` = V step (Eq. 1 / 10 / 11 on ``u = min(Q1_t, Q2_t)(s, a) - V(s)``), then Q step (Eq. 2,
+    ``y = r + gamma mask V(s')`` with the just-updated V), then the target update (IDQL_SPEC Sec. 1).
+    ``value_loss``: "expectile" (``tau``), "quantile" (``tau``) or "exponential" (``alpha``, guarded with
+    ``exp_clip``). Adam, constant ``lr``, no weight decay or gradient clipping.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden_dims: Sequence[int] = (256, 256),
+        value_loss: ValueLossKind = "expectile",
+        tau: float = 0.7,
+        alpha: float = 1.0,
+        exp_clip: float = 6.0,
+        discount: float = 0.99,
+        target_update_rate: float = 0.005,
+        lr: float = 3e-4,
+        batch_size: int = 256,
+    ):
+        super().__init__()
+        if obs_dim < 1 or action_dim < 1:
+            raise ConfigError(f"obs_dim and action_dim must be >= 1 (got {obs_dim}, {action_dim})")
+        if len(hidden_dims) == 0 or any(int(h) < 1 for h in hidden_dims):
+            raise ConfigError(f"critic hidden_dims must be a non-empty list of sizes >= 1 (got {list(hidden_dims)})")
+        check_value_loss(value_loss, alpha if value_loss == "exponential" else tau, exp_clip)
+        if not 0.0 <= discount <= 1.0:
+            raise ConfigError(f"discount must lie in [0, 1] (got {discount}); the paper uses 0.99")
+        if not 0.0 < target_update_rate <= 1.0:
+            raise ConfigError(f"target_update_rate must lie in (0, 1] (got {target_update_rate}); the paper uses 0.005")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ConfigError(f"critic lr must be > 0 (got {lr}); the paper uses 3e-4")
+        if int(batch_size) < 1:
+            raise ConfigError(f"critic batch_size must be >= 1 (got {batch_size}); the paper uses 256")
+        self.save_hyperparameters()
+        hidden = [int(h) for h in hidden_dims]
+        self.q_net = TwinQ(obs_dim, action_dim, hidden)
+        self.q_target_net = copy.deepcopy(self.q_net).requires_grad_(False)
+        self.v_net = MLP(obs_dim, hidden, 1)
+
+    # ------------------------------------------------------------------------------------- properties
+    @property
+    def loss_param(self) -> float:
+        """The value loss's parameter: ``alpha`` for "exponential", ``tau`` otherwise."""
+        hp = self.hparams
+        return float(hp.alpha if hp.value_loss == "exponential" else hp.tau)
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def q(self, states: Tensor, actions: Tensor) -> Tensor:
+        """``min(Q1, Q2)(s, a)`` of the online pair: ``[B]``."""
+        return self.q_net(states, actions).amin(dim=0)
+
+    def q_target(self, states: Tensor, actions: Tensor) -> Tensor:
+        """``min(Q1_target, Q2_target)(s, a)``: ``[B]`` (the value target and the extraction score, Alg. 2)."""
+        return self.q_target_net(states, actions).amin(dim=0)
+
+    def v(self, states: Tensor) -> Tensor:
+        """``V(s)``: ``[B]``."""
+        return self.v_net(states).squeeze(-1)
+
+    def implicit_weights(self, states: Tensor, actions: Tensor) -> Tensor:
+        """Implicit-actor weights (Eq. 8-12) of ``u = min Q_target(s, a) - V(s)``: ``[B]``, positive."""
+        u = self.q_target(states, actions) - self.v(states)
+        return implicit_weights(u, self.hparams.value_loss, self.loss_param)
+
+    # ---------------------------------------------------------------------------------------- losses
+    def _value_loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """V loss (Eq. 1 / 10 / 11): mean ``f(min Q_target(s, a) - V(s))``; returns (loss, u, v)."""
+        with torch.no_grad():
+            q_hat = self.q_target(batch.observations, batch.actions)
+        v = self.v(batch.observations)
+        u = q_hat - v
+        hp = self.hparams
+        return value_loss(u, hp.value_loss, self.loss_param, hp.exp_clip).mean(), u, v
+
+    def _q_loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Q loss (Eq. 2): mean over both nets and the batch of ``(Q_i(s, a) - r - gamma mask V(s'))^2``."""
+        with torch.no_grad():
+            y = batch.rewards + self.hparams.discount * batch.masks * self.v(batch.next_observations)
+        qs = self.q_net(batch.observations, batch.actions)  # [2, B]
+        return (qs - y).square().mean(), qs
+
+    # -------------------------------------------------------------------------------------- updating
+    def value_step(self, batch: Batch, v_opt: Any) -> tuple[Tensor, Tensor, Tensor]:
+        loss, u, v = self._value_loss(batch)
+        v_opt.zero_grad(set_to_none=True)
+        backward(self, loss)
+        v_opt.step()
+        return loss, u, v
+
+    def q_step(self, batch: Batch, q_opt: Any) -> tuple[Tensor, Tensor]:
+        loss, qs = self._q_loss(batch)
+        q_opt.zero_grad(set_to_none=True)
+        backward(self, loss)
+        q_opt.step()
+        return loss, qs
+
+    def update_target(self) -> None:
+        """Polyak update ``target <- (1 - rate) target + rate online`` (IDQL_SPEC Sec. 1), one fused op."""
+        ema_update_(list(self.q_target_net.parameters()), list(self.q_net.parameters()), self.hparams.target_update_rate)
+
+    def update(self, batch: Batch, v_opt: Any, q_opt: Any) -> dict[str, Tensor]:
+        """One critic step in the spec's order: V, then Q (with the new V), then the target. Returns detached
+        scalars (no host sync): q_loss, v_loss, q_mean, v_mean, abs_u_mean."""
+        v_loss, u, v = self.value_step(batch, v_opt)
+        q_loss, qs = self.q_step(batch, q_opt)
+        self.update_target()
+        return {
+            "q_loss": q_loss.detach(),
+            "v_loss": v_loss.detach(),
+            "q_mean": qs.detach().mean(),
+            "v_mean": v.detach().mean(),
+            "abs_u_mean": u.detach().abs().mean(),
+        }
+
+    # ------------------------------------------------------------------------------------- Lightning
+    def updates_per_step(self) -> dict[str, int]:
+        """One critic update per ``training_step`` (for ``perf/critic_steps_per_s``)."""
+        return {"critic": 1}
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """``[v_opt, q_opt]``: Adam, lr 3e-4, no weight decay (IDQL_SPEC Sec. 1)."""
+        v_params, q_params = list(self.v_net.parameters()), list(self.q_net.parameters())
+        v_opt = torch.optim.Adam(v_params, lr=self.hparams.lr, **adam_kwargs(v_params))
+        q_opt = torch.optim.Adam(q_params, lr=self.hparams.lr, **adam_kwargs(q_params))
+        return [v_opt, q_opt]
+
+    def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
+        """One critic step; the V optimizer is stepped raw so ``global_step`` counts critic steps."""
+        batch = buffer.sample(self.hparams.batch_size)
+        v_opt, q_opt = self.optimizers()
+        out = self.update(batch, v_opt.optimizer, q_opt)
+        self.track_losses({f"train/critic/{k}": v for k, v in out.items()})
+
+    @torch.no_grad()
+    def validation_losses(self, buffer: TransitionBuffer) -> dict[str, Tensor]:
+        """q_loss and v_loss on a fixed-seed batch of ``batch_size`` rows; updates nothing."""
+        batch = fixed_batch(buffer, self.hparams.batch_size)
+        v_loss, u, _ = self._value_loss(batch)
+        q_loss, _ = self._q_loss(batch)
+        return {"q_loss": q_loss, "v_loss": v_loss, "abs_u_mean": u.abs().mean()}
+
+    def validation_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
+        metrics = self.validation_losses(buffer)
+        self.log_dict({f"val/critic/{k}": v for k, v in metrics.items()}, batch_size=self.hparams.batch_size)
