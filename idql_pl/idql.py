@@ -84,7 +84,8 @@ class IDQL(IDQLModule):
     # -------------------------------------------------------------------------------------- training
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         """Actor steps then the critic step; only the final optimizer step is Lightning-counted."""
-        opts = list(self.optimizers()) if isinstance(self.optimizers(), list) else [self.optimizers()]
+        opts = self.optimizers()
+        opts = list(opts) if isinstance(opts, list) else [opts]
         raw = [o.optimizer for o in opts]
         metrics: dict[str, Tensor] = {}
         if self.train_behavior:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from idql_pl.errors import ConfigError
-from idql_pl.losses import implicit_weights
+from idql_pl.losses import implicit_log_weights
 
 Extraction = Literal["argmax", "implicit"]
 EXTRACTIONS = ("argmax", "implicit")
@@ -54,7 +54,8 @@ def extract_actions(
 ) -> Tensor:
     """One action per state: draw N candidates from the EMA behavior model, score them with
     ``min(Q1_target, Q2_target)`` and keep the argmax, or resample one with probability
-    ``w / sum(w)`` where ``w`` are the implicit-actor weights (Eq. 8-12) of ``u = Q - V``.
+    ``w / sum(w)`` where ``w`` are the implicit-actor weights (Eq. 8-12) of ``u = Q - V`` (normalized in log
+    space, so the exponential weights cannot overflow).
 
     All states x N candidates x T diffusion steps run as one batch; the output is float32.
     """
@@ -69,6 +70,6 @@ def extract_actions(
             index = q.argmax(dim=1)
         else:
             u = q - critic.v(states).float().unsqueeze(1)
-            weights = implicit_weights(u, value_loss, loss_param)
-            index = torch.multinomial(weights / weights.sum(dim=1, keepdim=True), 1, generator=generator).squeeze(1)
+            probs = torch.softmax(implicit_log_weights(u, value_loss, loss_param), dim=1)  # w / sum(w), no overflow
+            index = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return candidates[torch.arange(batch, device=states.device), index].float()
