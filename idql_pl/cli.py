@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_info
 
 from idql_pl.callbacks.evaluation import PolicyEvaluation
 from idql_pl.checkpointing import AtomicCheckpointIO, safe_load
@@ -163,6 +165,8 @@ class IDQLCLI(LightningCLI):
     # ------------------------------------------------------------------------------------- subcommands
     def before_fit(self) -> None:
         self._resolve_ckpt_path()
+        rank_zero_info(self.datamodule.summary())
+        rank_zero_info(f"[idql_pl] run folder: {self.run_dir}")
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path()
@@ -213,8 +217,19 @@ def user_error_message(err: BaseException) -> str | None:
             " or `--print_config`")
 
 
+# Third-party notices that say nothing actionable to an IDQL user.
+QUIET = (
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*no pre-optimization state was saved.*",  # our checkpoints hold the post-step state by design
+    r".*litlogger.*",
+    r".*reward functions were updated in v1.2.1.*",  # gymnasium-robotics' Adroit notice
+)
+
+
 def main(args: list[str] | None = None) -> int:
     """Entry point: user errors print one ``error:`` line and exit 2 instead of a traceback."""
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     try:
         IDQLCLI(args=args)
     except KeyboardInterrupt:

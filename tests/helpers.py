@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from idql_pl.cli import main
@@ -36,3 +37,16 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def random_transitions(n: int = 500, seed: int = 0, obs_dim: int = 5, action_dim: int = 2,
+                       terminal_prob: float = 0.0) -> dict[str, np.ndarray]:
+    """Random arrays in TransitionBuffer's layout (a fraction ``terminal_prob`` of masks is 0)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, size=(n, action_dim)).astype(np.float32),
+        "rewards": rng.normal(size=n).astype(np.float32),
+        "next_observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
+        "masks": (rng.uniform(size=n) >= terminal_prob).astype(np.float32),
+    }

@@ -15,19 +15,13 @@ from idql_pl.behavior import CosineDecay, DiffusionBehavior
 from idql_pl.data.buffer import BufferStream, TransitionBuffer
 from idql_pl.diffusion import reverse_sample
 from idql_pl.errors import ConfigError
+from tests.helpers import random_transitions
 
 S, A = 5, 2
 
 
 def make_arrays(n: int = 500, seed: int = 0, obs_dim: int = S, action_dim: int = A) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
-        "actions": rng.uniform(-1, 1, size=(n, action_dim)).astype(np.float32),
-        "rewards": rng.normal(size=n).astype(np.float32),
-        "next_observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
-        "masks": np.ones(n, np.float32),
-    }
+    return random_transitions(n, seed, obs_dim, action_dim)
 
 
 def small_behavior(**kw) -> DiffusionBehavior:

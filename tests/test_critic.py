@@ -14,19 +14,13 @@ from torch import nn
 from idql_pl.critic import ImplicitCritic
 from idql_pl.data.buffer import BufferStream, TransitionBuffer
 from idql_pl.errors import ConfigError
+from tests.helpers import random_transitions
 
 S, A = 5, 2
 
 
 def make_arrays(n: int = 500, seed: int = 0, obs_dim: int = S, action_dim: int = A) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
-        "actions": rng.uniform(-1, 1, size=(n, action_dim)).astype(np.float32),
-        "rewards": rng.normal(size=n).astype(np.float32),
-        "next_observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
-        "masks": (rng.uniform(size=n) > 0.1).astype(np.float32),
-    }
+    return random_transitions(n, seed, obs_dim, action_dim, terminal_prob=0.1)
 
 
 def small_critic(**kw) -> ImplicitCritic:

@@ -1,0 +1,104 @@
+"""`python -m idql_pl.benchmark --tiny` runs end to end and reports every figure; analytic FLOP counts match
+PyTorch's FLOP counter. No timing asserts (the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from idql_pl import benchmark as bench
+
+FIGURES = (
+    "matmul_f32",
+    "critic_step",
+    "critic_naive_step",
+    "critic_speedup",
+    "actor_step",
+    "actor_naive_step",
+    "joint_step_bare",
+    "joint_step_lightning",
+    "batch_sampling",
+    "sampler",
+    "eval_env_steps",
+    "peak_rss",
+)
+
+
+def _finite_positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.timeout(120)
+def test_tiny_benchmark_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "idql_pl.benchmark", "--tiny", "--repeats", "2", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    figures = report["figures"]
+    missing = [name for name in FIGURES if name not in figures]
+    assert not missing, f"missing figures {missing}"
+    for name in FIGURES:
+        fig = figures[name]
+        assert _finite_positive(fig["value"]), (name, fig)
+        assert _finite_positive(fig["reference"]), (name, fig)
+        assert _finite_positive(fig["ratio"]), (name, fig)
+        assert fig["unit"] and fig["label"]
+    for name in ("critic_step", "actor_step", "joint_step_bare", "sampler", "matmul_f32"):
+        assert _finite_positive(figures[name]["flops_per_call"]), name
+    for name in ("critic_speedup", "actor_step", "joint_step_lightning", "batch_sampling", "sampler", "peak_rss"):
+        assert isinstance(figures[name]["ok"], bool) and figures[name]["target"], name
+    assert report["machine"]["torch_threads"] == 1
+    # the printed table carries every figure's label
+    for name in FIGURES:
+        assert figures[name]["label"] in proc.stdout
+
+
+def _counted_flops(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def test_analytic_flops_match_pytorch_counter() -> None:
+    """The benchmark's ~3x-forward FLOP counts agree with torch's FLOP counter (matmuls) within 15%."""
+    torch.manual_seed(0)
+    s = bench.Sizes.tiny()
+    obs_dim, action_dim = 4, 2
+    n = 4096
+    data = {
+        "observations": torch.randn(n, obs_dim), "actions": torch.rand(n, action_dim) * 2 - 1,
+        "rewards": torch.randn(n), "next_observations": torch.randn(n, obs_dim), "masks": torch.ones(n),
+    }
+    from idql_pl.data.buffer import TransitionBuffer
+
+    buf = TransitionBuffer(data)
+
+    critic = bench.make_critic(obs_dim, action_dim, s)
+    v_opt, q_opt = critic.configure_optimizers()
+    batch = buf.sample(s.critic_batch)
+    counted = _counted_flops(lambda: critic.update(batch, v_opt, q_opt))
+    analytic = bench.critic_step_flops(obs_dim, action_dim, s.critic_hidden, s.critic_batch)
+    assert 0.85 <= counted / analytic <= 1.05, (counted, analytic)
+
+    behavior = bench.make_behavior(obs_dim, action_dim, s)
+    opt, sched = behavior.make_optimizer(100)
+    batch = buf.sample(s.actor_batch)
+    counted = _counted_flops(lambda: behavior.update(batch, opt, sched))
+    analytic = bench.actor_step_flops(obs_dim, action_dim, s)
+    assert 0.85 <= counted / analytic <= 1.05, (counted, analytic)
+
+    model = bench.make_idql(obs_dim, action_dim, s).eval()
+    states = torch.randn(s.sampler_states, obs_dim)
+    counted = _counted_flops(lambda: model.act(states, num_samples=s.sampler_n))
+    analytic = bench.sampler_flops(obs_dim, action_dim, s)
+    assert 0.95 <= counted / analytic <= 1.05, (counted, analytic)
