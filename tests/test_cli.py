@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_state, read_csv, run_cli
@@ -97,3 +98,14 @@ def test_behavior_alone(dataset, tmp_path):
     assert ckpt["global_step"] == 6
     rows = read_csv(tmp_path / "b" / "eval_episodes.csv")
     assert {int(r["step"]) for r in rows} == {3, 6}  # the behavior model alone is evaluated as a BC policy
+
+
+def test_bf16_mixed_precision_fit_and_eval(tmp_path):
+    """The bf16 autocast path (training and the extraction sampler) runs end to end; weights stay float32."""
+    code = run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
+                   "--trainer.precision", "bf16-mixed", "--eval.precision", "bf16", "--eval.every_n_steps", "6",
+                   "--run_root", tmp_path, "--run_name", "bf16")
+    assert code == 0
+    ckpt = load_state(tmp_path / "bf16" / "last.ckpt")
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert len(read_csv(tmp_path / "bf16" / "eval_episodes.csv")) == 2
