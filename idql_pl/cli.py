@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import sys
 import warnings
 from argparse import ArgumentError
@@ -145,7 +146,6 @@ class IDQLCLI(LightningCLI):
         if mode == "disabled" or self.subcommand != "fit":
             return loggers
         try:
-            import wandb
             from lightning.pytorch.loggers import WandbLogger
         except ImportError:
             print("[idql_pl] wandb not installed: logging to CSV only", file=sys.stderr)
@@ -154,7 +154,7 @@ class IDQLCLI(LightningCLI):
         if offline:
             print(f"[idql_pl] W&B: no API key found, logging offline to {run_dir}/wandb (upload later with `wandb sync`)", file=sys.stderr)
         id_file = run_dir / RUN_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
         loggers.append(
@@ -167,6 +167,12 @@ class IDQLCLI(LightningCLI):
         self._resolve_ckpt_path()
         rank_zero_info(self.datamodule.summary())
         rank_zero_info(f"[idql_pl] run folder: {self.run_dir}")
+
+    def after_fit(self) -> None:
+        _finish_wandb()
+
+    def after_validate(self) -> None:
+        _finish_wandb()
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path()
@@ -242,6 +248,13 @@ def main(args: list[str] | None = None) -> int:
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return IDQLError.exit_code
     return 0
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run (Lightning leaves it open), so the next command in this process starts its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def _wandb_has_key() -> bool:

@@ -109,3 +109,15 @@ def test_bf16_mixed_precision_fit_and_eval(tmp_path):
     ckpt = load_state(tmp_path / "bf16" / "last.ckpt")
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert len(read_csv(tmp_path / "bf16" / "eval_episodes.csv")) == 2
+
+
+def test_wandb_offline_run_resumes_under_the_same_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    args = ("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
+            "--run_root", tmp_path, "--run_name", "w")
+    assert run_cli(*args, "--trainer.max_steps", "3") == 0
+    run_id = (tmp_path / "w" / "wandb_run_id.txt").read_text().strip()
+    assert run_cli(*args, "--trainer.max_steps", "6", "--ckpt_path", "last") == 0
+    runs = sorted(p.name for p in (tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), runs
