@@ -35,11 +35,14 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from idql_pl.nets import tune_cpu_allocator
 
 DATASET = "local/pointmaze-umaze"
 
@@ -121,6 +124,31 @@ def time_blocks(fn: Callable[[], Any], repeats: int, block_s: float, device: tor
     return out
 
 
+def time_interleaved(fns: Sequence[Callable[[], Any]], repeats: int, block_s: float, device: torch.device,
+                     warmup: int = 2) -> list[list[float]]:
+    """Like :func:`time_blocks` for several functions, their blocks interleaved (A B C A B C ...), so a
+    change in machine load hits all of them alike; returns seconds per call, per function, per block."""
+    calls = []
+    for fn in fns:
+        for _ in range(max(1, warmup)):
+            fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        calls.append(max(1, int(math.ceil(block_s / max(time.perf_counter() - t0, 1e-7)))))
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, n, res in zip(fns, calls, out):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            _sync(device)
+            res.append((time.perf_counter() - t0) / n)
+    return out
+
+
 def median_rate(seconds_per_call: Sequence[float], per_call: float = 1.0) -> float:
     """Median over blocks of ``per_call / seconds``."""
     return float(statistics.median(per_call / s for s in seconds_per_call))
@@ -167,22 +195,93 @@ def sampler_flops(obs_dim: int, action_dim: int, s: Sizes) -> float:
     return state + s.T * _time_table_flops(s) + denoise + q
 
 
+# --------------------------------------------------------------------------------------- GEMM floor
+_GEMMS = ("mm", "addmm", "bmm", "baddbmm", "_linear_pointwise")
+
+
+class _TensorSpec(NamedTuple):
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _spec(x: Any) -> Any:
+    return _TensorSpec(tuple(x.shape), tuple(x.stride()), x.dtype, x.device) if isinstance(x, Tensor) else x
+
+
+class GemmRecorder(TorchDispatchMode):
+    """Records every mm/addmm/bmm/baddbmm a function runs (forward and backward): op, shapes, strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ in _GEMMS:
+            self.calls.append((func, tuple(_spec(a) for a in args), {k: _spec(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+def gemm_flops(calls: Sequence[tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> float:
+    """Exact matmul FLOPs (2 n k m per product) of recorded GEMM calls."""
+    total = 0.0
+    for func, args, _ in calls:
+        name = func.overloadpacket.__name__
+        if name == "_linear_pointwise":  # oneDNN: X [..., K] @ W[N, K].T (the binary overload has `other` 2nd)
+            x, w = args[0], args[2 if func._overloadname == "binary" else 1]
+            total += 2.0 * math.prod(x.size) * w.size[0]
+            continue
+        a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
+        total += 2.0 * math.prod(a.size) * b.size[-1]
+    return total
+
+
+class GemmReplay:
+    """Re-runs recorded GEMMs on random tensors of the same shapes and strides: the step's GEMM-only time."""
+
+    def __init__(self, calls: Sequence[tuple[Any, tuple[Any, ...], dict[str, Any]]]):
+        def make(x: Any) -> Any:
+            if not isinstance(x, _TensorSpec):
+                return x
+            extent = 1 + sum((n - 1) * st for n, st in zip(x.size, x.stride) if n > 0)
+            base = torch.empty(extent, dtype=x.dtype, device=x.device).uniform_(-1, 1)
+            return base.as_strided(x.size, x.stride)
+
+        self.calls = [(f, tuple(make(a) for a in args), {k: make(v) for k, v in kw.items()}) for f, args, kw in calls]
+        self.flops = gemm_flops(calls)
+
+    def __call__(self) -> None:
+        for func, args, kwargs in self.calls:
+            func(*args, **kwargs)
+
+
+def record_gemms(fn: Callable[[], Any]) -> GemmReplay:
+    """Run ``fn`` once under :class:`GemmRecorder` and return the replay of its GEMMs."""
+    with GemmRecorder() as rec:
+        fn()
+    return GemmReplay(rec.calls)
+
+
 # ------------------------------------------------------------------------------------ naive baselines
 class NaiveSampler:
-    """The naive data path: a Python list of per-transition tensors, batches by indexing + ``torch.stack``."""
+    """The naive data path: one tensor per field, ``__getitem__``-style per-sample indexing, then
+    ``torch.stack`` per field (what a ``Dataset`` + default collate does, minus the DataLoader)."""
 
     def __init__(self, data: Tensor, splits: Sequence[int], seed: int = 0):
-        self.rows = list(data.unbind(0))
-        self.splits = list(splits)
+        self.fields = [f.squeeze(1) if f.shape[1] == 1 else f.contiguous() for f in data.split(list(splits), dim=1)]
         self.rng = np.random.default_rng(seed)
 
+    def __len__(self) -> int:
+        return self.fields[0].shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, ...]:
+        return tuple(f[i] for f in self.fields)
+
     def sample(self, batch: int) -> tuple[Tensor, ...]:
-        idx = self.rng.integers(len(self.rows), size=batch)
-        fields = [[] for _ in self.splits]
-        for i in idx:
-            for f, part in zip(fields, self.rows[int(i)].split(self.splits)):
-                f.append(part)
-        return tuple(torch.stack(f) for f in fields)
+        items = [self[int(i)] for i in self.rng.integers(len(self), size=batch)]
+        return tuple(torch.stack(column) for column in zip(*items))
 
 
 def _naive_mlp(dims: Sequence[int]) -> nn.Sequential:
@@ -195,8 +294,8 @@ def _naive_mlp(dims: Sequence[int]) -> nn.Sequential:
 
 
 class NaiveCritic:
-    """IQL critic written the plain way: two separate Q MLPs, separate non-foreach Adams, a per-parameter
-    Python loop for the Polyak update, ``.item()`` logging, batches from :class:`NaiveSampler`."""
+    """IQL critic written the plain way: two separate Q MLPs, separate default Adams (per-parameter loop on
+    CPU), a per-parameter Python loop for the Polyak update, ``.item()`` logging, :class:`NaiveSampler` batches."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden: Sequence[int], batch: int, sampler: NaiveSampler,
                  device: torch.device, tau: float = 0.7, discount: float = 0.99, rate: float = 0.005):
@@ -204,16 +303,15 @@ class NaiveCritic:
         self.q2 = _naive_mlp([obs_dim + action_dim, *hidden, 1]).to(device)
         self.v = _naive_mlp([obs_dim, *hidden, 1]).to(device)
         self.q1_t, self.q2_t = copy.deepcopy(self.q1), copy.deepcopy(self.q2)
-        self.opt_v = torch.optim.Adam(self.v.parameters(), lr=3e-4, foreach=False)
-        self.opt_q1 = torch.optim.Adam(self.q1.parameters(), lr=3e-4, foreach=False)
-        self.opt_q2 = torch.optim.Adam(self.q2.parameters(), lr=3e-4, foreach=False)
+        self.opt_v = torch.optim.Adam(self.v.parameters(), lr=3e-4)
+        self.opt_q1 = torch.optim.Adam(self.q1.parameters(), lr=3e-4)
+        self.opt_q2 = torch.optim.Adam(self.q2.parameters(), lr=3e-4)
         self.batch, self.sampler, self.device = batch, sampler, device
         self.tau, self.discount, self.rate = tau, discount, rate
         self.log: dict[str, float] = {}
 
     def step(self) -> None:
         s, a, r, s2, m = (t.to(self.device) for t in self.sampler.sample(self.batch))
-        r, m = r.squeeze(-1), m.squeeze(-1)
         sa = torch.cat([s, a], dim=-1)
         with torch.no_grad():
             q_hat = torch.min(self.q1_t(sa), self.q2_t(sa)).squeeze(-1)
@@ -264,14 +362,14 @@ class _NaiveScoreNet(nn.Module):
 
 class NaiveBehavior:
     """DDPM behavior cloning written the plain way: ``nn.Mish``, time embedding per row, concat input,
-    non-foreach AdamW + LambdaLR, per-parameter EMA loop, ``.item()`` logging, :class:`NaiveSampler` batches."""
+    default AdamW + LambdaLR, per-parameter EMA loop, ``.item()`` logging, :class:`NaiveSampler` batches."""
 
     def __init__(self, obs_dim: int, action_dim: int, s: Sizes, sampler: NaiveSampler, device: torch.device):
         from idql_pl.diffusion import make_schedule
 
         self.net = _NaiveScoreNet(obs_dim, action_dim, s).to(device)
         self.ema = copy.deepcopy(self.net)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=3e-4, weight_decay=0.0, foreach=False)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=3e-4, weight_decay=0.0)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, 10**6) / 10**6)))
         self.alpha_bars = make_schedule("vp", s.T).alpha_bars.to(device)
         self.s, self.sampler, self.device = s, sampler, device
@@ -355,19 +453,31 @@ class Bench:
 
     # ---------------------------------------------------------------- ceiling
     def matmul(self) -> None:
+        """torch.mm (PyTorch's default BLAS) and, on CPU, oneDNN's fp32 matmul; the ceiling is the faster."""
+        from idql_pl.nets import onednn_linear_available
+
         n = self.s.matmul_n
         a = torch.randn(n, n, device=self.device)
         b = torch.randn(n, n, device=self.device)
         out = torch.empty(n, n, device=self.device)
         flops = 2.0 * n**3
-        secs = time_blocks(lambda: torch.mm(a, b, out=out), self.repeats, self.s.block_s, self.device, self.s.warmup)
-        self.gflops = median_rate(secs, flops) / 1e9
-        self.add(Figure("matmul_f32", f"matmul f32 {n}x{n}", self.gflops, "GFLOP/s", self.gflops,
-                        "itself: the FLOP ceiling", 1.0, flops, samples=[flops / x / 1e9 for x in secs]))
+        fns: dict[str, Callable[[], Any]] = {"torch.mm": lambda: torch.mm(a, b, out=out)}
+        if self.device.type == "cpu" and onednn_linear_available():
+            fns["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        secs = time_interleaved(list(fns.values()), self.repeats, self.s.block_s, self.device, self.s.warmup)
+        rates = {k: median_rate(x, flops) / 1e9 for k, x in zip(fns, secs)}
+        self.gflops = max(rates.values())
+        best = max(rates, key=rates.get)
+        for (kind, rate), x in zip(rates.items(), secs):
+            name = "matmul_f32" if kind == "torch.mm" else "matmul_f32_onednn"
+            label = f"matmul f32 {n}x{n}, {kind}" + (" (default BLAS)" if kind == "torch.mm" else "")
+            note = "FLOP ceiling = the faster fp32 matmul" if kind == best and len(rates) > 1 else ""
+            self.add(Figure(name, label, rate, "GFLOP/s", self.gflops, "FLOP ceiling", rate / self.gflops, flops,
+                            note=note, samples=[flops / y / 1e9 for y in x]))
         if self.device.type == "cuda":
             a16, b16 = a.bfloat16(), b.bfloat16()
-            secs = time_blocks(lambda: a16 @ b16, self.repeats, self.s.block_s, self.device, self.s.warmup)
-            rate = median_rate(secs, flops) / 1e9
+            secs16 = time_blocks(lambda: a16 @ b16, self.repeats, self.s.block_s, self.device, self.s.warmup)
+            rate = median_rate(secs16, flops) / 1e9
             self.add(Figure("matmul_bf16", f"matmul bf16 {n}x{n}", rate, "GFLOP/s", self.gflops, "f32 rate",
                             rate / self.gflops, flops))
 
@@ -386,17 +496,26 @@ class Bench:
         ceiling = self.ceiling(flops)
         critic = make_critic(self.obs_dim, self.action_dim, s).to(self.device)
         v_opt, q_opt = critic.configure_optimizers()
-        ours = time_blocks(lambda: critic.update(buf.sample(s.critic_batch), v_opt, q_opt), self.repeats, s.block_s,
-                           self.device, s.warmup)
+
+        def step() -> None:
+            critic.update(buf.sample(s.critic_batch), v_opt, q_opt)
+
+        floor = record_gemms(step)
         naive_sampler = NaiveSampler(buf.data[: min(len(buf), 200_000)].cpu(), buf._splits)
         naive = NaiveCritic(self.obs_dim, self.action_dim, s.critic_hidden, s.critic_batch, naive_sampler, self.device)
-        base = time_blocks(naive.step, self.repeats, s.block_s, self.device, s.warmup)
-        rate, base_rate = median_rate(ours), median_rate(base)
+        ours, base, gemm = time_interleaved([step, naive.step, floor], self.repeats, s.block_s, self.device, s.warmup)
+        rate, base_rate, floor_rate = median_rate(ours), median_rate(base), median_rate(gemm)
         b = s.critic_batch
         self.add(Figure("critic_step", f"critic step (ImplicitCritic.update, B={b})", rate, "steps/s", ceiling,
-                        "FLOP ceiling", rate / ceiling, flops, samples=[1 / x for x in ours]))
+                        "FLOP ceiling", rate / ceiling, flops, samples=[1 / x for x in ours],
+                        note=f"{rate / floor_rate:.0%} of the step time is GEMMs"))
         self.add(Figure("critic_naive_step", f"critic naive eager loop (B={b})", base_rate, "steps/s", ceiling,
                         "FLOP ceiling", base_rate / ceiling, flops, samples=[1 / x for x in base]))
+        self.add(Figure("critic_gemm_floor", f"critic step GEMMs alone (B={b}, {len(floor.calls)} calls)", floor_rate,
+                        "steps/s", ceiling, "FLOP ceiling", floor_rate / ceiling, floor.flops,
+                        samples=[1 / x for x in gemm],
+                        note=(f"the step's own matmuls replayed: zero non-GEMM overhead would give "
+                              f"{floor_rate / base_rate:.2f}x the naive loop")))
         speedup = [bb / o for o, bb in zip(ours, base)]
         self.add(Figure("critic_speedup", "critic step vs naive eager loop", rate, "steps/s", base_rate,
                         "naive loop", statistics.median(speedup), flops, ">= 2.5", statistics.median(speedup) >= 2.5,
@@ -409,19 +528,25 @@ class Bench:
         ceiling = self.ceiling(flops)
         behavior = make_behavior(self.obs_dim, self.action_dim, s).to(self.device).train()
         opt, sched = behavior.make_optimizer(10**7)
-        ours = time_blocks(lambda: behavior.update(buf.sample(s.actor_batch), opt, sched), self.repeats, s.block_s,
-                           self.device, s.warmup)
-        rate = median_rate(ours)
+
+        def step() -> None:
+            behavior.update(buf.sample(s.actor_batch), opt, sched)
+
+        floor = record_gemms(step)
+        naive_sampler = NaiveSampler(buf.data[: min(len(buf), 200_000)].cpu(), buf._splits)
+        naive = NaiveBehavior(self.obs_dim, self.action_dim, s, naive_sampler, self.device)
+        ours, base, gemm = time_interleaved([step, naive.step, floor], self.repeats, s.block_s, self.device, s.warmup)
+        rate, base_rate, floor_rate = median_rate(ours), median_rate(base), median_rate(gemm)
         b = s.actor_batch
         self.add(Figure("actor_step", f"actor step (DiffusionBehavior.update, B={b})", rate, "steps/s", ceiling,
                         "FLOP ceiling", rate / ceiling, flops, ">= 0.85 of ceiling", rate / ceiling >= 0.85,
-                        samples=[1 / x for x in ours]))
-        naive_sampler = NaiveSampler(buf.data[: min(len(buf), 200_000)].cpu(), buf._splits)
-        naive = NaiveBehavior(self.obs_dim, self.action_dim, s, naive_sampler, self.device)
-        base = time_blocks(naive.step, self.repeats, s.block_s, self.device, s.warmup)
-        base_rate = median_rate(base)
+                        samples=[1 / x for x in ours], note=f"{rate / floor_rate:.0%} of the step time is GEMMs"))
         self.add(Figure("actor_naive_step", f"actor naive eager loop (B={b})", base_rate, "steps/s", ceiling,
                         "FLOP ceiling", base_rate / ceiling, flops, samples=[1 / x for x in base]))
+        self.add(Figure("actor_gemm_floor", f"actor step GEMMs alone (B={b}, {len(floor.calls)} calls)", floor_rate,
+                        "steps/s", ceiling, "FLOP ceiling", floor_rate / ceiling, floor.flops,
+                        samples=[1 / x for x in gemm],
+                        note="the step's own matmuls replayed: the best an eager step can do at these shapes"))
 
     # ---------------------------------------------------------------- joint + Lightning
     def joint(self) -> None:
@@ -511,15 +636,23 @@ class Bench:
         self._policy_model = model
         states = self.dm.train_buffer.all().observations[: s.sampler_states].clone()
         gen = torch.Generator(device=self.device).manual_seed(0)
-        secs = time_blocks(lambda: model.act(states, num_samples=s.sampler_n, generator=gen), self.repeats, s.block_s,
-                           self.device, s.warmup)
-        calls = median_rate(secs)
+
+        def act() -> None:
+            model.act(states, num_samples=s.sampler_n, generator=gen)
+
+        floor = record_gemms(act)
+        secs, gemm = time_interleaved([act, floor], self.repeats, s.block_s, self.device, s.warmup)
+        calls, floor_calls = median_rate(secs), median_rate(gemm)
         self._sampler_calls_per_s = calls
         ceiling = self.ceiling(flops)
         label = f"sampler ({s.sampler_states} states x N={s.sampler_n} x T={s.T})"
         self.add(Figure("sampler", label, calls * s.sampler_states, "actions/s", ceiling * s.sampler_states,
                         "FLOP ceiling", calls / ceiling, flops, ">= 0.80 of ceiling", calls / ceiling >= 0.80,
-                        samples=[s.sampler_states / x for x in secs]))
+                        samples=[s.sampler_states / x for x in secs],
+                        note=f"{calls / floor_calls:.0%} of the call time is GEMMs"))
+        self.add(Figure("sampler_gemm_floor", f"sampler GEMMs alone ({len(floor.calls)} calls)",
+                        floor_calls * s.sampler_states, "actions/s", ceiling * s.sampler_states, "FLOP ceiling",
+                        floor_calls / ceiling, floor.flops, samples=[s.sampler_states / x for x in gemm]))
 
     def evaluation(self) -> None:
         import gymnasium as gym
@@ -610,14 +743,28 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------------------ memory probe
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _rss_bytes(field_name: str = "VmRSS") -> int:
+    """``VmRSS`` (current) or ``VmHWM`` (peak) of this process's address space, in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    # no /proc: ru_maxrss (may include the parent's pages copied at spawn on some systems)
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def memory_probe(size: int) -> dict[str, float]:
-    """Load the dataset and build its buffer in this (fresh) process; report peak RSS (ru_maxrss)."""
+    """Load the dataset and build its buffer in this (fresh) process; report its peak RSS.
+
+    ``VmHWM``, not ``ru_maxrss``: Linux carries the spawning parent's high-water mark into ``ru_maxrss``
+    across ``vfork`` + ``exec``, which would report the benchmark process's own size."""
     import idql_pl.data.datamodule as datamodule
+    import idql_pl.idql  # noqa: F401  (everything a training process imports)
+    tune_cpu_allocator()  # as the CLI does
 
     import_rss = _rss_bytes()
     t0 = time.perf_counter()
@@ -625,7 +772,7 @@ def memory_probe(size: int) -> dict[str, float]:
     array_bytes = sum(a.nbytes for a in dm._arrays.values())
     dm.setup("fit")
     load_s = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _rss_bytes("VmHWM")
     return {"peak_rss_bytes": peak, "array_bytes": array_bytes, "import_rss_bytes": import_rss, "load_s": load_s,
             "rows": len(dm.train_buffer)}
 
@@ -656,15 +803,15 @@ def format_table(figures: Sequence[Figure]) -> str:
     return "\n".join(lines + (["notes:", *notes] if notes else []))
 
 
+def _loadavg() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
     }
-    try:
-        info["loadavg_1m"] = os.getloadavg()[0]
-    except OSError:
-        pass
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -675,6 +822,10 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = Fal
     """Every measurement in order; returns the JSON-able report."""
     torch.manual_seed(0)
     bench = Bench(sizes, repeats, device, log)
+    load_before = _loadavg()
+    if device.type == "cpu" and load_before > 0.5 * (os.cpu_count() or 1):
+        log(f"[bench] warning: 1-minute load average {load_before:.2f} on {os.cpu_count()} cores: other processes "
+            f"compete for the CPU and the figures will be low and noisy (OpenMP threads spin-wait on busy cores)")
     t0 = time.perf_counter()
     steps = [("matmul ceiling", bench.matmul), ("dataset", bench.data), ("critic", bench.critic),
              ("actor", bench.actor), ("joint / Lightning", bench.joint), ("batch sampling", bench.sampling),
@@ -685,8 +836,10 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = Fal
         log(f"[bench] {title}")
         step()
     figures = list(bench.figures.values())
+    machine = machine_info(device)
+    machine["loadavg_1m_before"], machine["loadavg_1m_after"] = load_before, _loadavg()
     return {
-        "machine": machine_info(device),
+        "machine": machine,
         "settings": {"repeats": repeats, "sizes": asdict(sizes), "dataset": DATASET, "obs_dim": bench.obs_dim,
                      "action_dim": bench.action_dim},
         "elapsed_s": time.perf_counter() - t0,
@@ -709,12 +862,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m idql_pl.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--tiny", action="store_true", help="small sizes, seconds in all (for tests)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed blocks per figure (median; default 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed blocks per figure (median; default 5)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile on/off (actor, critic)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--_memory-probe", dest="memory_probe", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    tune_cpu_allocator()  # as the CLI does
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe is not None:
@@ -724,12 +878,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MUJOCO_GL", "disable")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = Sizes.tiny() if args.tiny else Sizes()
-    repeats = args.repeats or (2 if args.tiny else 3)
+    repeats = args.repeats or (2 if args.tiny else 5)
     if repeats < 1:
         parser.error("--repeats must be >= 1")
     report = run(sizes, repeats, device, args.compile)
-    print(f"\nIDQL benchmark on {report['machine']['device']} ({report['machine']['torch_threads']} threads, torch "
-          f"{report['machine']['torch']}), {report['elapsed_s']:.0f} s\n")
+    m = report["machine"]
+    print(f"\nIDQL benchmark on {m['device']} ({m['torch_threads']} threads, torch {m['torch']}), "
+          f"{report['elapsed_s']:.0f} s, load average {m['loadavg_1m_before']:.2f} -> {m['loadavg_1m_after']:.2f}\n")
     print(report["table"])
     if args.json:
         with open(args.json, "w") as f:

@@ -24,6 +24,7 @@ from idql_pl.callbacks.evaluation import PolicyEvaluation
 from idql_pl.checkpointing import AtomicCheckpointIO, safe_load
 from idql_pl.data import OfflineDataModule
 from idql_pl.errors import CheckpointError, IDQLError
+from idql_pl.nets import tune_cpu_allocator
 
 RUN_ID_FILE = "wandb_run_id.txt"
 
@@ -236,6 +237,7 @@ def main(args: list[str] | None = None) -> int:
     """Entry point: user errors print one ``error:`` line and exit 2 instead of a traceback."""
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    tune_cpu_allocator()
     try:
         IDQLCLI(args=args)
     except KeyboardInterrupt:
