@@ -1,11 +1,14 @@
 """``python -m idql_pl.benchmark``: IDQL throughput on this machine, each figure beside its ceiling.
 
-One run measures (warm-up, then the median over ``--repeats`` timed blocks):
+One run measures (warm-up, then the median over ``--repeats`` timed blocks, competing variants interleaved):
 
-- the float32 2048x2048 matmul rate (and bf16 on CUDA): the FLOP ceiling of everything below;
+- the float32 2048x2048 matmul rate through ``torch.mm`` (PyTorch's default BLAS) and, on CPU, oneDNN; the
+  faster is the FLOP ceiling of everything below (plus bf16 on CUDA);
 - the critic step (``ImplicitCritic.update``, batch 256, 2x256 MLPs) and a naive eager loop of the same nets;
 - the actor step (``DiffusionBehavior.update``, batch 1024, LN-ResNet 256/1024 x 3) vs its FLOP ceiling,
   and a naive eager loop of it;
+- each step's own GEMMs replayed alone (same shapes and strides): the "GEMM floor", the best an eager step
+  could do with zero non-matmul work;
 - the joint IDQL step through ``Trainer.fit`` vs the same updates in a bare Python loop;
 - batch sampling (``sample(256) + 2 x sample(1024)``) as a fraction of a joint step;
 - the extraction sampler (10 states x N=128 x T=5) vs its FLOP ceiling;
@@ -14,7 +17,8 @@ One run measures (warm-up, then the median over ``--repeats`` timed blocks):
 - with ``--compile``: ``torch.compile`` on/off for the actor and critic losses.
 
 FLOPs are counted analytically from the layer shapes (matmuls only; a training step is ~3x the forward).
-``--tiny`` runs everything in seconds with small sizes (for the test suite).
+``--tiny`` runs everything in seconds with small sizes (for the test suite). On a shared machine the figures
+drop sharply (OpenMP threads spin-wait on busy cores): the 1-minute load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -868,7 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--_memory-probe", dest="memory_probe", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    tune_cpu_allocator()  # as the CLI does
+    malloc_tuned = tune_cpu_allocator()  # as the CLI does
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe is not None:
@@ -882,6 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if repeats < 1:
         parser.error("--repeats must be >= 1")
     report = run(sizes, repeats, device, args.compile)
+    report["machine"]["malloc_tuned"] = malloc_tuned
     m = report["machine"]
     print(f"\nIDQL benchmark on {m['device']} ({m['torch_threads']} threads, torch {m['torch']}), "
           f"{report['elapsed_s']:.0f} s, load average {m['loadavg_1m_before']:.2f} -> {m['loadavg_1m_after']:.2f}\n")

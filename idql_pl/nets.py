@@ -46,22 +46,23 @@ def tune_cpu_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 256
         return False
 
 
-def _mish_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(t, s, spare)``: ``t = tanh(softplus(x)) = n / (2 - n)`` with ``n = s (2 - s)``, ``s = sigmoid(x)``
-    (the same function as ``s (2 - s) / (1 + (1 - s)^2)``, in 5 elementwise passes), and a scratch tensor of
-    ``x``'s shape to write the output into (3 allocations per call instead of 4)."""
-    s = torch.sigmoid(x)
-    n = torch.rsub(s, 2.0).mul_(s)
+def _tanh_softplus_(s: Tensor) -> tuple[Tensor, Tensor]:
+    """From ``s = sigmoid(x)`` (overwritten): ``(t, spare)`` with ``t = tanh(softplus(x)) = n / (2 - n)``,
+    ``n = s (2 - s)`` (the same function as ``s (2 - s) / (1 + (1 - s)^2)``), in 3 elementwise passes and one
+    allocation; ``spare`` is a free tensor of ``x``'s shape to write the output into."""
+    n = s.lerp_(s.new_ones(()), s)  # s + s (1 - s) = s (2 - s), in place
     spare = torch.rsub(n, 2.0)
-    return n.div_(spare), s, spare
+    return n.div_(spare), spare
 
 
 class _MishFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
-        t, s, spare = _mish_parts(x)
-        ctx.save_for_backward(s.mul_(x), t)  # saves x sigmoid(x) (in place of s) and t: 2 tensors, not 3
-        return torch.mul(x, t, out=spare)
+        s = torch.sigmoid(x)
+        xs = torch.mul(x, s)
+        t, spare = _tanh_softplus_(s)
+        ctx.save_for_backward(xs, t)  # x sigmoid(x) and t: 2 tensors, not 3
+        return torch.mul(x, t, out=spare)  # 6 passes, 3 allocations (all kept)
 
     @staticmethod
     @once_differentiable
@@ -104,6 +105,7 @@ def _probe_onednn() -> bool:
                 (op.binary(x, r, w, b, "add"), x.double() @ w.double().t() + b.double() + r.double()),
                 (op(gy, w.t(), None, "none", [], ""), gy.double() @ w.double()),  # grad wrt the input
                 (op(gy.t(), x.t(), None, "none", [], ""), gy.double().t() @ x.double()),  # grad wrt the weight
+                (op(x.t(), gy.t(), None, "none", [], ""), x.double().t() @ gy.double()),  # ... its transpose
             ]
         return all(got.shape == ref.shape and torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4) for got, ref in cases)
     except Exception:  # op missing or failing in this build: keep PyTorch's default GEMMs
@@ -118,6 +120,11 @@ def onednn_linear_available() -> bool:
     return _ONEDNN_OK
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
 def _use_onednn(x: Tensor, weight: Tensor) -> bool:
     return (
         x.device.type == "cpu"
@@ -126,6 +133,7 @@ def _use_onednn(x: Tensor, weight: Tensor) -> bool:
         and min(weight.shape) >= 8
         and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
         and not _autocast_cpu()
+        and not _compiling()  # under torch.compile, F.linear: inductor picks its own GEMM kernels
         and onednn_linear_available()
     )
 
@@ -153,7 +161,13 @@ class _OneDNNLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         needs = ctx.needs_input_grad
         grad_x = op(g2, weight.t(), None, "none", [], "").view(ctx.x_shape) if needs[0] else None
-        grad_w = op(g2.t(), x2.t(), None, "none", [], "") if needs[1] else None
+        grad_w = None
+        if needs[1]:  # oneDNN copies a transposed left operand to contiguous: transpose the smaller product
+            n_out, k_in = g2.shape[1], x2.shape[1]
+            if n_out > k_in:  # x^T [k, B] copied, then the [k, n] result transposed back
+                grad_w = op(x2.t(), g2.t(), None, "none", [], "").t().contiguous()
+            else:  # g^T [n, B] copied
+                grad_w = op(g2.t(), x2.t(), None, "none", [], "")
         grad_b = g2.sum(0) if ctx.has_bias and needs[2] else None
         return grad_x, grad_w, grad_b, grad if needs[3] else None
 
@@ -186,8 +200,8 @@ class Mish(nn.Module):
             return F.mish(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return _MishFunction.apply(x)
-        t, _, spare = _mish_parts(x)
-        return torch.mul(x, t, out=spare)
+        t, spare = _tanh_softplus_(torch.sigmoid(x))
+        return torch.mul(x, t, out=spare)  # 5 passes, 2 allocations
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {

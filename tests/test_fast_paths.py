@@ -69,6 +69,14 @@ def test_small_or_other_dtypes_use_f_linear(onednn) -> None:
         assert linear(x, big_w).dtype == torch.bfloat16  # autocast still applies
 
 
+def test_torch_compile_gets_f_linear(onednn) -> None:
+    """Inside torch.compile the oneDNN op is left to inductor (it cannot lower it from our Function)."""
+    x, w = torch.randn(512, 256), torch.randn(1024, 256)
+    assert nets._use_onednn(x, w)
+    onednn.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not nets._use_onednn(x, w)
+
+
 def test_disabled_onednn_is_exactly_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(nets, "_ONEDNN_OK", False)
     torch.manual_seed(0)
@@ -107,6 +115,7 @@ def test_ln_resnet_onednn_equals_default_path(onednn) -> None:
         assert _close(g_fast, g_ref, 1e-4)
 
 
-def test_allocator_tuning_is_reported() -> None:
-    assert isinstance(nets.CPU_ALLOCATOR_TUNED, bool)
+def test_allocator_tuning_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(nets.tune_cpu_allocator(), bool)
+    monkeypatch.setenv("IDQL_TUNE_MALLOC", "0")
+    assert nets.tune_cpu_allocator() is False
