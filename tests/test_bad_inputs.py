@@ -57,6 +57,7 @@ def _fails(capsys, run_root, *args, expect: tuple[str, ...]) -> str:
     for word in expect:
         assert word.lower() in lines[0].lower(), lines[0]
     assert _digest(run_root) == before, "a failed command changed the existing run folder"
+    print(f"\n[{args[-1] if len(args) else ''}] {lines[0]}")
     return lines[0]
 
 
