@@ -109,27 +109,11 @@ def _sync(device: torch.device) -> None:
 def time_blocks(fn: Callable[[], Any], repeats: int, block_s: float, device: torch.device, warmup: int = 2,
                 min_calls: int = 1) -> list[float]:
     """Seconds per call of ``fn`` for ``repeats`` blocks of ~``block_s`` each, after ``warmup`` calls."""
-    for _ in range(max(1, warmup)):
-        fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    one = max(time.perf_counter() - t0, 1e-7)
-    calls = max(min_calls, int(math.ceil(block_s / one)))
-    out = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        _sync(device)
-        out.append((time.perf_counter() - t0) / calls)
-    return out
+    return time_interleaved([fn], repeats, block_s, device, warmup, min_calls)[0]
 
 
 def time_interleaved(fns: Sequence[Callable[[], Any]], repeats: int, block_s: float, device: torch.device,
-                     warmup: int = 2) -> list[list[float]]:
+                     warmup: int = 2, min_calls: int = 1) -> list[list[float]]:
     """Like :func:`time_blocks` for several functions, their blocks interleaved (A B C A B C ...), so a
     change in machine load hits all of them alike; returns seconds per call, per function, per block."""
     calls = []
@@ -140,7 +124,7 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], repeats: int, block_s: fl
         t0 = time.perf_counter()
         fn()
         _sync(device)
-        calls.append(max(1, int(math.ceil(block_s / max(time.perf_counter() - t0, 1e-7)))))
+        calls.append(max(min_calls, int(math.ceil(block_s / max(time.perf_counter() - t0, 1e-7)))))
     out: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, n, res in zip(fns, calls, out):
