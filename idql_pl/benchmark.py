@@ -791,6 +791,20 @@ def format_table(figures: Sequence[Figure]) -> str:
     return "\n".join(lines + (["notes:", *notes] if notes else []))
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds all processes have been busy, CPU seconds of this process and its waited-for children);
+    NaN without /proc."""
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return float("nan"), own
+    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK"), own
+
+
 def _loadavg() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
@@ -820,19 +834,30 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = Fal
              ("sampler", bench.sampler), ("evaluation", bench.evaluation), ("peak memory", bench.memory)]
     if do_compile:
         steps.append(("torch.compile", bench.compiled))
+    contention: dict[str, float] = {}
     for title, step in steps:
         log(f"[bench] {title}")
+        (busy0, own0), w0 = _cpu_seconds(), time.perf_counter()
         step()
+        (busy1, own1), w1 = _cpu_seconds(), time.perf_counter()
+        contention[title] = max(0.0, ((busy1 - busy0) - (own1 - own0)) / max(w1 - w0, 1e-9))
+        log(f"  (other processes used {contention[title]:.2f} CPU cores meanwhile)")
     figures = list(bench.figures.values())
     machine = machine_info(device)
     machine["loadavg_1m_before"], machine["loadavg_1m_after"] = load_before, _loadavg()
+    machine["other_processes_cpu_cores"] = contention
+    busiest = max(contention, key=contention.get)
+    table = format_table(figures)
+    if contention[busiest] > 0.1:
+        table += (f"\nwarning: other processes used up to {contention[busiest]:.2f} CPU cores during '{busiest}'"
+                  " (see machine.other_processes_cpu_cores): those figures are low")
     return {
         "machine": machine,
         "settings": {"repeats": repeats, "sizes": asdict(sizes), "dataset": DATASET, "obs_dim": bench.obs_dim,
                      "action_dim": bench.action_dim},
         "elapsed_s": time.perf_counter() - t0,
         "figures": {f.name: asdict(f) for f in figures},
-        "table": format_table(figures),
+        "table": table,
     }
 
 

@@ -63,6 +63,8 @@ def test_tiny_benchmark_writes_every_figure(tmp_path: Path) -> None:
     for name in ("critic_speedup", "actor_step", "joint_step_lightning", "batch_sampling", "sampler", "peak_rss"):
         assert isinstance(figures[name]["ok"], bool) and figures[name]["target"], name
     assert report["machine"]["torch_threads"] == 1
+    contention = report["machine"]["other_processes_cpu_cores"]  # CPU used by others, per section
+    assert contention and all(math.isfinite(v) and v >= 0 for v in contention.values())
     # the printed table carries every figure's label
     for fig in figures.values():
         assert fig["label"] in proc.stdout

@@ -69,6 +69,16 @@ def test_small_or_other_dtypes_use_f_linear(onednn) -> None:
         assert linear(x, big_w).dtype == torch.bfloat16  # autocast still applies
 
 
+def test_onednn_sees_in_place_weight_updates(onednn) -> None:
+    """The optimizer updates weights in place (same data pointer): no stale cached weight may be reused."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(512, 256), torch.randn(1024, 256) * 0.05, torch.randn(1024)
+    for _ in range(3):
+        assert _close(linear(x, w, b), F.linear(x, w, b))
+        w.add_(0.5)
+        b.mul_(2.0)
+
+
 def test_torch_compile_gets_f_linear(onednn) -> None:
     """Inside torch.compile the oneDNN op is left to inductor (it cannot lower it from our Function)."""
     x, w = torch.randn(512, 256), torch.randn(1024, 256)
