@@ -47,6 +47,8 @@ class DiffusionBehavior(IDQLModule):
 
     Defaults are the paper's (App. E, G): T 5, vp schedule, LN-ResNet 256/1024 x 3 blocks, dropout 0.1, mish,
     AdamW lr 3e-4 with cosine decay to 0 and weight decay 0, batch 1024, EMA 0.001, actions clipped to +-1.
+    ``compile``: run the training loss through ``torch.compile`` under ``fit`` (pays on GPU;
+    ``python -m idql_pl.benchmark --compile`` measures it).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class DiffusionBehavior(IDQLModule):
         ema_rate: float = 0.001,
         batch_size: int = 1024,
         clip_actions: float = 1.0,
+        compile: bool = False,  # noqa: A002 - the option's name on the command line
     ):
         super().__init__()
         if obs_dim < 1 or action_dim < 1:
@@ -112,6 +115,7 @@ class DiffusionBehavior(IDQLModule):
         # The EMA copy has its dropout removed, so it computes the eval-mode network whatever mode Lightning
         # sets (no train/eval juggling, no "modules in eval mode" warning); same parameters and state_dict keys.
         self.ema_net = strip_dropout_(copy.deepcopy(self.net).requires_grad_(False))
+        self._train_loss = self.loss  # torch.compile(self.loss) with ``compile``; validation stays eager
 
     # ------------------------------------------------------------------------------------ utilities
     @property
@@ -125,10 +129,13 @@ class DiffusionBehavior(IDQLModule):
         state_proj = net.project_state(batch.observations)
         return ddpm_loss(lambda x, k: net.forward_projected(x, k, state_proj), self.schedule, batch.actions, generator)
 
+    def _compile_losses(self) -> None:
+        self._train_loss = torch.compile(self.loss)
+
     def update(self, batch: Batch, opt: Any, scheduler: Any | None) -> dict[str, Tensor]:
         """One actor step: DDPM loss (dropout as the module's mode says: active under ``fit``), optimizer step,
         LR-scheduler step, EMA update. Returns detached scalars, no host sync: ``{"loss"}``."""
-        loss = self.loss(batch)
+        loss = self._train_loss(batch)
         opt.zero_grad(set_to_none=True)
         backward(self, loss)
         opt.step()

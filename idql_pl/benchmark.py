@@ -694,40 +694,41 @@ class Bench:
 
     # ---------------------------------------------------------------- torch.compile
     def compiled(self) -> None:
+        """``compile: true`` against the eager step, same sizes, timed interleaved."""
         s, buf = self.s, self.dm.train_buffer
+
+        def stepper(kind: str, compile_: bool) -> Callable[[], Any]:
+            if kind == "actor":
+                m = make_behavior(self.obs_dim, self.action_dim, s).to(self.device).train()
+                opt, sched = m.make_optimizer(10**7)
+                fn = functools.partial(lambda m, o, sc: m.update(buf.sample(s.actor_batch), o, sc), m, opt, sched)
+            else:
+                m = make_critic(self.obs_dim, self.action_dim, s).to(self.device)
+                v_opt, q_opt = m.configure_optimizers()
+                fn = functools.partial(lambda m, v, q: m.update(buf.sample(s.critic_batch), v, q), m, v_opt, q_opt)
+            if compile_:
+                m.compile_losses()  # what compile: true does under fit
+            return fn
+
         for kind in ("actor", "critic"):
-            name = f"{kind}_step_compiled"
+            name, label = f"{kind}_step_compiled", f"{kind} step, compile: true"
+            flops = (actor_step_flops(self.obs_dim, self.action_dim, s) if kind == "actor" else
+                     critic_step_flops(self.obs_dim, self.action_dim, s.critic_hidden, s.critic_batch))
             try:
-                if kind == "actor":
-                    flops = actor_step_flops(self.obs_dim, self.action_dim, s)
-                    m = make_behavior(self.obs_dim, self.action_dim, s).to(self.device).train()
-                    opt, sched = m.make_optimizer(10**7)
-                    eager = time_blocks(lambda m=m, opt=opt, sched=sched: m.update(buf.sample(s.actor_batch), opt, sched),
-                                        self.repeats, s.block_s, self.device, s.warmup)
-                    m.loss = torch.compile(m.loss)
-                    fn = functools.partial(lambda m, opt, sched: m.update(buf.sample(s.actor_batch), opt, sched), m, opt, sched)
-                else:
-                    flops = critic_step_flops(self.obs_dim, self.action_dim, s.critic_hidden, s.critic_batch)
-                    m = make_critic(self.obs_dim, self.action_dim, s).to(self.device)
-                    v_opt, q_opt = m.configure_optimizers()
-                    eager = time_blocks(lambda m=m, v=v_opt, q=q_opt: m.update(buf.sample(s.critic_batch), v, q),
-                                        self.repeats, s.block_s, self.device, s.warmup)
-                    m._value_loss = torch.compile(m._value_loss)
-                    m._q_loss = torch.compile(m._q_loss)
-                    fn = functools.partial(lambda m, v, q: m.update(buf.sample(s.critic_batch), v, q), m, v_opt, q_opt)
+                eager, compiled = stepper(kind, False), stepper(kind, True)
                 t0 = time.perf_counter()
-                fn()
-                fn()
+                compiled()
+                compiled()
                 compile_s = time.perf_counter() - t0
-                comp = time_blocks(fn, self.repeats, s.block_s, self.device, s.warmup)
-                rate, eager_rate = median_rate(comp), median_rate(eager)
-                verdict = "faster" if rate > eager_rate else "slower: keep eager"
-                self.add(Figure(name, f"{kind} step, torch.compile(loss)", rate, "steps/s", eager_rate, "eager step",
-                                rate / eager_rate, flops, note=f"compile {compile_s:.0f} s; {verdict}"))
+                eager_s, comp_s = time_interleaved([eager, compiled], self.repeats, s.block_s, self.device, s.warmup)
             except Exception as e:  # report, don't abort the benchmark
                 msg = " ".join(str(e).split())[:200]
-                self.add(Figure(name, f"{kind} step, torch.compile(loss)", float("nan"), "steps/s",
-                                note=f"compile failed: {type(e).__name__}: {msg}"))
+                self.add(Figure(name, label, float("nan"), "steps/s", note=f"compile failed: {type(e).__name__}: {msg}"))
+                continue
+            rate, eager_rate = median_rate(comp_s), median_rate(eager_s)
+            verdict = "faster" if rate > eager_rate else "slower: keep eager"
+            self.add(Figure(name, label, rate, "steps/s", eager_rate, "eager step", rate / eager_rate, flops,
+                            note=f"compile {compile_s:.0f} s; {verdict}", samples=[1 / x for x in comp_s]))
 
 
 # ------------------------------------------------------------------------------------------ memory probe
@@ -819,9 +820,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+SECTIONS = ("critic", "actor", "joint", "sampling", "sampler", "evaluation", "memory")
+
+
 def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = False,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every measurement in order; returns the JSON-able report."""
+        log: Callable[[str], None] = print, only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every measurement in order (``only``: just these of :data:`SECTIONS`, after the matmul ceiling and the
+    dataset, which the others need); returns the JSON-able report."""
     torch.manual_seed(0)
     bench = Bench(sizes, repeats, device, log)
     load_before = _loadavg()
@@ -829,9 +834,11 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = Fal
         log(f"[bench] warning: 1-minute load average {load_before:.2f} on {os.cpu_count()} cores: other processes "
             f"compete for the CPU and the figures will be low and noisy (OpenMP threads spin-wait on busy cores)")
     t0 = time.perf_counter()
-    steps = [("matmul ceiling", bench.matmul), ("dataset", bench.data), ("critic", bench.critic),
-             ("actor", bench.actor), ("joint / Lightning", bench.joint), ("batch sampling", bench.sampling),
-             ("sampler", bench.sampler), ("evaluation", bench.evaluation), ("peak memory", bench.memory)]
+    sections = [("critic", bench.critic), ("actor", bench.actor), ("joint / Lightning", bench.joint),
+                ("batch sampling", bench.sampling), ("sampler", bench.sampler), ("evaluation", bench.evaluation),
+                ("peak memory", bench.memory)]
+    steps = [("matmul ceiling", bench.matmul), ("dataset", bench.data)]
+    steps += [(title, fn) for (title, fn), key in zip(sections, SECTIONS, strict=True) if only is None or key in only]
     if do_compile:
         steps.append(("torch.compile", bench.compiled))
     contention: dict[str, float] = {}
@@ -877,6 +884,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small sizes, seconds in all (for tests)")
     parser.add_argument("--repeats", type=int, default=None, help="timed blocks per figure (median; default 5)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile on/off (actor, critic)")
+    parser.add_argument("--only", metavar="LIST", default=None,
+                        help=f"comma-separated sections to run ({','.join(SECTIONS)}); default: all")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--_memory-probe", dest="memory_probe", type=int, default=None, help=argparse.SUPPRESS)
@@ -894,7 +903,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.tiny else 5)
     if repeats < 1:
         parser.error("--repeats must be >= 1")
-    report = run(sizes, repeats, device, args.compile)
+    only = None if args.only is None else [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = sorted(set(only or ()) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    report = run(sizes, repeats, device, args.compile, only=only)
     report["machine"]["malloc_tuned"] = malloc_tuned
     m = report["machine"]
     print(f"\nIDQL benchmark on {m['device']} ({m['torch_threads']} threads, torch {m['torch']}), "

@@ -47,7 +47,8 @@ class ImplicitCritic(IDQLModule):
     One :meth:`update` = V step (Eq. 1 / 10 / 11 on ``u = min(Q1_t, Q2_t)(s, a) - V(s)``), then Q step (Eq. 2,
     ``y = r + gamma mask V(s')`` with the just-updated V), then the target update (IDQL_SPEC Sec. 1).
     ``value_loss``: "expectile" (``tau``), "quantile" (``tau``) or "exponential" (``alpha``, guarded with
-    ``exp_clip``). Adam, constant ``lr``, no weight decay or gradient clipping.
+    ``exp_clip``). Adam, constant ``lr``, no weight decay or gradient clipping. ``compile``: run both losses
+    through ``torch.compile`` under ``fit`` (pays on GPU; ``python -m idql_pl.benchmark --compile`` measures it).
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class ImplicitCritic(IDQLModule):
         target_update_rate: float = 0.005,
         lr: float = 3e-4,
         batch_size: int = 256,
+        compile: bool = False,  # noqa: A002 - the option's name on the command line
     ):
         super().__init__()
         if obs_dim < 1 or action_dim < 1:
@@ -110,6 +112,10 @@ class ImplicitCritic(IDQLModule):
         return implicit_weights(u, self.hparams.value_loss, self.loss_param)
 
     # ---------------------------------------------------------------------------------------- losses
+    def _compile_losses(self) -> None:
+        self._value_loss = torch.compile(self._value_loss)
+        self._q_loss = torch.compile(self._q_loss)
+
     def _value_loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """V loss (Eq. 1 / 10 / 11): mean ``f(min Q_target(s, a) - V(s))``; returns (loss, u, v)."""
         with torch.no_grad():

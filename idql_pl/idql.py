@@ -31,7 +31,8 @@ class IDQL(IDQLModule):
     ``critic``/``behavior`` are injected from the config (``class_path`` + ``init_args``, without the
     dimensions, which come from the data). ``behavior_ckpt``/``critic_ckpt`` load a pretrained half (from a
     standalone or a joint checkpoint); ``freeze_*`` then stops training it, so a sweep over tau reuses one
-    diffusion model.
+    diffusion model. ``compile`` (or either half's own ``compile``) runs the training losses through
+    ``torch.compile`` under ``fit``.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class IDQL(IDQLModule):
         freeze_behavior: bool = False,
         critic_ckpt: str | None = None,
         freeze_critic: bool = False,
+        compile: bool = False,  # noqa: A002 - the option's name on the command line
     ):
         super().__init__()
         check_extraction(extraction, num_samples)
@@ -65,6 +67,16 @@ class IDQL(IDQLModule):
         self.train_critic = not freeze_critic
         for module, trained in ((self.behavior, self.train_behavior), (self.critic, self.train_critic)):
             module.requires_grad_(trained)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            for half in (self.critic, self.behavior):
+                if self.hparams.compile or half.hparams.get("compile", False):
+                    half.compile_losses()
+
+    def _compile_losses(self) -> None:
+        self.critic.compile_losses()
+        self.behavior.compile_losses()
 
     def updates_per_step(self) -> dict[str, int]:
         return {"critic": int(self.train_critic), "actor": self.hparams.actor_updates_per_step * int(self.train_behavior)}

@@ -39,6 +39,22 @@ class IDQLModule(L.LightningModule):
         """Optimizer updates per ``training_step`` by kind ("critic", "actor"), for the ``perf/*`` rates."""
         return {}
 
+    # ------------------------------------------------------------------------------- torch.compile
+    def compile_losses(self) -> None:
+        """Wrap the training-loss functions in ``torch.compile`` (forward and backward, via AOTAutograd);
+        called once before ``fit`` when the module's ``compile`` option is set. Idempotent."""
+        if getattr(self, "_losses_compiled", False):
+            return
+        self._compile_losses()
+        self._losses_compiled = True
+
+    def _compile_losses(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.get("compile", False):
+            self.compile_losses()
+
     def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, frame: Any = None,
                              logger: bool = True) -> None:
         """Like Lightning's, but a module built *inside* another one (IDQL's injected critic/behavior) records

@@ -74,9 +74,10 @@ class _MishFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------- oneDNN linear
-# GEMMs below ~33M multiply-adds stay on PyTorch's default path: oneDNN's per-call overhead (~15 us plus the
-# autograd.Function) ate its gain on the critic's 256x256x256 products (measured: no change in steps/s).
-ONEDNN_MIN_MACS = 1 << 25
+# Products below ~4M multiply-adds stay on PyTorch's default BLAS: there oneDNN's per-call cost (~10 us) exceeds
+# its gain (measured on this project's benchmark CPU: 256x256x256 takes 85 us in oneDNN vs 165 us in MKL, while
+# 256x23x256 is even and 256x256x1 takes 14 vs 5 us).
+ONEDNN_MIN_MACS = 1 << 22
 _ONEDNN_OK: bool | None = None
 
 
@@ -125,17 +126,27 @@ def _compiling() -> bool:
     return bool(is_compiling and is_compiling())
 
 
-def _use_onednn(x: Tensor, weight: Tensor) -> bool:
+def _use_onednn(x: Tensor, weight: Tensor, macs: int | None = None) -> bool:
+    """Whether ``x @ weight.T`` (``macs`` multiply-adds; by default ``x.numel() * out``) runs in oneDNN."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and min(weight.shape) >= 8
-        and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+        and (x.numel() * weight.shape[0] if macs is None else macs) >= ONEDNN_MIN_MACS
         and not _autocast_cpu()
         and not _compiling()  # under torch.compile, F.linear: inductor picks its own GEMM kernels
         and onednn_linear_available()
     )
+
+
+def _onednn_weight_grad(g2: Tensor, x2: Tensor) -> Tensor:
+    """``g2^T @ x2`` (the weight gradient of ``x2 @ W^T``) in oneDNN. It copies a transposed left operand to
+    contiguous memory, so the smaller of the two products is transposed."""
+    op = torch.ops.mkldnn._linear_pointwise
+    if g2.shape[1] > x2.shape[1]:  # x^T [in, B] copied, then the [in, out] result transposed back
+        return op(x2.t(), g2.t(), None, "none", [], "").t().contiguous()
+    return op(g2.t(), x2.t(), None, "none", [], "")  # g^T [out, B] copied
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -161,13 +172,7 @@ class _OneDNNLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         needs = ctx.needs_input_grad
         grad_x = op(g2, weight.t(), None, "none", [], "").view(ctx.x_shape) if needs[0] else None
-        grad_w = None
-        if needs[1]:  # oneDNN copies a transposed left operand to contiguous: transpose the smaller product
-            n_out, k_in = g2.shape[1], x2.shape[1]
-            if n_out > k_in:  # x^T [k, B] copied, then the [k, n] result transposed back
-                grad_w = op(x2.t(), g2.t(), None, "none", [], "").t().contiguous()
-            else:  # g^T [n, B] copied
-                grad_w = op(g2.t(), x2.t(), None, "none", [], "")
+        grad_w = _onednn_weight_grad(g2, x2) if needs[1] else None
         grad_b = g2.sum(0) if ctx.has_bias and needs[2] else None
         return grad_x, grad_w, grad_b, grad if needs[3] else None
 
@@ -183,6 +188,97 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     return y if residual is None else residual + y
 
 
+def _product(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """``x @ weight.T (+ bias) (relu)`` for 2-D operands: oneDNN (ReLU fused) from ``ONEDNN_MIN_MACS``
+    multiply-adds, PyTorch's BLAS below, where oneDNN's per-call cost (~10 us) exceeds the product."""
+    if x.shape[0] * x.shape[1] * weight.shape[0] >= ONEDNN_MIN_MACS:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    return y.relu_() if relu else y
+
+
+def _weight_grad(g2: Tensor, x2: Tensor) -> Tensor:
+    """``g2^T @ x2``: oneDNN from ``ONEDNN_MIN_MACS`` multiply-adds, PyTorch's BLAS below."""
+    if g2.shape[0] * g2.shape[1] * x2.shape[1] >= ONEDNN_MIN_MACS:
+        return _onednn_weight_grad(g2, x2)
+    return torch.mm(g2.t(), x2)
+
+
+class _OneDNNReLUMLP(torch.autograd.Function):
+    """An ensemble of ReLU MLPs (``Dense -> relu -> ... -> Dense``) as one autograd node: each member's
+    products in oneDNN (:func:`_product`) with the ReLU fused into the GEMM, the backward written out layer
+    by layer. ``x``: ``[E, B, in]``, or ``[B, in]`` shared by every member; ``params``: ``W_0, b_0, W_1, b_1,
+    ...`` with ``W_i [E, out, in]``, ``b_i [E, 1, out]``. Returns ``[E, B, out]``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, *params: Tensor) -> Tensor:
+        weights, biases = params[0::2], params[1::2]
+        shared, last = x.dim() == 2, len(weights) - 1
+        inputs: list[list[Tensor]] = []  # per layer, per member: the layer's input (a ReLU output after layer 0)
+        h = [x if shared else x[e] for e in range(weights[0].shape[0])]
+        for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+            inputs.append(h)
+            h = [_product(h_e, w[e], b[e, 0], relu=i < last) for e, h_e in enumerate(h)]
+        ctx.save_for_backward(x, *weights, *(t for layer in inputs[1:] for t in layer))
+        ctx.shared, ctx.num_layers = shared, len(weights)
+        return torch.stack(h)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        saved, n, members = ctx.saved_tensors, ctx.num_layers, range(grad.shape[0])
+        x, weights, hidden = saved[0], saved[1:n + 1], saved[n + 1:]
+        inputs = [[x if ctx.shared else x[e] for e in members]]
+        inputs += [list(hidden[i * len(members):(i + 1) * len(members)]) for i in range(n - 1)]
+        needs = ctx.needs_input_grad
+        grads: list[Tensor | None] = [None] * (2 * n)
+        g = [grad[e] for e in members]
+        for i in reversed(range(n)):
+            if needs[1 + 2 * i]:
+                grads[2 * i] = torch.stack([_weight_grad(g[e], inputs[i][e]) for e in members])
+            if needs[2 + 2 * i]:
+                grads[2 * i + 1] = torch.stack([g_e.sum(0, keepdim=True) for g_e in g])
+            if i == 0:
+                break
+            # through layer i's product, then the ReLU whose output was layer i's input
+            g = [torch.ops.aten.threshold_backward(_product(g[e], weights[i][e].t()), inputs[i][e], 0.0)
+                 for e in members]
+        grad_x = None
+        if needs[0]:
+            per_member = [_product(g[e], weights[0][e].t()) for e in members]
+            grad_x = torch.stack(per_member).sum(0) if ctx.shared else torch.stack(per_member)
+        return grad_x, *grads
+
+
+def _fused_relu_mlp_applies(x: Tensor, weights: Sequence[Tensor]) -> bool:
+    """Whether :class:`_OneDNNReLUMLP` takes ``x`` (2-D shared or 3-D per member) through ``weights``: its
+    widest layer has >= ``ONEDNN_MIN_MACS`` multiply-adds per member and :func:`linear`'s conditions hold."""
+    if x.dim() not in (2, 3) or x.shape[-1] != weights[0].shape[-1]:
+        return False
+    widest = max(weights, key=lambda w: w.shape[-2] * w.shape[-1])[0]
+    return _use_onednn(x, widest, macs=x.shape[-2] * widest.numel())
+
+
+def _flat(weights: Sequence[Tensor], biases: Sequence[Tensor]) -> list[Tensor]:
+    return [t for pair in zip(weights, biases, strict=True) for t in pair]
+
+
+def ensemble_mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], activation: nn.Module) -> Tensor:
+    """``E`` independent MLPs as one op per layer: ``x [E, B, in]`` (or ``[B, in]``, shared), ``weights[i]
+    [E, out, in]``, ``biases[i] [E, 1, out]`` -> ``[E, B, out]``; ``activation`` between layers, none after the
+    last. ReLU MLPs on CPU float32 with a layer of >= ``ONEDNN_MIN_MACS`` multiply-adds run as one
+    :class:`_OneDNNReLUMLP` node; elsewhere one ``torch.baddbmm`` per layer over all members."""
+    if isinstance(activation, nn.ReLU) and _fused_relu_mlp_applies(x, weights):
+        return _OneDNNReLUMLP.apply(x, *_flat(weights, biases))
+    if x.dim() == 2:
+        x = x.unsqueeze(0).expand(weights[0].shape[0], *x.shape)
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        x = torch.baddbmm(b, x, w.transpose(1, 2))
+        if i < len(weights) - 1:
+            x = activation(x)
+    return x
+
+
 class Dense(nn.Linear):
     """``nn.Linear`` (same parameters, init and state_dict) computed with :func:`linear`."""
 
@@ -193,10 +289,10 @@ class Dense(nn.Linear):
 class Mish(nn.Module):
     """``mish(x) = x tanh(softplus(x))`` (the paper-era activation, App. G). On CPU it is computed through the
     vectorized sigmoid (identity above), ~4x faster forward+backward than ``torch.nn.Mish``'s CPU kernel and
-    equal to it within float rounding; on other devices it is ``F.mish`` (a fused kernel there)."""
+    equal to it within float rounding; on other devices and under ``torch.compile`` it is ``F.mish`` (fused there)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or _compiling():  # a fused kernel on GPU and under torch.compile
             return F.mish(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return _MishFunction.apply(x)
@@ -280,15 +376,21 @@ class MLP(nn.Module):
             if i < len(dims) - 2 or activate_final:
                 layers.append(make_activation(activation))
         self.net = nn.Sequential(*layers)
+        self._relu_hidden = activation == "relu" and not activate_final
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._relu_hidden:  # one fused node on CPU (a single-member ensemble_mlp)
+            linears = self.net[::2]
+            weights = [m.weight.unsqueeze(0) for m in linears]
+            if _fused_relu_mlp_applies(x, weights):
+                return _OneDNNReLUMLP.apply(x, *_flat(weights, [m.bias.view(1, 1, -1) for m in linears]))[0]
         return self.net(x)
 
 
 class EnsembleMLP(nn.Module):
-    """``E`` independent MLPs evaluated as one batched op per layer (stacked weights ``[E, in, out]``,
-    ``torch.baddbmm``; no Python loop over members). ``forward(x [B, in]) -> [E, B, out]``; an input of shape
-    ``[E, B, in]`` gives each member its own rows."""
+    """``E`` independent MLPs evaluated together (:func:`ensemble_mlp`; stacked weights
+    ``[E, out, in]`` as ``nn.Linear`` stores them; no Python loop over members on the default path).
+    ``forward(x [B, in]) -> [E, B, out]``; an input of shape ``[E, B, in]`` gives each member its own rows."""
 
     def __init__(self, in_dim: int, hidden_dims: Sequence[int], out_dim: int, num_members: int = 2,
                  activation: str = "relu"):
@@ -298,7 +400,7 @@ class EnsembleMLP(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for d_in, d_out in zip(dims[:-1], dims[1:], strict=False):
-            w = torch.empty(num_members, d_in, d_out)
+            w = torch.empty(num_members, d_out, d_in)
             bound = math.sqrt(6.0 / (d_in + d_out))  # xavier-uniform per member
             nn.init.uniform_(w, -bound, bound)
             self.weights.append(nn.Parameter(w))
@@ -306,14 +408,7 @@ class EnsembleMLP(nn.Module):
         self.act = make_activation(activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2:
-            x = x.unsqueeze(0).expand(self.num_members, *x.shape)
-        n = len(self.weights)
-        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            x = torch.baddbmm(b, x, w)
-            if i < n - 1:
-                x = self.act(x)
-        return x
+        return ensemble_mlp(x, list(self.weights), list(self.biases), self.act)
 
 
 class TwinQ(nn.Module):
@@ -471,6 +566,7 @@ __all__ = [
     "ScoreNet",
     "TwinQ",
     "ema_update_",
+    "ensemble_mlp",
     "linear",
     "make_activation",
     "onednn_linear_available",

@@ -109,3 +109,18 @@ def test_analytic_flops_match_pytorch_counter() -> None:
     counted = _counted_flops(lambda: model.act(states, num_samples=s.sampler_n))
     analytic = bench.sampler_flops(obs_dim, action_dim, s)
     assert 0.95 <= counted / analytic <= 1.05, (counted, analytic)
+
+
+@pytest.mark.timeout(120)
+def test_only_runs_the_chosen_sections(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "idql_pl.benchmark", "--tiny", "--repeats", "1", "--threads", "1", "--only", "critic",
+         "--json", str(out)], capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = set(json.loads(out.read_text())["figures"])
+    assert {"critic_step", "critic_speedup", "matmul_f32"} <= names  # the ceiling always runs
+    assert not any(n.startswith(("actor", "sampler", "joint", "peak")) for n in names), names
+    bad = subprocess.run([sys.executable, "-m", "idql_pl.benchmark", "--only", "critc"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown section(s) critc" in bad.stderr

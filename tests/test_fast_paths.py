@@ -129,3 +129,42 @@ def test_allocator_tuning_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(nets.tune_cpu_allocator(), bool)
     monkeypatch.setenv("IDQL_TUNE_MALLOC", "0")
     assert nets.tune_cpu_allocator() is False
+
+
+@pytest.mark.parametrize("per_member_input", [False, True])
+def test_fused_relu_ensemble_equals_default_path(onednn, per_member_input: bool) -> None:
+    """The one-node oneDNN twin-Q MLP (ReLU fused into the GEMMs, hand-written backward) matches the batched
+    ``baddbmm`` path: output, the input gradient and every parameter gradient."""
+    onednn.setattr(nets, "ONEDNN_MIN_MACS", 1)
+    torch.manual_seed(0)
+    ens = nets.EnsembleMLP(6, [64, 48], 1, num_members=2)  # a narrow first layer (pointmaze: obs 4 + action 2)
+    x = torch.randn(2, 40, 6) if per_member_input else torch.randn(40, 6)
+    x.requires_grad_(True)
+    leaves = [x, *ens.parameters()]
+    assert nets._fused_relu_mlp_applies(x, list(ens.weights))
+    fast, fast_g = _grads(lambda: ens(x), *leaves)
+    onednn.setattr(nets, "_ONEDNN_OK", False)
+    ref, ref_g = _grads(lambda: ens(x), *leaves)
+    assert fast.shape == ref.shape == (2, 40, 1)
+    assert _close(fast, ref)
+    for g_fast, g_ref in zip(fast_g, ref_g):
+        assert g_fast.shape == g_ref.shape and _close(g_fast, g_ref)
+
+
+def test_fused_relu_mlp_equals_sequential(onednn) -> None:
+    """A single ReLU ``MLP`` (the critic's V) takes the fused node and matches its own ``nn.Sequential``;
+    without gradients (the target net) it computes the same values."""
+    onednn.setattr(nets, "ONEDNN_MIN_MACS", 1)
+    torch.manual_seed(0)
+    mlp = nets.MLP(17, [64, 64], 1)
+    x = torch.randn(30, 17)
+    params = list(mlp.parameters())
+    assert nets._fused_relu_mlp_applies(x, [m.weight.unsqueeze(0) for m in mlp.net[::2]])
+    fast, fast_g = _grads(lambda: mlp(x), *params)
+    ref, ref_g = _grads(lambda: mlp.net(x), *params)
+    assert _close(fast, ref)
+    for g_fast, g_ref in zip(fast_g, ref_g):
+        assert _close(g_fast, g_ref)
+    with torch.no_grad():
+        assert _close(mlp(x), ref)
+    assert not nets.MLP(17, [64], 1, activation="mish")._relu_hidden  # other activations: nn.Sequential
