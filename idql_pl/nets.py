@@ -253,7 +253,7 @@ class _OneDNNReLUMLP(torch.autograd.Function):
 def _fused_relu_mlp_applies(x: Tensor, weights: Sequence[Tensor]) -> bool:
     """Whether :class:`_OneDNNReLUMLP` takes ``x`` (2-D shared or 3-D per member) through ``weights``: its
     widest layer has >= ``ONEDNN_MIN_MACS`` multiply-adds per member and :func:`linear`'s conditions hold."""
-    if x.dim() not in (2, 3) or x.shape[-1] != weights[0].shape[-1]:
+    if _compiling() or x.dim() not in (2, 3) or x.shape[-1] != weights[0].shape[-1]:
         return False
     widest = max(weights, key=lambda w: w.shape[-2] * w.shape[-1])[0]
     return _use_onednn(x, widest, macs=x.shape[-2] * widest.numel())
