@@ -304,6 +304,30 @@ class Mish(nn.Module):
         return torch.mul(x, t, out=spare)  # 5 passes, 2 allocations
 
 
+_RANDOM_LEVELS = 1 << 16  # dropout draws 16-bit uniforms
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU training-mode mask comes from 16-bit uniforms, four per 64-bit draw of the
+    global generator: ~6x faster than ``bernoulli_``, which draws one Mersenne-Twister number per element
+    (1.1 ms for a 1024 x 256 mask on the benchmark CPU; 10% of the actor step). The drop probability is
+    ``p`` rounded to a multiple of 2^-16 (0.1 -> 0.100006) and kept values are scaled by its exact
+    ``1 / (1 - p)``, so the layer stays unbiased. Same parameters (none) and state_dict; elsewhere, in eval
+    mode and under ``torch.compile``, it is ``F.dropout``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.p > 0 and x.device.type == "cpu" and not _compiling()):
+            return F.dropout(x, self.p, self.training, self.inplace)
+        dropped = min(_RANDOM_LEVELS, round(self.p * _RANDOM_LEVELS))
+        if dropped == _RANDOM_LEVELS:
+            return x * 0.0
+        n = x.numel()
+        bits = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        uniform16 = bits.view(torch.int16)[:n].view(x.shape)  # uniform over [-2^15, 2^15)
+        keep = uniform16 >= dropped - _RANDOM_LEVELS // 2  # P = 1 - dropped / 2^16
+        return x * keep.to(x.dtype).mul_(_RANDOM_LEVELS / (_RANDOM_LEVELS - dropped))
+
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "mish": Mish,
     "swish": nn.SiLU,
@@ -514,7 +538,7 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, hidden_dim: int, ff_dim: int, dropout: float, activation: str):
         super().__init__()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.norm = nn.LayerNorm(hidden_dim, eps=1e-6)
         self.fc1 = _lecun_(Dense(hidden_dim, ff_dim))
         self.act = make_activation(activation)
@@ -561,6 +585,7 @@ __all__ = [
     "ACTIVATIONS",
     "MLP",
     "Dense",
+    "Dropout",
     "EnsembleMLP",
     "FourierTimeEmbedding",
     "LNResNet",
