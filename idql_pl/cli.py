@@ -159,7 +159,10 @@ class IDQLCLI(LightningCLI):
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
         loggers.append(
-            WandbLogger(project=cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow", save_dir=str(run_dir), offline=offline)
+            # mode is passed on to wandb.init: Lightning's offline=True alone sets WANDB_MODE=dryrun, which wandb
+            # >= 0.2x no longer reads as offline and then asks for the missing API key
+            WandbLogger(project=cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow", save_dir=str(run_dir),
+                        offline=offline, **({"mode": "offline"} if offline else {}))
         )
         return loggers
 

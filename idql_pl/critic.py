@@ -194,4 +194,4 @@ class ImplicitCritic(IDQLModule):
 
     def validation_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         metrics = self.validation_losses(buffer)
-        self.log_dict({f"val/critic/{k}": v for k, v in metrics.items()}, batch_size=self.hparams.batch_size)
+        self.log_dict({f"val/critic/{k}": v for k, v in metrics.items()}, batch_size=self.hparams.batch_size, sync_dist=True)

@@ -69,9 +69,10 @@ class IDQL(IDQLModule):
             module.requires_grad_(trained)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # DDP settings; compile: true compiles both halves
         if stage == "fit":
             for half in (self.critic, self.behavior):
-                if self.hparams.compile or half.hparams.get("compile", False):
+                if half.hparams.get("compile", False):
                     half.compile_losses()
 
     def _compile_losses(self) -> None:
@@ -120,7 +121,7 @@ class IDQL(IDQLModule):
         metrics = {}
         metrics.update({f"val/critic/{k}": v for k, v in self.critic.validation_losses(buffer).items()})
         metrics.update({f"val/behavior/{k}": v for k, v in self.behavior.validation_losses(buffer).items()})
-        self.log_dict(metrics, batch_size=1)
+        self.log_dict(metrics, batch_size=1, sync_dist=True)
 
     # ------------------------------------------------------------------------------------------- act
     @torch.no_grad()

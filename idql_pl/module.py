@@ -11,17 +11,27 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 
 from idql_pl.errors import CheckpointError, NonFiniteLossError
-from idql_pl.rng import capture_rng_state, restore_rng_state
+from idql_pl.rng import (
+    capture_rng_state,
+    distributed_world,
+    gather_from_ranks,
+    restore_rng_state,
+    seed_rank_stream,
+)
 
 
 class IDQLModule(L.LightningModule):
     """Shared plumbing; subclasses set ``hparams.obs_dim``/``hparams.action_dim`` and call :meth:`track_losses`.
 
     - Checkpoints carry the global RNG states (dropout and diffusion noise continue identically after a
-      resume) and are refused when their obs/action dimensions differ from the data's.
+      resume; one per rank under DDP, where each rank draws its own stream) and are refused when their
+      obs/action dimensions differ from the data's.
+    - Under DDP, ``find_unused_parameters`` is switched on: every training step runs several backward passes
+      over disjoint parameter sets (V, Q, the score network), each through DDP's gradient reducer.
     - Losses are checked for NaN/inf without a host sync per step: a device-side flag accumulates and is read
       only on logging steps and before every checkpoint save, so ``last.ckpt`` always holds a finite state.
     """
@@ -34,6 +44,7 @@ class IDQLModule(L.LightningModule):
         self._bad_step: Tensor | None = None  # first step at which any metric was non-finite (device)
         self._metric_names: list[str] = []
         self._last_log: tuple[int, float] | None = None  # (global_step, time) at the previous logging step
+        self._rng_restored = False
 
     def updates_per_step(self) -> dict[str, int]:
         """Optimizer updates per ``training_step`` by kind ("critic", "actor"), for the ``perf/*`` rates."""
@@ -52,8 +63,16 @@ class IDQLModule(L.LightningModule):
         raise NotImplementedError
 
     def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy):  # read when the model is wrapped, after this hook
+            strategy._ddp_kwargs["find_unused_parameters"] = True
         if stage == "fit" and self.hparams.get("compile", False):
             self.compile_losses()
+
+    def on_fit_start(self) -> None:
+        rank, world = distributed_world()
+        if world > 1 and not self._rng_restored:
+            seed_rank_stream(rank)
 
     def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, frame: Any = None,
                              logger: bool = True) -> None:
@@ -121,7 +140,10 @@ class IDQLModule(L.LightningModule):
     # ---------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.raise_if_nonfinite()
-        checkpoint["idql_rng"] = capture_rng_state()
+        states = gather_from_ranks(capture_rng_state())  # every rank builds the checkpoint; rank 0 writes it
+        checkpoint["idql_rng"] = states[0]
+        if len(states) > 1:
+            checkpoint["idql_rng_per_rank"] = states
         checkpoint["idql_dims"] = {"obs_dim": int(self.hparams.obs_dim), "action_dim": int(self.hparams.action_dim)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -133,8 +155,14 @@ class IDQLModule(L.LightningModule):
                 f" dataset has obs_dim={ours['obs_dim']}, action_dim={ours['action_dim']}: use a checkpoint from"
                 " the same environment, or drop --ckpt_path"
             )
-        if "idql_rng" in checkpoint:
+        rank, world = distributed_world()
+        per_rank = checkpoint.get("idql_rng_per_rank")
+        if per_rank is not None and len(per_rank) == world:
+            restore_rng_state(per_rank[rank])
+        elif "idql_rng" in checkpoint:  # same world size 1, or a different one: rank 0's state, then own streams
             restore_rng_state(checkpoint["idql_rng"])
+            seed_rank_stream(rank)
+        self._rng_restored = "idql_rng" in checkpoint
 
 
 def _is_class(class_path: str | None, cls: type) -> bool:

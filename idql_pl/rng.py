@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+RANK_SEED_STRIDE = 1_000_003  # rank r > 0 draws from seed + r * stride
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -31,3 +35,32 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def distributed_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialized default process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_from_ranks(obj: T) -> list[T]:
+    """Every rank's ``obj`` (a collective: all ranks must call it), ``[obj]`` without a process group."""
+    rank, world = distributed_world()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def seed_rank_stream(rank: int) -> None:
+    """Give data-parallel rank ``rank`` its own dropout/diffusion-noise stream: reseed the global generators
+    with ``torch.initial_seed() + rank * RANK_SEED_STRIDE`` (rank 0 is left as it is, so a one-process run
+    and rank 0 of a DDP run draw the same numbers)."""
+    if rank == 0:
+        return
+    seed = (torch.initial_seed() + rank * RANK_SEED_STRIDE) % 2**63
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)

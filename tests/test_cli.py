@@ -111,8 +111,18 @@ def test_bf16_mixed_precision_fit_and_eval(tmp_path):
     assert len(read_csv(tmp_path / "bf16" / "eval_episodes.csv")) == 2
 
 
-def test_wandb_offline_run_resumes_under_the_same_id(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+@pytest.mark.parametrize("wandb_mode", [None, "offline"])
+def test_wandb_offline_run_resumes_under_the_same_id(tmp_path, monkeypatch, wandb_mode):
+    """With no W&B API key anywhere (a fresh machine), or with WANDB_MODE=offline, runs log offline."""
+    import wandb
+
+    wandb.teardown()  # wandb keeps process-wide settings: start from none
+    if wandb_mode:
+        monkeypatch.setenv("WANDB_MODE", wandb_mode)
+    else:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+        monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wandb"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     args = ("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
             "--run_root", tmp_path, "--run_name", "w")
