@@ -31,7 +31,7 @@ def member_forward(ensemble: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor
     """Member ``e`` of a stacked ensemble, evaluated as a plain per-layer MLP (reference implementation)."""
     n = len(ensemble.weights)
     for i, (w, b) in enumerate(zip(ensemble.weights, ensemble.biases, strict=True)):
-        x = x @ w[e].T + b[e, 0]
+        x = x @ w[e].T + b[e]
         if i < n - 1:
             x = torch.relu(x)
     return x.squeeze(-1)

@@ -149,6 +149,8 @@ def test_fused_relu_ensemble_equals_default_path(onednn, per_member_input: bool)
     assert _close(fast, ref)
     for g_fast, g_ref in zip(fast_g, ref_g):
         assert g_fast.shape == g_ref.shape and _close(g_fast, g_ref)
+    for p, g_fast, g_ref in zip(leaves[1:], fast_g[1:], ref_g[1:]):  # DDP buckets need the parameters' layout
+        assert g_fast.stride() == g_ref.stride() == p.stride()
 
 
 def test_fused_relu_mlp_equals_sequential(onednn) -> None:

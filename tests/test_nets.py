@@ -34,7 +34,7 @@ def test_twin_q_equals_two_separate_mlps():
         for layer, (w, b) in enumerate(zip(twin.ensemble.weights, twin.ensemble.biases, strict=True)):
             for e in range(2):
                 w[e].copy_(linears[e][layer].weight)
-                b[e, 0].copy_(linears[e][layer].bias)
+                b[e].copy_(linears[e][layer].bias)
     s, a = torch.randn(50, S), torch.randn(50, A)
     out = twin(s, a)
     assert out.shape == (2, 50)
