@@ -3,7 +3,8 @@
 One run measures (warm-up, then the median over ``--repeats`` timed blocks, competing variants interleaved):
 
 - the float32 2048x2048 matmul rate through ``torch.mm`` (PyTorch's default BLAS) and, on CPU, oneDNN; the
-  faster is the FLOP ceiling of everything below (plus bf16 on CUDA);
+  faster is the FLOP ceiling of everything below, re-measured interleaved with each figure compared to it
+  (plus bf16 on CUDA);
 - the critic step (``ImplicitCritic.update``, batch 256, 2x256 MLPs) and a naive eager loop of the same nets;
 - the actor step (``DiffusionBehavior.update``, batch 1024, LN-ResNet 256/1024 x 3) vs its FLOP ceiling,
   and a naive eager loop of it;
@@ -14,7 +15,9 @@ One run measures (warm-up, then the median over ``--repeats`` timed blocks, comp
 - the extraction sampler (10 states x N=128 x T=5) vs its FLOP ceiling;
 - evaluation env-steps/s (10 vector envs, the IDQL policy) vs the sampler-bound rate;
 - peak RSS when loading a 1M-transition dataset into the buffer (in a fresh subprocess);
-- with ``--compile``: ``torch.compile`` on/off for the actor and critic losses.
+- with ``--compile``: ``compile: true`` (the losses through ``torch.compile``) against eager, actor and critic.
+
+``--only critic,actor,...`` runs just those sections (after the ceiling and the dataset).
 
 FLOPs are counted analytically from the layer shapes (matmuls only; a training step is ~3x the forward).
 ``--tiny`` runs everything in seconds with small sizes (for the test suite). On a shared machine the figures
