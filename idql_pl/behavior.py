@@ -47,8 +47,8 @@ class DiffusionBehavior(IDQLModule):
 
     Defaults are the paper's (App. E, G): T 5, vp schedule, LN-ResNet 256/1024 x 3 blocks, dropout 0.1, mish,
     AdamW lr 3e-4 with cosine decay to 0 and weight decay 0, batch 1024, EMA 0.001, actions clipped to +-1.
-    ``compile``: run the training loss through ``torch.compile`` under ``fit`` (pays on GPU;
-    ``python -m idql_pl.benchmark --compile`` measures it).
+    ``compile``: run the training loss through ``torch.compile`` under ``fit`` (``python -m idql_pl.benchmark
+    --compile`` measures whether it pays).
     """
 
     def __init__(

@@ -436,7 +436,7 @@ class Bench:
     def add(self, fig: Figure) -> Figure:
         if fig.reference_what == "FLOP ceiling" and fig.ceiling_gflops is None:
             fig.ceiling_gflops = self._gflops_now
-            if fig.ceiling_gflops != self.gflops and fig.value == fig.value:
+            if fig.ceiling_gflops != self.gflops and not math.isnan(fig.value):
                 measured = f"ceiling {fig.ceiling_gflops:.0f} GFLOP/s, measured alongside"
                 fig.note = f"{fig.note}; {measured}" if fig.note else measured
         self.figures[fig.name] = fig

@@ -48,7 +48,7 @@ class ImplicitCritic(IDQLModule):
     ``y = r + gamma mask V(s')`` with the just-updated V), then the target update (IDQL_SPEC Sec. 1).
     ``value_loss``: "expectile" (``tau``), "quantile" (``tau``) or "exponential" (``alpha``, guarded with
     ``exp_clip``). Adam, constant ``lr``, no weight decay or gradient clipping. ``compile``: run both losses
-    through ``torch.compile`` under ``fit`` (pays on GPU; ``python -m idql_pl.benchmark --compile`` measures it).
+    through ``torch.compile`` under ``fit`` (``python -m idql_pl.benchmark --compile`` measures whether it pays).
     """
 
     def __init__(

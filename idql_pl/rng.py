@@ -1,4 +1,5 @@
-"""Global RNG state capture/restore, stored as tensors and plain types (loadable with ``weights_only=True``)."""
+"""Global RNG state capture/restore, stored as tensors and plain types (loadable with ``weights_only=True``),
+and the per-rank helpers DDP training needs (own streams per rank, states gathered for the checkpoint)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def distributed_world() -> tuple[int, int]:
 
 def gather_from_ranks(obj: T) -> list[T]:
     """Every rank's ``obj`` (a collective: all ranks must call it), ``[obj]`` without a process group."""
-    rank, world = distributed_world()
+    _, world = distributed_world()
     if world == 1:
         return [obj]
     out: list[Any] = [None] * world
