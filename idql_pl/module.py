@@ -19,6 +19,7 @@ from idql_pl.rng import (
     capture_rng_state,
     distributed_world,
     gather_from_ranks,
+    own_rank_entry,
     restore_rng_state,
     seed_rank_stream,
 )
@@ -155,13 +156,12 @@ class IDQLModule(L.LightningModule):
                 f" dataset has obs_dim={ours['obs_dim']}, action_dim={ours['action_dim']}: use a checkpoint from"
                 " the same environment, or drop --ckpt_path"
             )
-        rank, world = distributed_world()
-        per_rank = checkpoint.get("idql_rng_per_rank")
-        if per_rank is not None and len(per_rank) == world:
-            restore_rng_state(per_rank[rank])
-        elif "idql_rng" in checkpoint:  # same world size 1, or a different one: rank 0's state, then own streams
+        own = own_rank_entry(checkpoint.get("idql_rng_per_rank"))
+        if own is not None:
+            restore_rng_state(own)
+        elif "idql_rng" in checkpoint:  # world size 1, or another one: rank 0's state, then own streams
             restore_rng_state(checkpoint["idql_rng"])
-            seed_rank_stream(rank)
+            seed_rank_stream(distributed_world()[0])
         self._rng_restored = "idql_rng" in checkpoint
 
 

@@ -416,7 +416,7 @@ class MLP(nn.Module):
         self._relu_hidden = activation == "relu" and not activate_final
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._relu_hidden:  # one fused node on CPU (a single-member ensemble_mlp)
+        if self._relu_hidden and x.device.type == "cpu":  # one fused node (a single-member ensemble_mlp)
             linears = self.net[::2]
             weights = [m.weight.unsqueeze(0) for m in linears]
             if _fused_relu_mlp_applies(x, weights):

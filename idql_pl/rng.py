@@ -55,6 +55,13 @@ def gather_from_ranks(obj: T) -> list[T]:
     return out
 
 
+def own_rank_entry(per_rank: list[T] | None) -> T | None:
+    """This rank's entry of a list saved by :func:`gather_from_ranks`, or None when there is none or the list
+    comes from a run with another number of ranks."""
+    rank, world = distributed_world()
+    return per_rank[rank] if per_rank is not None and len(per_rank) == world else None
+
+
 def seed_rank_stream(rank: int) -> None:
     """Give data-parallel rank ``rank`` its own dropout/diffusion-noise stream: reseed the global generators
     with ``torch.initial_seed() + rank * RANK_SEED_STRIDE`` (rank 0 is left as it is, so a one-process run

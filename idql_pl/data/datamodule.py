@@ -22,7 +22,7 @@ from idql_pl.data.buffer import BufferStream, TransitionBuffer
 from idql_pl.data.preprocess import DEFAULT_ACTION_CLIP, DatasetInfo, RewardTransform, finalize
 from idql_pl.data.registry import D4RL_DATASETS, LOCAL_RECIPES, suggest
 from idql_pl.errors import DatasetError, EvalEnvError
-from idql_pl.rng import distributed_world, gather_from_ranks
+from idql_pl.rng import distributed_world, gather_from_ranks, own_rank_entry
 
 T = TypeVar("T")
 
@@ -188,12 +188,11 @@ class OfflineDataModule(L.LightningDataModule):
         if self.train_buffer is None:  # restored before setup: apply once the buffers exist
             self._pending_state = dict(state_dict)
             return
-        rank, world = distributed_world()
-        per_rank = state_dict.get("train_generator_per_rank")
+        own = own_rank_entry(state_dict.get("train_generator_per_rank"))
         state_dict = dict(state_dict)
-        if per_rank is not None and len(per_rank) == world:
-            state_dict["train_generator"] = per_rank[rank]
-        elif rank > 0:  # saved by a run of another world size: this rank keeps its own seeded stream
+        if own is not None:
+            state_dict["train_generator"] = own
+        elif distributed_world()[0] > 0:  # saved by a run of another world size: keep this rank's seeded stream
             state_dict.pop("train_generator", None)
         for key, buf in (("train_generator", self.train_buffer), ("val_generator", self.val_buffer)):
             if buf is None or key not in state_dict:
