@@ -24,7 +24,6 @@ from idql_pl.callbacks.evaluation import PolicyEvaluation
 from idql_pl.checkpointing import AtomicCheckpointIO, safe_load
 from idql_pl.data import OfflineDataModule
 from idql_pl.errors import CheckpointError, IDQLError
-from idql_pl.nets import tune_cpu_allocator
 
 RUN_ID_FILE = "wandb_run_id.txt"
 
@@ -136,6 +135,9 @@ class IDQLCLI(LightningCLI):
         kwargs.setdefault("default_root_dir", str(run_dir))
         if cfg.trainer.get("logger") is None:
             kwargs["logger"] = self._default_loggers(run_dir, cfg)
+        if cfg.trainer.get("strategy") == "ddp":
+            # a training step makes several backward passes over disjoint parameter sets (V, Q, score net)
+            kwargs["strategy"] = "ddp_find_unused_parameters_true"
         plugins = cfg.trainer.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
@@ -240,7 +242,6 @@ def main(args: list[str] | None = None) -> int:
     """Entry point: user errors print one ``error:`` line and exit 2 instead of a traceback."""
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
-    tune_cpu_allocator()
     try:
         IDQLCLI(args=args)
     except KeyboardInterrupt:
