@@ -93,21 +93,12 @@ def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S, name: st
 
 
 def read_hdf5(path: Path, label: str, fix: str) -> dict[str, np.ndarray]:
-    """Read the D4RL keys; an unreadable/truncated file is a DatasetError naming ``fix``."""
+    """Read the D4RL keys present; an unreadable/truncated file is a DatasetError naming ``fix``."""
     import h5py
 
     try:
-        with h5py.File(path, "r") as f:
-            present = set(f.keys())
-            missing = [k for k in D4RL_REQUIRED if k not in present]
-            if missing:
-                raise DatasetError(
-                    f"{label} ({path}) is missing key(s) {', '.join(missing)} (has: {', '.join(sorted(present)) or 'none'}); "
-                    f"a D4RL file needs {', '.join(D4RL_REQUIRED)} (+ timeouts); {fix}"
-                )
-            data = {k: f[k][()] for k in _KEYS if k in present}
-    except DatasetError:
-        raise
+        with h5py.File(path, "r") as f:  # missing keys are reported by validate_arrays
+            data = {k: f[k][()] for k in _KEYS if k in f}
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
         raise DatasetError(f"{label} ({path}) is not a readable HDF5 file ({' '.join(str(e).split())[:160]}); {fix}") from e
     return data
