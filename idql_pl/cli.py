@@ -107,6 +107,8 @@ class IDQLCLI(LightningCLI):
             name = cfg.run_name
         else:
             model = cfg.model.class_path.rsplit(".", 1)[-1].lower()
+            variant = (cfg.model.get("init_args") or {}).get("variant")  # OnlineIDQL: max / imp
+            model += f"-{variant}" if variant else ""
             name = f"{model}-{_slug(cfg.data.dataset)}-seed{cfg.seed_everything}"
         ckpt = cfg.get("ckpt_path")
         run_dir = root / name

@@ -74,7 +74,8 @@ class PolicyEvaluation(L.Callback):
     a generator seeded by the step, so evaluation never perturbs the training RNG. Under DDP rank ``r`` runs
     episodes ``r, r + world, ...`` and torchmetrics gathers them, so the logged mean covers exactly
     ``num_episodes``. Logs ``eval/return``, ``eval/normalized_score`` (0-100, the dataset's reference
-    scores), ``eval/episode_length``, ``perf/eval_env_steps_per_s``; writes ``eval_curve.png`` to the run dir.
+    scores), ``eval/episode_length``, ``perf/eval_env_steps_per_s``; writes ``eval_curve.png`` to the run dir (x axis:
+    the module's ``step_unit``). ``at_start`` also evaluates the starting weights as step 0.
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class PolicyEvaluation(L.Callback):
         seed: int = 1_000_000,
         at_end: bool = True,
         plot: bool = True,
+        at_start: bool = False,
     ):
         if num_episodes < 1 or num_envs < 1 or every_n_steps < 0:
             raise ConfigError("eval.num_episodes and eval.num_envs must be >= 1 and eval.every_n_steps >= 0 (0 = never)")
@@ -95,7 +97,7 @@ class PolicyEvaluation(L.Callback):
             check_extraction(extraction or "argmax", num_samples or 1)
         self.every_n_steps, self.num_episodes, self.num_envs = every_n_steps, num_episodes, num_envs
         self.num_samples, self.extraction, self.precision = num_samples, extraction, precision
-        self.seed, self.at_end, self.plot = seed, at_end, plot
+        self.seed, self.at_end, self.plot, self.at_start = seed, at_end, plot, at_start
         self.history: list[tuple[int, float]] = []
         self._env: Any = None
         self._last_step = -1
@@ -107,6 +109,12 @@ class PolicyEvaluation(L.Callback):
         last = self.at_end and trainer.max_steps > 0 and step >= trainer.max_steps
         if (due or last) and step != self._last_step:
             self._last_step = step
+            self.evaluate(trainer, pl_module, log_to_module=False)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``at_start``: evaluate the starting weights as step 0 (finetuning: the pretrained score)."""
+        if self.at_start and trainer.global_step == 0 and self._last_step != 0:
+            self._last_step = 0
             self.evaluate(trainer, pl_module, log_to_module=False)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -207,7 +215,7 @@ class PolicyEvaluation(L.Callback):
             f" (length {metrics['eval/episode_length']:.0f}, {metrics['perf/eval_env_steps_per_s']:.0f} env steps/s)"
         )
         if self.plot and trainer.is_global_zero and len(self.history) > 0:
-            self._plot(Path(trainer.default_root_dir) / "eval_curve.png")
+            self._plot(Path(trainer.default_root_dir) / "eval_curve.png", getattr(pl_module, "step_unit", "critic steps"))
 
     def _write_episodes(self, trainer: L.Trainer, episodes: Tensor, returns: Tensor, lengths: Tensor) -> None:
         """Append one row per episode (all ranks' episodes) to ``eval_episodes.csv`` in the run folder."""
@@ -222,7 +230,7 @@ class PolicyEvaluation(L.Callback):
             for e, r, n in zip(episodes[order].tolist(), returns[order].tolist(), lengths[order].tolist()):
                 f.write(f"{stage},{trainer.global_step},{int(e)},{self.seed + int(e)},{r:.6f},{int(n)}\n")
 
-    def _plot(self, path: Path) -> None:
+    def _plot(self, path: Path, unit: str = "critic steps") -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -231,7 +239,7 @@ class PolicyEvaluation(L.Callback):
         steps, scores = zip(*self.history)
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
         ax.plot(steps, scores, marker="o")
-        ax.set_xlabel("critic steps (trainer.global_step)")
+        ax.set_xlabel(f"{unit} (trainer.global_step)")
         ax.set_ylabel("eval/normalized_score")
         ax.grid(alpha=0.3)
         fig.tight_layout()
