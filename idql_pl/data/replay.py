@@ -81,9 +81,11 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Compact: the filled rows in insertion order (CPU float32), the counts and the generator."""
+        """Compact: the filled rows in storage order (CPU float32), the write position and the generator, so a
+        resumed run samples exactly the rows an uninterrupted one would."""
         return {
-            "rows": self._filled().cpu().clone(),
+            "rows": self.data[: self.size].cpu().clone(),
+            "ptr": self.ptr,
             "capacity": self.capacity,
             "width": self.width,
             "generator": self.generator.get_state(),
@@ -96,10 +98,15 @@ class ReplayBuffer:
                 f"the saved replay buffer has rows of width {int(state['width'])}, this environment needs {self.width}:"
                 " resume with the same dataset and environment"
             )
-        n = min(rows.shape[0], self.capacity)
+        ptr = int(state["ptr"])
+        if int(state["capacity"]) != self.capacity:  # another capacity: keep the newest rows, oldest first
+            if rows.shape[0] == int(state["capacity"]):
+                rows = torch.cat([rows[ptr:], rows[:ptr]])
+            rows = rows[max(0, rows.shape[0] - self.capacity) :]
+            ptr = rows.shape[0] % self.capacity
         self.data.zero_()
-        self.data[:n].copy_(rows[rows.shape[0] - n :].to(self.device))
-        self.size, self.ptr = n, n % self.capacity
+        self.data[: rows.shape[0]].copy_(rows.to(self.device))
+        self.size, self.ptr = rows.shape[0], ptr
         with contextlib.suppress(RuntimeError, TypeError):  # e.g. a CPU checkpoint resumed on CUDA: seeded stream
             self.generator.set_state(state["generator"])
 
