@@ -123,6 +123,7 @@ class Run:
 
     def fit_args(self, ckpt_path: str | None = None) -> list[str]:
         args = ["fit", "--config", self.config, "--data.dataset", self.dataset, f"--seed_everything={self.seed}",
+                "--trainer.enable_progress_bar=false",  # output goes to suite.log; a later override may turn it on
                 *self.overrides, "--run_root", self.root, "--run_name", self.name]
         return [*args, "--ckpt_path", ckpt_path] if ckpt_path else args
 
