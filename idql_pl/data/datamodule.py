@@ -23,6 +23,7 @@ import torch
 from idql_pl.data.buffer import BufferStream, TransitionBuffer
 from idql_pl.data.preprocess import DEFAULT_ACTION_CLIP, DatasetInfo, RewardTransform, SourceData, finalize
 from idql_pl.data.registry import D4RL_DATASETS, FAMILIES, LOCAL_RECIPES, check_env_id, get_d4rl_spec, suggest
+from idql_pl.envs import env_error
 from idql_pl.errors import DatasetError, EvalEnvError
 from idql_pl.rng import distributed_world, gather_from_ranks, own_rank_entry
 
@@ -427,11 +428,7 @@ class OfflineDataModule(L.LightningDataModule):
         except EvalEnvError:
             raise
         except Exception as e:
-            raise EvalEnvError(
-                f"cannot create evaluation env {self.info.env_id} for '{self.info.name}' "
-                f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
-                "install the simulators: pip install 'gymnasium[mujoco]' gymnasium-robotics"
-            ) from e
+            raise env_error(f"evaluation env {self.info.env_id} for '{self.info.name}'", e) from e
         if getattr(self, "_check_env_dims", False):
             self._check_dims(env)
         return env
@@ -456,7 +453,4 @@ class OfflineDataModule(L.LightningDataModule):
         try:
             return gym.vector.SyncVectorEnv([self._env_factory] * num_envs, **kwargs)  # type: ignore[list-item]
         except Exception as e:
-            raise EvalEnvError(
-                f"cannot create {num_envs} vectorised {self.info.env_id} envs for '{self.info.name}' "
-                f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); install the simulators: pip install 'gymnasium[mujoco]' gymnasium-robotics"
-            ) from e
+            raise env_error(f"{num_envs} vectorised {self.info.env_id} envs for '{self.info.name}'", e) from e
