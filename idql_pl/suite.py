@@ -333,9 +333,34 @@ class SlurmOptions:
     wait: bool = False
 
 
+def import_submitit() -> Any:
+    """``import submitit`` without its ``logging.config.dictConfig``, which closes every logging handler already
+    installed in this process (Lightning's, pytest's, a user's); its logger gets a stderr handler instead."""
+    if "submitit" in sys.modules:
+        return sys.modules["submitit"]
+    import logging
+
+    old = os.environ.get("SUBMITIT_LOG_LEVEL")
+    os.environ["SUBMITIT_LOG_LEVEL"] = "NOCONFIG"
+    try:
+        import submitit
+    finally:
+        if old is None:
+            os.environ.pop("SUBMITIT_LOG_LEVEL", None)
+        else:
+            os.environ["SUBMITIT_LOG_LEVEL"] = old
+    logger = logging.getLogger("submitit")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s %(levelname)s (%(asctime)s) - %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+    return submitit
+
+
 def launch_submitit(runs: Sequence[Run], opts: SlurmOptions, name: str = "idql") -> list[Any]:
     """One job array (one task per run) through submitit; returns the jobs (``job.result()`` waits)."""
-    import submitit
+    submitit = import_submitit()
 
     folder = Path(opts.folder or Path(runs[0].root) / "submitit")
     executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=opts.cluster)

@@ -179,3 +179,10 @@ def test_lightning_slurm_requeue_then_resume(tmp_path):
     result = suite.execute(run)  # the requeued task
     assert result["status"] == "resume" and result["returncode"] == 0
     assert 400 in suite.final_eval_steps(run.run_dir) and suite.status(run) == ("done", None)
+
+
+def test_importing_submitit_keeps_the_logging_handlers(tmp_path):
+    """submitit configures logging with dictConfig on import, which closes every handler already installed."""
+    code = ("import logging; h = logging.FileHandler(r'%s'); logging.getLogger('lightning').addHandler(h);"
+            "from idql_pl.suite import import_submitit; import_submitit(); assert not h.stream.closed") % (tmp_path / "x.log")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
