@@ -341,9 +341,12 @@ def main(args: list[str] | None = None) -> int:
     quiet.install()
     stop_controller.phase, stop_controller.requested = "setup", None
     stop_controller.install()
+    stopped = False
     try:
         IDQLCLI(args=args)
     except Stopped as stop:
+        stopped = True
+        stop_controller.phase = "done"  # further signals while finishing up are only recorded
         if rank_zero_only.rank == 0:
             print(stop.message(), file=sys.stderr, flush=True)
         _finish_wandb(stop.exit_code)
@@ -359,8 +362,13 @@ def main(args: list[str] | None = None) -> int:
         _finish_wandb(IDQLError.exit_code)
         return IDQLError.exit_code
     finally:
-        stop_controller.restore()
-        stop_controller.phase = "setup"
+        if args is None and stopped:
+            # a stopped command-line process ignores repeats until it exits (SIG_IGN, unlike a Python handler,
+            # survives interpreter shutdown: no KeyboardInterrupt in atexit hooks, no death by the signal)
+            stop_controller.ignore_from_now_on()
+        else:  # finished, or called as a library (tests): the caller's handlers back
+            stop_controller.restore()
+            stop_controller.phase = "setup"
         run_folder.release_all()
     return 0
 

@@ -6,8 +6,9 @@ with 128 + the signal number (143 / 130), the status schedulers and shells expec
   periodic one), after ``trainer.save_checkpoint``, which runs the module's non-finite check first and writes
   atomically (temp file, fsync, rename).
 - A second signal while a checkpoint is being written is ignored (with a note): the write finishes, and even a
-  SIGKILL then would leave the previous file whole. A second signal at any other time (say, during a long
-  evaluation) stops at once without saving; the last periodic checkpoint is untouched.
+  SIGKILL then would leave the previous file whole. Repeats within a second of the first signal are the same
+  request (a signal sent to both a process and its group, a double key press). A second signal later than that
+  (say, during a long evaluation) stops at once without saving; the last periodic checkpoint is untouched.
 - DDP: the request is reduced over the ranks every step (any rank signalled stops all of them), every rank
   takes part in the save and rank 0 writes the file.
 - Lightning's own SIGTERM handler would end ``fit`` with exit status 0 and no checkpoint; this callback's
@@ -21,6 +22,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,10 @@ class StopController:
         self.step_label = "step"
         self.resume_hint = "--ckpt_path last"
         self._previous: dict[int, Any] = {}
+        self._first_at = 0.0
+        #: repeats within this many seconds of the first signal are the same request (a signal sent to the
+        #: process and to its group, a double key press), not a request to stop without saving
+        self.grace_s = 1.0
 
     # ----------------------------------------------------------------------------------- handlers
     def install(self) -> None:
@@ -119,6 +125,11 @@ class StopController:
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
+    def ignore_from_now_on(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+
     def handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.phase == "setup":
@@ -127,12 +138,14 @@ class StopController:
             self.requested = self.requested or signum
             return
         if self.requested is None:
-            self.requested = signum
+            self.requested, self._first_at = signum, time.monotonic()
             _write_stderr(f"{_fresh_line()}[idql_pl] {name} received: stopping after this step and saving last.ckpt"
                           f" (send it again to stop at once without saving)\n")
             return
         if self.saving or write_in_progress():
             _write_stderr(f"[idql_pl] {name} again: a checkpoint is being written; waiting for it to finish\n")
+            return
+        if time.monotonic() - self._first_at < self.grace_s:  # the same stop, delivered twice (process group)
             return
         raise Stopped(signum, step=self.step if self.step is not None else -1, saved=False,
                       step_label=self.step_label, resume_hint=self.resume_hint)
