@@ -229,8 +229,8 @@ class IDQLCLI(LightningCLI):
         rank_zero_info(f"[idql_pl] run folder: {self.run_dir}")
         _, source = threads.intra_op_threads(self._sub().get("threads"))
         wait = os.environ.get(threads.WAIT_POLICY, "default (spinning)")
-        rank_zero_info(f"[idql_pl] {self.threads} CPU threads ({source}; --threads N to change), OpenMP wait"
-                       f" policy {wait}")
+        hint = "" if source == "--threads" else "; --threads N to change"
+        rank_zero_info(f"[idql_pl] {self.threads} CPU thread{'s' if self.threads != 1 else ''} (from {source}{hint}), OpenMP wait policy {wait}")
         self._add_wandb()
 
     def after_fit(self) -> None:

@@ -19,12 +19,10 @@ import errno
 import os
 from pathlib import Path
 
-try:
+try:  # (this module imports nothing of idql_pl at load time: claims are cheap to take in a bare interpreter)
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
-
-from idql_pl.errors import ConfigError
 
 CLAIM_DIR = ".claimed"
 SLURM_JOB_FILE = "slurm_job_id.txt"
@@ -112,6 +110,8 @@ def claim_fresh(base: Path, slurm_job: str | None = None, limit: int = 10_000) -
         if slurm_job:
             (candidate / SLURM_JOB_FILE).write_text(slurm_job)
         return candidate
+    from idql_pl.errors import ConfigError
+
     raise ConfigError(f"no free run folder among {base}-1 ... {base}-{limit - 1}: pass another --run_name")
 
 
@@ -119,6 +119,8 @@ def claim_existing(path: Path) -> Claim:
     """Claim an existing run folder to resume it; refuse if another live ``fit`` holds it."""
     claim = try_claim(path)
     if claim is None:
+        from idql_pl.errors import ConfigError
+
         raise ConfigError(
             f"run folder {path} is in use by another fit that is still running: wait for it to end, or start a"
             " new run (drop --ckpt_path)"
