@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where the runs' folders go (default: a temp dir)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--keep-thread-env", action="store_true", help="pass OMP_NUM_THREADS etc. on to the runs")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up fit (dataset already there)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per batch of runs")
     args = parser.parse_args(argv)
 
@@ -151,12 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[concurrency] checkout {checkout} ({_git_commit(checkout) or 'no git'}), config {config.name},"
           f" {args.steps} critic steps per run, {affinity} CPUs, runs under {root}", flush=True)
 
-    warm = subprocess.run(fit_command(config, 1, root / "warmup", 0, extra), env=env, cwd=checkout,
-                          capture_output=True, text=True, timeout=args.timeout)
-    if warm.returncode != 0:
-        print(f"[concurrency] warm-up fit failed ({warm.returncode}):\n{warm.stdout[-3000:]}{warm.stderr[-3000:]}",
-              file=sys.stderr)
-        return 1
+    if not args.no_warmup:
+        warm = subprocess.run(fit_command(config, 1, root / "warmup", 0, extra), env=env, cwd=checkout,
+                              capture_output=True, text=True, timeout=args.timeout)
+        if warm.returncode != 0:
+            print(f"[concurrency] warm-up fit failed ({warm.returncode}):\n{warm.stdout[-3000:]}{warm.stderr[-3000:]}",
+                  file=sys.stderr)
+            return 1
 
     results = []
     for runs in counts:

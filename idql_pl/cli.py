@@ -328,7 +328,9 @@ def _where(err: yaml.MarkedYAMLError, with_line: bool = True) -> str:
     mark = err.problem_mark or err.context_mark
     problem = " ".join(str(err.problem or err.context or "invalid YAML").split())
     if err.context and err.problem:
-        problem = f"{err.context}: {problem}"
+        opened = err.context_mark
+        since = f" (from line {opened.line + 1}, column {opened.column + 1})" if opened and with_line else ""
+        problem = f"{err.context}{since}: {problem}"
     if mark is None:
         return problem
     where = f"line {mark.line + 1}, column {mark.column + 1}"

@@ -49,7 +49,7 @@ class StepProgressBar(ProgressBar):
         self._bar: Any = None
         self._redirect: Any = None
         self._start: tuple[int, float] | None = None
-        self._label = "step"
+        self.label = "step"
         self._shown_score: float | None = None
         self._last_line_step = -1
 
@@ -84,7 +84,7 @@ class StepProgressBar(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._enabled:
             return
-        self._label = step_label(pl_module)
+        self.label = step_label(pl_module)
         self._start = (trainer.global_step, time.perf_counter())
         self._last_line_step = trainer.global_step
         if self.every_n_steps is None:
@@ -94,7 +94,7 @@ class StepProgressBar(ProgressBar):
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-            self._bar = tqdm(total=total, initial=trainer.global_step, desc=self._label, unit=" steps",
+            self._bar = tqdm(total=total, initial=trainer.global_step, desc=self.label, unit=" steps",
                              file=self._out(), dynamic_ncols=True, smoothing=0.05, leave=True,
                              bar_format="{desc} {n_fmt}/{total_fmt} {bar} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
             # Lightning's and our info lines (evaluation results) print above the bar, not through it
@@ -137,7 +137,7 @@ class StepProgressBar(ProgressBar):
 
     def format_line(self, step: int, total: int | None, elapsed: float, done: int, score: float | None) -> str:
         """One progress line (the non-interactive form)."""
-        parts = [f"[idql_pl] {self._label} {step:,}" + (f"/{total:,} ({100 * step / total:.0f}%)" if total else "")]
+        parts = [f"[idql_pl] {self.label} {step:,}" + (f"/{total:,} ({100 * step / total:.0f}%)" if total else "")]
         rate = done / elapsed if elapsed > 0 and done > 0 else None
         parts.append(f"{rate:.1f} steps/s" if rate else "- steps/s")
         parts.append(f"elapsed {_clock(elapsed)}")
