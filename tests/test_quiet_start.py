@@ -17,6 +17,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 
 from idql_pl import quiet
 from idql_pl.callbacks.progress import StepProgressBar
+from idql_pl.data.local import minari_id
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, run_cli
 
 NOISE = ("reward functions were updated in v1.2.1", "litlogger", "anonymous setting has no effect",
@@ -61,7 +62,7 @@ def test_cli_start_is_quiet_but_our_own_warning_gets_through(tmp_path):
     """A real `python -m idql_pl fit` with W&B offline and a damaged dataset cache: the notices above are gone,
     the dataset summary, run folder and our own 'regenerating' warning are there, progress is plain lines."""
     datasets = tmp_path / "minari"
-    (datasets / "idql_pl" / "pointmaze-umaze-n4000-v0").mkdir(parents=True)  # a damaged cache: ours warns
+    (datasets / minari_id("local/pointmaze-umaze", 4000)).mkdir(parents=True)  # a damaged cache: ours warns
     env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets), "WANDB_MODE": "offline", "HOME": str(tmp_path / "home"),
            "WANDB_CONFIG_DIR": str(tmp_path / "home" / "wandb"), "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_API_KEY", None)

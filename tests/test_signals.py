@@ -91,7 +91,7 @@ def test_a_second_signal_while_saving_is_ignored_and_otherwise_stops_at_once():
     stop = StopController()
     with pytest.raises(Stopped) as before:
         stop.handle(signal.SIGTERM, None)  # before training: nothing to save, stop now
-    assert before.value.exit_code == 143 and "before training started" in before.value.message()
+    assert before.value.exit_code == 143 and "before any training step" in before.value.message()
 
     stop.phase, stop.step, stop.step_label = "training", 7, "critic step"
     stop.handle(signal.SIGINT, None)  # first: only recorded

@@ -61,7 +61,7 @@ class Stopped(BaseException):
     def message(self) -> str:
         name = Path(self.path).name if self.path else "last.ckpt"
         if self.step is None:
-            return f"stopped by {self.signal_name} before training started; nothing to save"
+            return f"stopped by {self.signal_name} before any training step; nothing to save"
         where = f"stopped by {self.signal_name} at {self.step_label} {self.step}"
         if self.saved:
             return f"{where}; {name} saved; resume with {self.resume_hint}"
