@@ -383,10 +383,12 @@ def _finish_wandb(exit_code: int = 0) -> None:
 
 
 def _wandb_has_key() -> bool:
+    """Whether W&B has credentials (a `wandb login` or netrc entry), without prompting or a network call
+    (``wandb.api.api_key`` does the same but prints a deprecation warning in wandb >= 0.2x)."""
     try:
         import wandb
 
-        return bool(wandb.api.api_key)
+        return bool(wandb.login(prompt=False, verify=False))
     except Exception:
         return False
 

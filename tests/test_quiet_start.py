@@ -76,6 +76,7 @@ def test_cli_start_is_quiet_but_our_own_warning_gets_through(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     for noise in NOISE:
         assert noise not in out, noise
+    assert not [ln for ln in out.splitlines() if ln.startswith("wandb: WARNING")], out[-3000:]  # deprecations
     assert "regenerating it" in proc.stderr  # a real warning of our own (UserWarning from idql_pl.data)
     assert "transitions      4,000" in out and f"[idql_pl] run folder: {tmp_path / 'runs' / 'q'}" in out
     progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("[idql_pl] critic step")]
