@@ -61,7 +61,7 @@ PAPER_COLUMNS = ("IDQL-1", "IDQL-A", "Table 5")
 
 # keys that do not change what is being measured: seeds, folders, loggers, hardware, checkpoint cadence
 _IGNORED = re.compile(
-    r"^(seed_everything|run_name|run_root|ckpt_path|wandb_project|data\.dataset|data\.seed|checkpoint\..*|eval\.num_envs|"
+    r"^(seed_everything|run_name|run_root|ckpt_path|wandb_project|threads|data\.dataset|data\.seed|checkpoint\..*|eval\.num_envs|"
     r"eval\.plot|trainer\.(logger|callbacks|enable_progress_bar|enable_model_summary|log_every_n_steps|accelerator|"
     r"devices|strategy|num_nodes|default_root_dir|plugins|profiler)|.*\.compile)$"
 )

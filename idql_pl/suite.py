@@ -18,7 +18,7 @@ N = 64 candidate actions, Sec. 4's one-hyperparameter runs; tau stays the domain
 keeps the domain config as it is (1.5M steps, N 128 / 32). The two protocols use different default roots.
 
 Launchers: ``local`` runs them one after another (``--parallel P``: P at a time, the CPU threads split
-between them through ``OMP_NUM_THREADS``); ``slurm`` submits one job array through submitit (partition,
+between them: the CLI's ``--threads`` and ``OMP_NUM_THREADS``); ``slurm`` submits one job array through submitit (partition,
 time, GPUs per task, CPUs per task as options). SLURM sends SIGUSR1 ``--signal-delay`` seconds before the time
 limit; Lightning's SLURM integration (``SLURMEnvironment(auto_requeue=True)``, on by default under SLURM)
 catches it in the training process, saves ``hpc_ckpt_N.ckpt`` and requeues the array task, and the requeued
@@ -115,7 +115,7 @@ class Run:
     dataset: str
     seed: int
     overrides: tuple[str, ...] = ()  # the protocol's, then the user's (--set / after --)
-    threads: int | None = None
+    threads: int | None = None  # --threads of the CLI (and OMP_NUM_THREADS of the process)
 
     @property
     def run_dir(self) -> Path:
@@ -123,7 +123,7 @@ class Run:
 
     def fit_args(self, ckpt_path: str | None = None) -> list[str]:
         args = ["fit", "--config", self.config, "--data.dataset", self.dataset, f"--seed_everything={self.seed}",
-                "--trainer.enable_progress_bar=false",  # output goes to suite.log; a later override may turn it on
+                *([f"--threads={self.threads}"] if self.threads else []),
                 *self.overrides, "--run_root", self.root, "--run_name", self.name]
         return [*args, "--ckpt_path", ckpt_path] if ckpt_path else args
 
@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default="local", choices=["local", "slurm"])
     g = p.add_argument_group("local launcher")
     g.add_argument("--parallel", type=int, default=1, help="runs at a time (threads split between them)")
-    g.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per run (default: cores // parallel)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: usable cores // parallel)")
     s = p.add_argument_group("slurm launcher (submitit job array)")
     s.add_argument("--partition", default=None)
     s.add_argument("--time", type=int, default=24 * 60, help="minutes per run (default 1440)")
