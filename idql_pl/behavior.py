@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from idql_pl.critic import adam_kwargs, backward, fixed_batch
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.diffusion import (
     SCHEDULES,
@@ -22,7 +21,7 @@ from idql_pl.diffusion import (
     reverse_sample,
 )
 from idql_pl.errors import ConfigError
-from idql_pl.module import IDQLModule
+from idql_pl.module import IDQLModule, make_adam
 from idql_pl.nets import ACTIVATIONS, LNResNet, MLPScoreNet, ScoreNet, ema_update_, strip_dropout_
 
 SCORE_NETS = ("ln_resnet", "mlp")
@@ -97,7 +96,7 @@ class DiffusionBehavior(IDQLModule):
             raise ConfigError(f"ema_rate must lie in (0, 1] (got {ema_rate}); the paper uses 0.001")
         if not clip_actions > 0:
             raise ConfigError(f"clip_actions must be > 0 (got {clip_actions}); actions live in [-1, 1]")
-        self.save_hyperparameters()
+        self.save_init_args(locals())
 
         sched = make_schedule(schedule, T)
         # Device copies (for the training loss) are derived from hparams, so not saved in checkpoints.
@@ -115,7 +114,7 @@ class DiffusionBehavior(IDQLModule):
         # The EMA copy has its dropout removed, so it computes the eval-mode network whatever mode Lightning
         # sets (no train/eval juggling, no "modules in eval mode" warning); same parameters and state_dict keys.
         self.ema_net = strip_dropout_(copy.deepcopy(self.net).requires_grad_(False))
-        self._train_loss = self.loss  # torch.compile(self.loss) with ``compile``; validation stays eager
+        self.train_loss = self.loss  # torch.compile(self.loss) with ``compile``; validation stays eager
 
     # ------------------------------------------------------------------------------------ utilities
     @property
@@ -127,26 +126,24 @@ class DiffusionBehavior(IDQLModule):
         """DDPM loss of Eq. 4 on ``(s, a)``; the state block of the first Dense is computed once per row."""
         net = self.net if net is None else net
         state_proj = net.project_state(batch.observations)
-        return ddpm_loss(lambda x, k: net.forward_projected(x, k, state_proj), self.schedule, batch.actions, generator)
+        return ddpm_loss(lambda x, k: net.forward_parts(x, state_proj, net.project_time(k)), self.schedule, batch.actions, generator)
 
     def _compile_losses(self) -> None:
-        self._train_loss = torch.compile(self.loss)
+        self.train_loss = torch.compile(self.loss)
 
-    def update(self, batch: Batch, opt: Any, scheduler: Any | None) -> dict[str, Tensor]:
-        """One actor step: DDPM loss (dropout as the module's mode says: active under ``fit``), optimizer step,
-        LR-scheduler step, EMA update. Returns detached scalars, no host sync: ``{"loss"}``."""
-        loss = self._train_loss(batch)
-        opt.zero_grad(set_to_none=True)
-        backward(self, loss)
-        opt.step()
+    def update(self, batch: Batch, opt: torch.optim.Optimizer, scheduler: LambdaLR | None) -> dict[str, Tensor]:
+        """One behavior step of Algorithm 1: an AdamW step on the Eq. 4 loss (dropout active under ``fit``), the
+        cosine LR step, the EMA update. Returns detached scalars, no host sync: ``{"loss"}``."""
+        loss = self.train_loss(batch)
+        self.step_optimizer(opt, loss)
         if scheduler is not None:
             scheduler.step()
-        self.update_ema()
+        self.ema_update()
         return {"loss": loss.detach()}
 
-    def update_ema(self) -> None:
-        """``ema <- (1 - ema_rate) ema + ema_rate online`` for all parameters in one fused op."""
-        ema_update_(list(self.ema_net.parameters()), list(self.net.parameters()), self.hparams.ema_rate)
+    def ema_update(self) -> None:
+        """``ema <- (1 - ema_rate) ema + ema_rate online`` for all parameters in one foreach op."""
+        ema_update_(self.ema_net.parameters(), self.net.parameters(), self.hparams.ema_rate)
 
     def make_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
         """AdamW (weight decay set explicitly: PyTorch's default is 0.01) and cosine decay to 0 over
@@ -156,8 +153,7 @@ class DiffusionBehavior(IDQLModule):
                 f"the behavior LR schedule needs a length (got {total_steps}): set trainer.max_steps or"
                 " model.lr_decay_steps"
             )
-        params = list(self.net.parameters())
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **adam_kwargs(params))
+        opt = make_adam(list(self.net.parameters()), self.hparams.lr, weight_decay=self.hparams.weight_decay)
         return opt, LambdaLR(opt, CosineDecay(int(total_steps)))
 
     def updates_per_step(self) -> dict[str, int]:
@@ -171,13 +167,15 @@ class DiffusionBehavior(IDQLModule):
 
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         """One actor step on ``batch_size`` rows (``global_step`` counts actor steps)."""
-        out = self.update(buffer.sample(self.hparams.batch_size), self.optimizers(), self.lr_schedulers())
+        (opt,) = self.plain_optimizers()
+        out = self.update(buffer.sample(self.hparams.batch_size), opt, self.lr_schedulers())
         self.track_losses({f"train/behavior/{k}": v for k, v in out.items()})
+        self.count_step()
 
     @torch.no_grad()
     def validation_losses(self, buffer: TransitionBuffer) -> dict[str, Tensor]:
         """Eq. 4 loss of the EMA net (no dropout) on a fixed batch with fixed k and noise; updates nothing."""
-        batch = fixed_batch(buffer, self.hparams.batch_size)
+        batch = buffer.fixed_batch(self.hparams.batch_size)
         gen = torch.Generator(device=batch.actions.device).manual_seed(0)
         return {"loss": self.loss(batch, net=self.ema_net, generator=gen)}
 

@@ -2,21 +2,19 @@
 
 One run measures (warm-up, then the median over ``--repeats`` timed blocks, competing variants interleaved):
 
-- the float32 2048x2048 matmul rate through ``torch.mm`` (PyTorch's default BLAS) and, on CPU, oneDNN; the
-  faster is the FLOP ceiling of everything below, re-measured interleaved with each figure compared to it
-  (plus bf16 on CUDA);
-- the critic step (``ImplicitCritic.update``, batch 256, 2x256 MLPs) and a naive eager loop of the same nets;
-- the actor step (``DiffusionBehavior.update``, batch 1024, LN-ResNet 256/1024 x 3) vs its FLOP ceiling,
-  and a naive eager loop of it;
-- each step's own GEMMs replayed alone (same shapes and strides): the "GEMM floor", the best an eager step
-  could do with zero non-matmul work;
-- the joint IDQL step through ``Trainer.fit`` vs the same updates in a bare Python loop;
+- the float32 and bfloat16 2048x2048 matmul rates through ``torch.mm``; the float32 rate is the FLOP ceiling
+  of everything below, re-measured interleaved with each figure compared to it;
+- the critic step (``ImplicitCritic.update``, batch 256, 2x256 MLPs) and the actor step
+  (``DiffusionBehavior.update``, batch 1024, LN-ResNet 256/1024 x 3) vs the ceiling, each also under bf16
+  autocast (what ``--trainer.precision bf16-mixed`` runs) against float32;
+- the joint IDQL step through ``Trainer.fit`` vs the same update functions in a bare Python loop;
 - batch sampling (``sample(256) + 2 x sample(1024)``) as a fraction of a joint step;
-- the extraction sampler (10 states x N=128 x T=5) vs its FLOP ceiling;
+- the extraction sampler (10 states x N=128 x T=5) vs the ceiling, and under bf16 (``--eval.precision bf16``);
 - evaluation env-steps/s (10 vector envs, the IDQL policy) vs the sampler-bound rate;
 - peak RSS when loading a 1M-transition dataset into the buffer (in a fresh subprocess);
 - with ``--compile``: ``compile: true`` (the losses through ``torch.compile``) against eager, actor and critic.
 
+Every figure runs the project's own functions; there is no second implementation to compare against.
 ``--only critic,actor,...`` runs just those sections (after the ceiling and the dataset).
 
 FLOPs are counted analytically from the layer shapes (matmuls only; a training step is ~3x the forward).
@@ -27,7 +25,6 @@ drop sharply (OpenMP threads spin-wait on busy cores): the 1-minute load average
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import logging
@@ -42,14 +39,10 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from idql_pl.nets import tune_cpu_allocator
+from torch import Tensor
 
 DATASET = "local/pointmaze-umaze"
 
@@ -187,203 +180,6 @@ def sampler_flops(obs_dim: int, action_dim: int, s: Sizes) -> float:
     return state + s.T * _time_table_flops(s) + denoise + q
 
 
-# --------------------------------------------------------------------------------------- GEMM floor
-_GEMMS = ("mm", "addmm", "bmm", "baddbmm", "_linear_pointwise")
-
-
-class _TensorSpec(NamedTuple):
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-
-
-def _spec(x: Any) -> Any:
-    return _TensorSpec(tuple(x.shape), tuple(x.stride()), x.dtype, x.device) if isinstance(x, Tensor) else x
-
-
-class GemmRecorder(TorchDispatchMode):
-    """Records every mm/addmm/bmm/baddbmm a function runs (forward and backward): op, shapes, strides."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func.overloadpacket.__name__ in _GEMMS:
-            self.calls.append((func, tuple(_spec(a) for a in args), {k: _spec(v) for k, v in kwargs.items()}))
-        return func(*args, **kwargs)
-
-
-def gemm_flops(calls: Sequence[tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> float:
-    """Exact matmul FLOPs (2 n k m per product) of recorded GEMM calls."""
-    total = 0.0
-    for func, args, _ in calls:
-        name = func.overloadpacket.__name__
-        if name == "_linear_pointwise":  # oneDNN: X [..., K] @ W[N, K].T (the binary overload has `other` 2nd)
-            x, w = args[0], args[2 if func._overloadname == "binary" else 1]
-            total += 2.0 * math.prod(x.size) * w.size[0]
-            continue
-        a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
-        total += 2.0 * math.prod(a.size) * b.size[-1]
-    return total
-
-
-class GemmReplay:
-    """Re-runs recorded GEMMs on random tensors of the same shapes and strides: the step's GEMM-only time."""
-
-    def __init__(self, calls: Sequence[tuple[Any, tuple[Any, ...], dict[str, Any]]]):
-        def make(x: Any) -> Any:
-            if not isinstance(x, _TensorSpec):
-                return x
-            extent = 1 + sum((n - 1) * st for n, st in zip(x.size, x.stride) if n > 0)
-            base = torch.empty(extent, dtype=x.dtype, device=x.device).uniform_(-1, 1)
-            return base.as_strided(x.size, x.stride)
-
-        self.calls = [(f, tuple(make(a) for a in args), {k: make(v) for k, v in kw.items()}) for f, args, kw in calls]
-        self.flops = gemm_flops(calls)
-
-    def __call__(self) -> None:
-        for func, args, kwargs in self.calls:
-            func(*args, **kwargs)
-
-
-def record_gemms(fn: Callable[[], Any]) -> GemmReplay:
-    """Run ``fn`` once under :class:`GemmRecorder` and return the replay of its GEMMs."""
-    with GemmRecorder() as rec:
-        fn()
-    return GemmReplay(rec.calls)
-
-
-# ------------------------------------------------------------------------------------ naive baselines
-class NaiveSampler:
-    """The naive data path: one tensor per field, ``__getitem__``-style per-sample indexing, then
-    ``torch.stack`` per field (what a ``Dataset`` + default collate does, minus the DataLoader)."""
-
-    def __init__(self, data: Tensor, splits: Sequence[int], seed: int = 0):
-        self.fields = [f.squeeze(1) if f.shape[1] == 1 else f.contiguous() for f in data.split(list(splits), dim=1)]
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return self.fields[0].shape[0]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, ...]:
-        return tuple(f[i] for f in self.fields)
-
-    def sample(self, batch: int) -> tuple[Tensor, ...]:
-        items = [self[int(i)] for i in self.rng.integers(len(self), size=batch)]
-        return tuple(torch.stack(column) for column in zip(*items))
-
-
-def _naive_mlp(dims: Sequence[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(dims) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-class NaiveCritic:
-    """IQL critic written the plain way: two separate Q MLPs, separate default Adams (per-parameter loop on
-    CPU), a per-parameter Python loop for the Polyak update, ``.item()`` logging, :class:`NaiveSampler` batches."""
-
-    def __init__(self, obs_dim: int, action_dim: int, hidden: Sequence[int], batch: int, sampler: NaiveSampler,
-                 device: torch.device, tau: float = 0.7, discount: float = 0.99, rate: float = 0.005):
-        self.q1 = _naive_mlp([obs_dim + action_dim, *hidden, 1]).to(device)
-        self.q2 = _naive_mlp([obs_dim + action_dim, *hidden, 1]).to(device)
-        self.v = _naive_mlp([obs_dim, *hidden, 1]).to(device)
-        self.q1_t, self.q2_t = copy.deepcopy(self.q1), copy.deepcopy(self.q2)
-        self.opt_v = torch.optim.Adam(self.v.parameters(), lr=3e-4)
-        self.opt_q1 = torch.optim.Adam(self.q1.parameters(), lr=3e-4)
-        self.opt_q2 = torch.optim.Adam(self.q2.parameters(), lr=3e-4)
-        self.batch, self.sampler, self.device = batch, sampler, device
-        self.tau, self.discount, self.rate = tau, discount, rate
-        self.log: dict[str, float] = {}
-
-    def step(self) -> None:
-        s, a, r, s2, m = (t.to(self.device) for t in self.sampler.sample(self.batch))
-        sa = torch.cat([s, a], dim=-1)
-        with torch.no_grad():
-            q_hat = torch.min(self.q1_t(sa), self.q2_t(sa)).squeeze(-1)
-        u = q_hat - self.v(s).squeeze(-1)
-        weight = torch.where(u < 0, 1 - self.tau, self.tau)
-        v_loss = (weight * u**2).mean()
-        self.opt_v.zero_grad()
-        v_loss.backward()
-        self.opt_v.step()
-        with torch.no_grad():
-            y = r + self.discount * m * self.v(s2).squeeze(-1)
-        q_loss = 0.5 * (((self.q1(sa).squeeze(-1) - y) ** 2).mean() + ((self.q2(sa).squeeze(-1) - y) ** 2).mean())
-        self.opt_q1.zero_grad()
-        self.opt_q2.zero_grad()
-        q_loss.backward()
-        self.opt_q1.step()
-        self.opt_q2.step()
-        for net, target in ((self.q1, self.q1_t), (self.q2, self.q2_t)):
-            for p, tp in zip(net.parameters(), target.parameters()):
-                tp.data.mul_(1 - self.rate).add_(self.rate * p.data)
-        self.log = {"v_loss": v_loss.item(), "q_loss": q_loss.item()}
-
-
-class _NaiveBlock(nn.Module):
-    def __init__(self, h: int, ff: int):
-        super().__init__()
-        self.drop, self.norm = nn.Dropout(0.1), nn.LayerNorm(h)
-        self.fc1, self.act, self.fc2 = nn.Linear(h, ff), nn.Mish(), nn.Linear(ff, h)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.fc2(self.act(self.fc1(self.norm(self.drop(x)))))
-
-
-class _NaiveScoreNet(nn.Module):
-    def __init__(self, obs_dim: int, action_dim: int, s: Sizes):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(s.fourier_dim // 2) * 0.2)
-        self.time = nn.Sequential(nn.Linear(s.fourier_dim, s.time_dim), nn.Mish(), nn.Linear(s.time_dim, s.time_dim))
-        self.inp = nn.Linear(action_dim + obs_dim + s.time_dim, s.actor_hidden)
-        self.blocks = nn.Sequential(*(_NaiveBlock(s.actor_hidden, s.actor_ff) for _ in range(s.actor_blocks)))
-        self.out = nn.Sequential(nn.Mish(), nn.Linear(s.actor_hidden, action_dim))
-
-    def forward(self, x: Tensor, k: Tensor, states: Tensor) -> Tensor:
-        f = 2 * math.pi * k.unsqueeze(-1) * self.w
-        t = self.time(torch.cat([torch.cos(f), torch.sin(f)], dim=-1))
-        return self.out(self.blocks(self.inp(torch.cat([x, states, t], dim=-1))))
-
-
-class NaiveBehavior:
-    """DDPM behavior cloning written the plain way: ``nn.Mish``, time embedding per row, concat input,
-    default AdamW + LambdaLR, per-parameter EMA loop, ``.item()`` logging, :class:`NaiveSampler` batches."""
-
-    def __init__(self, obs_dim: int, action_dim: int, s: Sizes, sampler: NaiveSampler, device: torch.device):
-        from idql_pl.diffusion import make_schedule
-
-        self.net = _NaiveScoreNet(obs_dim, action_dim, s).to(device)
-        self.ema = copy.deepcopy(self.net)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=3e-4, weight_decay=0.0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, 10**6) / 10**6)))
-        self.alpha_bars = make_schedule("vp", s.T).alpha_bars.to(device)
-        self.s, self.sampler, self.device = s, sampler, device
-        self.log: dict[str, float] = {}
-
-    def step(self) -> None:
-        states, actions, *_ = (t.to(self.device) for t in self.sampler.sample(self.s.actor_batch))
-        k = torch.randint(self.s.T, (actions.shape[0],), device=self.device)
-        noise = torch.randn_like(actions)
-        ab = self.alpha_bars[k].unsqueeze(-1)
-        x = ab.sqrt() * actions + (1 - ab).sqrt() * noise
-        loss = ((self.net(x, k.float(), states) - noise) ** 2).sum(-1).mean()
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
-        with torch.no_grad():
-            for p, ep in zip(self.net.parameters(), self.ema.parameters()):
-                ep.data.mul_(1 - 0.001).add_(0.001 * p.data)
-        self.log = {"loss": loss.item()}
-
-
 # ----------------------------------------------------------------------------------------- builders
 def make_critic(obs_dim: int, action_dim: int, s: Sizes) -> Any:
     from idql_pl.critic import ImplicitCritic
@@ -458,35 +254,25 @@ class Bench:
 
     # ---------------------------------------------------------------- ceiling
     def matmul(self) -> None:
-        """torch.mm (PyTorch's default BLAS) and, on CPU, oneDNN's fp32 matmul; the ceiling is the faster."""
-        from idql_pl.nets import onednn_linear_available
-
+        """``torch.mm`` in float32 (the FLOP ceiling) and bfloat16, interleaved."""
         n = self.s.matmul_n
-        a = torch.randn(n, n, device=self.device)
-        b = torch.randn(n, n, device=self.device)
-        out = torch.empty(n, n, device=self.device)
+        a, b = torch.randn(n, n, device=self.device), torch.randn(n, n, device=self.device)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        out, out16 = torch.empty_like(a), torch.empty_like(a16)
         flops = 2.0 * n**3
-        fns: dict[str, Callable[[], Any]] = {"torch.mm": lambda: torch.mm(a, b, out=out)}
-        if self.device.type == "cpu" and onednn_linear_available():
-            fns["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-        secs = time_interleaved(list(fns.values()), self.repeats, self.s.block_s, self.device, self.s.warmup)
-        rates = {k: median_rate(x, flops) / 1e9 for k, x in zip(fns, secs)}
-        self.gflops = max(rates.values())
-        best = max(rates, key=rates.get)
-        self._ceiling_fn, self._ceiling_flops = fns[best], flops
-        self._gflops_now = self.gflops
-        for (kind, rate), x in zip(rates.items(), secs):
-            name = "matmul_f32" if kind == "torch.mm" else "matmul_f32_onednn"
-            label = f"matmul f32 {n}x{n}, {kind}" + (" (default BLAS)" if kind == "torch.mm" else "")
-            note = "FLOP ceiling = the faster fp32 matmul" if kind == best and len(rates) > 1 else ""
-            self.add(Figure(name, label, rate, "GFLOP/s", self.gflops, "FLOP ceiling", rate / self.gflops, flops,
-                            note=note, samples=[flops / y / 1e9 for y in x]))
-        if self.device.type == "cuda":
-            a16, b16 = a.bfloat16(), b.bfloat16()
-            secs16 = time_blocks(lambda: a16 @ b16, self.repeats, self.s.block_s, self.device, self.s.warmup)
-            rate = median_rate(secs16, flops) / 1e9
-            self.add(Figure("matmul_bf16", f"matmul bf16 {n}x{n}", rate, "GFLOP/s", self.gflops, "f32 rate",
-                            rate / self.gflops, flops))
+
+        def mm32() -> None:
+            torch.mm(a, b, out=out)
+
+        secs32, secs16 = time_interleaved([mm32, lambda: torch.mm(a16, b16, out=out16)], self.repeats, self.s.block_s,
+                                          self.device, self.s.warmup)
+        self.gflops = self._gflops_now = median_rate(secs32, flops) / 1e9
+        self._ceiling_fn, self._ceiling_flops = mm32, flops
+        self.add(Figure("matmul_f32", f"matmul f32 {n}x{n} (torch.mm)", self.gflops, "GFLOP/s", self.gflops,
+                        "FLOP ceiling", 1.0, flops, samples=[flops / y / 1e9 for y in secs32]))
+        rate16 = median_rate(secs16, flops) / 1e9
+        self.add(Figure("matmul_bf16", f"matmul bf16 {n}x{n} (torch.mm)", rate16, "GFLOP/s", self.gflops, "f32 rate",
+                        rate16 / self.gflops, flops, samples=[flops / y / 1e9 for y in secs16]))
 
     # ---------------------------------------------------------------- data
     def data(self) -> None:
@@ -496,64 +282,50 @@ class Bench:
         self.log(f"  dataset {DATASET} n={len(self.dm.train_buffer):,} (obs {self.obs_dim}, action {self.action_dim}) "
                  f"loaded in {time.perf_counter() - t0:.1f} s")
 
-    # ---------------------------------------------------------------- critic
+    def bf16(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` under bf16 autocast, as ``--trainer.precision bf16-mixed`` runs a training step."""
+
+        def run() -> Any:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return fn()
+
+        return run
+
+    def step_figures(self, name: str, label: str, step: Callable[[], Any], flops: float, per_call: int = 1,
+                     unit: str = "steps/s") -> float:
+        """Time ``step`` in float32 and under bf16 autocast, interleaved with the ceiling; add both figures and
+        return the float32 calls/s."""
+        (f32, b16), gflops = self.timed([step, self.bf16(step)])
+        ceiling = self.ceiling(flops, gflops)
+        rate, rate16 = median_rate(f32), median_rate(b16)
+        self.add(Figure(name, f"{label}, f32", rate * per_call, unit, ceiling * per_call, "FLOP ceiling",
+                        rate / ceiling, flops, samples=[per_call / x for x in f32]))
+        speedups = [a / b for a, b in zip(f32, b16)]
+        self.add(Figure(f"{name}_bf16", f"{label}, bf16 autocast", rate16 * per_call, unit, rate * per_call, "f32",
+                        statistics.median(speedups), flops, samples=speedups))
+        return rate
+
     def critic(self) -> None:
         s, buf = self.s, self.dm.train_buffer
-        flops = critic_step_flops(self.obs_dim, self.action_dim, s.critic_hidden, s.critic_batch)
         critic = make_critic(self.obs_dim, self.action_dim, s).to(self.device)
         v_opt, q_opt = critic.configure_optimizers()
 
         def step() -> None:
             critic.update(buf.sample(s.critic_batch), v_opt, q_opt)
 
-        floor = record_gemms(step)
-        naive_sampler = NaiveSampler(buf.data[: min(len(buf), 200_000)].cpu(), buf._splits)
-        naive = NaiveCritic(self.obs_dim, self.action_dim, s.critic_hidden, s.critic_batch, naive_sampler, self.device)
-        (ours, base, gemm), gflops = self.timed([step, naive.step, floor])
-        ceiling = self.ceiling(flops, gflops)
-        rate, base_rate, floor_rate = median_rate(ours), median_rate(base), median_rate(gemm)
-        b = s.critic_batch
-        self.add(Figure("critic_step", f"critic step (ImplicitCritic.update, B={b})", rate, "steps/s", ceiling,
-                        "FLOP ceiling", rate / ceiling, flops, samples=[1 / x for x in ours],
-                        note=f"{rate / floor_rate:.0%} of the step time is GEMMs"))
-        self.add(Figure("critic_naive_step", f"critic naive eager loop (B={b})", base_rate, "steps/s", ceiling,
-                        "FLOP ceiling", base_rate / ceiling, flops, samples=[1 / x for x in base]))
-        self.add(Figure("critic_gemm_floor", f"critic step GEMMs alone (B={b}, {len(floor.calls)} calls)", floor_rate,
-                        "steps/s", ceiling, "FLOP ceiling", floor_rate / ceiling, floor.flops,
-                        samples=[1 / x for x in gemm],
-                        note=(f"the step's own matmuls replayed: zero non-GEMM overhead would give "
-                              f"{floor_rate / base_rate:.2f}x the naive loop")))
-        speedup = [bb / o for o, bb in zip(ours, base)]
-        self.add(Figure("critic_speedup", "critic step vs naive eager loop", rate, "steps/s", base_rate,
-                        "naive loop", statistics.median(speedup), flops, ">= 2.5", statistics.median(speedup) >= 2.5,
-                        samples=speedup))
+        flops = critic_step_flops(self.obs_dim, self.action_dim, s.critic_hidden, s.critic_batch)
+        self.step_figures("critic_step", f"critic step (ImplicitCritic.update, B={s.critic_batch})", step, flops)
 
-    # ---------------------------------------------------------------- actor
     def actor(self) -> None:
         s, buf = self.s, self.dm.train_buffer
-        flops = actor_step_flops(self.obs_dim, self.action_dim, s)
         behavior = make_behavior(self.obs_dim, self.action_dim, s).to(self.device).train()
         opt, sched = behavior.make_optimizer(10**7)
 
         def step() -> None:
             behavior.update(buf.sample(s.actor_batch), opt, sched)
 
-        floor = record_gemms(step)
-        naive_sampler = NaiveSampler(buf.data[: min(len(buf), 200_000)].cpu(), buf._splits)
-        naive = NaiveBehavior(self.obs_dim, self.action_dim, s, naive_sampler, self.device)
-        (ours, base, gemm), gflops = self.timed([step, naive.step, floor])
-        ceiling = self.ceiling(flops, gflops)
-        rate, base_rate, floor_rate = median_rate(ours), median_rate(base), median_rate(gemm)
-        b = s.actor_batch
-        self.add(Figure("actor_step", f"actor step (DiffusionBehavior.update, B={b})", rate, "steps/s", ceiling,
-                        "FLOP ceiling", rate / ceiling, flops, ">= 0.85 of ceiling", rate / ceiling >= 0.85,
-                        samples=[1 / x for x in ours], note=f"{rate / floor_rate:.0%} of the step time is GEMMs"))
-        self.add(Figure("actor_naive_step", f"actor naive eager loop (B={b})", base_rate, "steps/s", ceiling,
-                        "FLOP ceiling", base_rate / ceiling, flops, samples=[1 / x for x in base]))
-        self.add(Figure("actor_gemm_floor", f"actor step GEMMs alone (B={b}, {len(floor.calls)} calls)", floor_rate,
-                        "steps/s", ceiling, "FLOP ceiling", floor_rate / ceiling, floor.flops,
-                        samples=[1 / x for x in gemm],
-                        note="the step's own matmuls replayed: the best an eager step can do at these shapes"))
+        flops = actor_step_flops(self.obs_dim, self.action_dim, s)
+        self.step_figures("actor_step", f"actor step (DiffusionBehavior.update, B={s.actor_batch})", step, flops)
 
     # ---------------------------------------------------------------- joint + Lightning
     def joint(self) -> None:
@@ -638,28 +410,17 @@ class Bench:
     # ---------------------------------------------------------------- sampler + evaluation
     def sampler(self) -> None:
         s = self.s
-        flops = sampler_flops(self.obs_dim, self.action_dim, s)
         model = make_idql(self.obs_dim, self.action_dim, s).to(self.device).eval()
         self._policy_model = model
         states = self.dm.train_buffer.all().observations[: s.sampler_states].clone()
         gen = torch.Generator(device=self.device).manual_seed(0)
 
         def act() -> None:
-            model.act(states, num_samples=s.sampler_n, generator=gen)
+            model.act(states, num_samples=s.sampler_n, generator=gen, precision="32")
 
-        floor = record_gemms(act)
-        (secs, gemm), gflops = self.timed([act, floor])
-        calls, floor_calls = median_rate(secs), median_rate(gemm)
-        self._sampler_calls_per_s = calls
-        ceiling = self.ceiling(flops, gflops)
         label = f"sampler ({s.sampler_states} states x N={s.sampler_n} x T={s.T})"
-        self.add(Figure("sampler", label, calls * s.sampler_states, "actions/s", ceiling * s.sampler_states,
-                        "FLOP ceiling", calls / ceiling, flops, ">= 0.80 of ceiling", calls / ceiling >= 0.80,
-                        samples=[s.sampler_states / x for x in secs],
-                        note=f"{calls / floor_calls:.0%} of the call time is GEMMs"))
-        self.add(Figure("sampler_gemm_floor", f"sampler GEMMs alone ({len(floor.calls)} calls)",
-                        floor_calls * s.sampler_states, "actions/s", ceiling * s.sampler_states, "FLOP ceiling",
-                        floor_calls / ceiling, floor.flops, samples=[s.sampler_states / x for x in gemm]))
+        flops = sampler_flops(self.obs_dim, self.action_dim, s)
+        self._sampler_calls_per_s = self.step_figures("sampler", label, act, flops, s.sampler_states, "actions/s")
 
     def evaluation(self) -> None:
         import gymnasium as gym
@@ -772,13 +533,13 @@ def memory_probe(size: int) -> dict[str, float]:
     across ``vfork`` + ``exec``, which would report the benchmark process's own size."""
     import idql_pl.data.datamodule as datamodule
     import idql_pl.idql  # noqa: F401  (everything a training process imports)
-    tune_cpu_allocator()  # as the CLI does
 
     import_rss = _rss_bytes()
     t0 = time.perf_counter()
     dm = datamodule.OfflineDataModule(DATASET, dataset_size=size, seed=0)
-    array_bytes = sum(a.nbytes for a in dm._arrays.values())
     dm.setup("fit")
+    data = dm.train_buffer.data
+    array_bytes = data.element_size() * data.numel()  # the transitions, float32
     load_s = time.perf_counter() - t0
     peak = _rss_bytes("VmHWM")
     return {"peak_rss_bytes": peak, "array_bytes": array_bytes, "import_rss_bytes": import_rss, "load_s": load_s,
@@ -909,7 +670,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--_memory-probe", dest="memory_probe", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    malloc_tuned = tune_cpu_allocator()  # as the CLI does
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe is not None:
@@ -927,7 +687,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     report = run(sizes, repeats, device, args.compile, only=only)
-    report["machine"]["malloc_tuned"] = malloc_tuned
     m = report["machine"]
     print(f"\nIDQL benchmark on {m['device']} ({m['torch_threads']} threads, torch {m['torch']}), "
           f"{report['elapsed_s']:.0f} s, load average {m['loadavg_1m_before']:.2f} -> {m['loadavg_1m_after']:.2f}\n")

@@ -24,7 +24,7 @@ from idql_pl.callbacks.evaluation import PolicyEvaluation
 from idql_pl.checkpointing import AtomicCheckpointIO, safe_load
 from idql_pl.data import OfflineDataModule
 from idql_pl.errors import CheckpointError, IDQLError
-from idql_pl.nets import tune_cpu_allocator
+from idql_pl.module import dims_mismatch
 
 RUN_ID_FILE = "wandb_run_id.txt"
 
@@ -136,6 +136,9 @@ class IDQLCLI(LightningCLI):
         kwargs.setdefault("default_root_dir", str(run_dir))
         if cfg.trainer.get("logger") is None:
             kwargs["logger"] = self._default_loggers(run_dir, cfg)
+        if cfg.trainer.get("strategy") == "ddp":
+            # a training step makes several backward passes over disjoint parameter sets (V, Q, score net)
+            kwargs["strategy"] = "ddp_find_unused_parameters_true"
         plugins = cfg.trainer.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
@@ -190,14 +193,10 @@ class IDQLCLI(LightningCLI):
         if sub.get("ckpt_path") == "last":
             sub["ckpt_path"] = str(self.run_dir / "last.ckpt")
         if sub.get("ckpt_path"):
-            dims = safe_load(sub["ckpt_path"]).get("idql_dims")
-            ours = {"obs_dim": self.datamodule.obs_dim, "action_dim": self.datamodule.action_dim}
-            if dims is not None and dims != ours:
-                raise CheckpointError(
-                    f"{sub['ckpt_path']} was trained with obs_dim={dims['obs_dim']}, action_dim={dims['action_dim']} but"
-                    f" {self.datamodule.info.name} has obs_dim={ours['obs_dim']}, action_dim={ours['action_dim']}: use a"
-                    " checkpoint from the same environment, or drop --ckpt_path"
-                )
+            error = dims_mismatch(safe_load(sub["ckpt_path"]).get("idql_dims"), self.datamodule.obs_dim,
+                                  self.datamodule.action_dim, sub["ckpt_path"], self.datamodule.info.name)
+            if error:
+                raise CheckpointError(error)
 
 
 def _chain(err: BaseException) -> list[BaseException]:
@@ -240,7 +239,6 @@ def main(args: list[str] | None = None) -> int:
     """Entry point: user errors print one ``error:`` line and exit 2 instead of a traceback."""
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
-    tune_cpu_allocator()
     try:
         IDQLCLI(args=args)
     except KeyboardInterrupt:

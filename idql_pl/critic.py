@@ -5,40 +5,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
 from idql_pl.losses import ValueLossKind, check_value_loss, implicit_weights, value_loss
-from idql_pl.module import IDQLModule
+from idql_pl.module import IDQLModule, make_adam
 from idql_pl.nets import MLP, TwinQ, ema_update_
-
-VALIDATION_SEED = 12345
-
-
-def backward(module: L.LightningModule, loss: Tensor) -> None:
-    """``module.manual_backward`` when a Trainer is attached (precision plugins, DDP), else ``loss.backward``."""
-    if module._trainer is not None or module._fabric is not None:
-        module.manual_backward(loss)
-    else:
-        loss.backward()
-
-
-def adam_kwargs(params: list[Tensor]) -> dict[str, Any]:
-    """Fused (one kernel per step) Adam(W) on CPU/CUDA float parameters, PyTorch's default elsewhere."""
-    fusable = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return {"fused": True} if fusable else {}
-
-
-def fixed_batch(buffer: TransitionBuffer, batch_size: int, seed: int = VALIDATION_SEED) -> Batch:
-    """The same rows at every call (validation losses), drawn without touching any training RNG."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    idx = torch.randint(len(buffer), (min(batch_size, len(buffer)),), generator=gen)
-    return buffer.gather(idx.to(buffer.device))
 
 
 class ImplicitCritic(IDQLModule):
@@ -80,7 +55,7 @@ class ImplicitCritic(IDQLModule):
             raise ConfigError(f"critic lr must be > 0 (got {lr}); the paper uses 3e-4")
         if int(batch_size) < 1:
             raise ConfigError(f"critic batch_size must be >= 1 (got {batch_size}); the paper uses 256")
-        self.save_hyperparameters()
+        self.save_init_args(locals())
         hidden = [int(h) for h in hidden_dims]
         self.q_net = TwinQ(obs_dim, action_dim, hidden)
         self.q_target_net = copy.deepcopy(self.q_net).requires_grad_(False)
@@ -112,12 +87,8 @@ class ImplicitCritic(IDQLModule):
         return implicit_weights(u, self.hparams.value_loss, self.loss_param)
 
     # ---------------------------------------------------------------------------------------- losses
-    def _compile_losses(self) -> None:
-        self._value_loss = torch.compile(self._value_loss)
-        self._q_loss = torch.compile(self._q_loss)
-
-    def _value_loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """V loss (Eq. 1 / 10 / 11): mean ``f(min Q_target(s, a) - V(s))``; returns (loss, u, v)."""
+    def v_loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Value loss (Eq. 1 / 10 / 11): mean ``f(min Q_target(s, a) - V(s))``; returns (loss, u, V(s))."""
         with torch.no_grad():
             q_hat = self.q_target(batch.observations, batch.actions)
         v = self.v(batch.observations)
@@ -125,38 +96,40 @@ class ImplicitCritic(IDQLModule):
         hp = self.hparams
         return value_loss(u, hp.value_loss, self.loss_param, hp.exp_clip).mean(), u, v
 
-    def _q_loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
+    def q_loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Q loss (Eq. 2): mean over both nets and the batch of ``(Q_i(s, a) - r - gamma mask V(s'))^2``."""
         with torch.no_grad():
             y = batch.rewards + self.hparams.discount * batch.masks * self.v(batch.next_observations)
         qs = self.q_net(batch.observations, batch.actions)  # [2, B]
         return (qs - y).square().mean(), qs
 
-    # -------------------------------------------------------------------------------------- updating
-    def value_step(self, batch: Batch, v_opt: Any) -> tuple[Tensor, Tensor, Tensor]:
-        loss, u, v = self._value_loss(batch)
-        v_opt.zero_grad(set_to_none=True)
-        backward(self, loss)
-        v_opt.step()
+    def _compile_losses(self) -> None:
+        self.v_loss = torch.compile(self.v_loss)
+        self.q_loss = torch.compile(self.q_loss)
+
+    # ----------------------------------------------------------------------- Algorithm 1's critic updates
+    def value_step(self, batch: Batch, v_opt: torch.optim.Optimizer) -> tuple[Tensor, Tensor, Tensor]:
+        """One Adam step of V on the value loss; returns (loss, u, V(s))."""
+        loss, u, v = self.v_loss(batch)
+        self.step_optimizer(v_opt, loss)
         return loss, u, v
 
-    def q_step(self, batch: Batch, q_opt: Any) -> tuple[Tensor, Tensor]:
-        loss, qs = self._q_loss(batch)
-        q_opt.zero_grad(set_to_none=True)
-        backward(self, loss)
-        q_opt.step()
+    def q_step(self, batch: Batch, q_opt: torch.optim.Optimizer) -> tuple[Tensor, Tensor]:
+        """One Adam step of both Q nets on the Q loss (its target uses the V just updated); returns (loss, Qs)."""
+        loss, qs = self.q_loss(batch)
+        self.step_optimizer(q_opt, loss)
         return loss, qs
 
-    def update_target(self) -> None:
-        """Polyak update ``target <- (1 - rate) target + rate online`` (IDQL_SPEC Sec. 1), one fused op."""
-        ema_update_(list(self.q_target_net.parameters()), list(self.q_net.parameters()), self.hparams.target_update_rate)
+    def target_update(self) -> None:
+        """Polyak update ``Q_target <- (1 - rate) Q_target + rate Q`` (IDQL_SPEC Sec. 1), one foreach op."""
+        ema_update_(self.q_target_net.parameters(), self.q_net.parameters(), self.hparams.target_update_rate)
 
-    def update(self, batch: Batch, v_opt: Any, q_opt: Any) -> dict[str, Tensor]:
-        """One critic step in the spec's order: V, then Q (with the new V), then the target. Returns detached
-        scalars (no host sync): q_loss, v_loss, q_mean, v_mean, abs_u_mean."""
+    def update(self, batch: Batch, v_opt: torch.optim.Optimizer, q_opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+        """One critic step of Algorithm 1 in the spec's order: V, then Q (with the new V), then the target.
+        Returns detached scalars (no host sync): q_loss, v_loss, q_mean, v_mean, abs_u_mean."""
         v_loss, u, v = self.value_step(batch, v_opt)
         q_loss, qs = self.q_step(batch, q_opt)
-        self.update_target()
+        self.target_update()
         return {
             "q_loss": q_loss.detach(),
             "v_loss": v_loss.detach(),
@@ -172,24 +145,22 @@ class ImplicitCritic(IDQLModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """``[v_opt, q_opt]``: Adam, lr 3e-4, no weight decay (IDQL_SPEC Sec. 1)."""
-        v_params, q_params = list(self.v_net.parameters()), list(self.q_net.parameters())
-        v_opt = torch.optim.Adam(v_params, lr=self.hparams.lr, **adam_kwargs(v_params))
-        q_opt = torch.optim.Adam(q_params, lr=self.hparams.lr, **adam_kwargs(q_params))
-        return [v_opt, q_opt]
+        lr = self.hparams.lr
+        return [make_adam(list(self.v_net.parameters()), lr), make_adam(list(self.q_net.parameters()), lr)]
 
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
-        """One critic step; the V optimizer is stepped raw so ``global_step`` counts critic steps."""
-        batch = buffer.sample(self.hparams.batch_size)
-        v_opt, q_opt = self.optimizers()
-        out = self.update(batch, v_opt.optimizer, q_opt)
+        """One critic step on ``batch_size`` rows (``global_step`` counts critic steps)."""
+        v_opt, q_opt = self.plain_optimizers()
+        out = self.update(buffer.sample(self.hparams.batch_size), v_opt, q_opt)
         self.track_losses({f"train/critic/{k}": v for k, v in out.items()})
+        self.count_step()
 
     @torch.no_grad()
     def validation_losses(self, buffer: TransitionBuffer) -> dict[str, Tensor]:
         """q_loss and v_loss on a fixed-seed batch of ``batch_size`` rows; updates nothing."""
-        batch = fixed_batch(buffer, self.hparams.batch_size)
-        v_loss, u, _ = self._value_loss(batch)
-        q_loss, _ = self._q_loss(batch)
+        batch = buffer.fixed_batch(self.hparams.batch_size)
+        v_loss, u, _ = self.v_loss(batch)
+        q_loss, _ = self.q_loss(batch)
         return {"q_loss": q_loss, "v_loss": v_loss, "abs_u_mean": u.abs().mean()}
 
     def validation_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:

@@ -21,12 +21,13 @@ BehaviorFactory = Callable[[int, int], DiffusionBehavior]
 
 
 class IDQL(IDQLModule):
-    """One ``training_step`` = ``actor_updates_per_step`` behavior steps (batch 1024 each) + one critic step
-    (batch 256): the paper's schedule of two actor steps per critic step (IDQL_SPEC Sec. 6).
+    """IDQL (paper Alg. 1 for training, Alg. 2 for acting). One ``training_step`` is one iteration of
+    Algorithm 1: ``actor_updates_per_step`` behavior steps (batch 1024 each), then one critic step (batch 256:
+    V, Q, target), the paper's schedule of two actor steps per critic step (IDQL_SPEC Sec. 6).
 
-    Step counting: exactly one optimizer step per ``training_step`` goes through Lightning's counter, so
-    ``trainer.global_step`` (and ``max_steps``) count *critic steps*; actor steps are
-    ``actor_updates_per_step * global_step``. The paper's 1.5M critic / 3M actor run is ``max_steps=1_500_000``.
+    ``trainer.global_step`` (and ``max_steps``) count these iterations, i.e. *critic steps*
+    (:meth:`IDQLModule.count_step`); actor steps are ``actor_updates_per_step * global_step``. The paper's
+    1.5M critic / 3M actor run is ``max_steps=1_500_000``.
 
     ``critic``/``behavior`` are injected from the config (``class_path`` + ``init_args``, without the
     dimensions, which come from the data). ``behavior_ckpt``/``critic_ckpt`` load a pretrained half (from a
@@ -56,7 +57,7 @@ class IDQL(IDQLModule):
             raise ConfigError(f"actor_updates_per_step must be >= 0 (got {actor_updates_per_step}); the paper uses 2")
         if freeze_behavior and freeze_critic:
             raise ConfigError("freeze_behavior and freeze_critic are both set: nothing would train; unset one")
-        self.save_hyperparameters(ignore=["critic", "behavior"])
+        self.save_init_args(locals(), ignore=("critic", "behavior"))
         self.critic = critic(obs_dim, action_dim)
         self.behavior = behavior(obs_dim, action_dim)
         if behavior_ckpt:
@@ -69,7 +70,7 @@ class IDQL(IDQLModule):
             module.requires_grad_(trained)
 
     def setup(self, stage: str) -> None:
-        super().setup(stage)  # DDP settings; compile: true compiles both halves
+        super().setup(stage)  # IDQL's compile: true compiles both halves; each half's own option, that half
         if stage == "fit":
             for half in (self.critic, self.behavior):
                 if half.hparams.get("compile", False):
@@ -96,25 +97,20 @@ class IDQL(IDQLModule):
 
     # -------------------------------------------------------------------------------------- training
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
-        """Actor steps then the critic step; only the final optimizer step is Lightning-counted."""
-        opts = self.optimizers()
-        opts = list(opts) if isinstance(opts, list) else [opts]
-        raw = [o.optimizer for o in opts]
+        """One iteration of Algorithm 1: the behavior steps (Eq. 4), then the critic step (V, Q, target)."""
+        opts = self.plain_optimizers()
         metrics: dict[str, Tensor] = {}
         if self.train_behavior:
-            scheduler = self.lr_schedulers()
-            actor_opt, opts, raw = opts[0], opts[1:], raw[1:]
-            steps = self.hparams.actor_updates_per_step
-            for i in range(steps):
-                last = i == steps - 1 and not self.train_critic
-                batch = buffer.sample(self.behavior.hparams.batch_size)
-                out = self.behavior.update(batch, actor_opt if last else actor_opt.optimizer, scheduler)
+            actor_opt, scheduler = opts.pop(0), self.lr_schedulers()
+            for _ in range(self.hparams.actor_updates_per_step):
+                out = self.behavior.update(buffer.sample(self.behavior.hparams.batch_size), actor_opt, scheduler)
             metrics.update({f"train/behavior/{k}": v for k, v in out.items()})
         if self.train_critic:
-            v_opt, q_opt = raw[0], opts[1]
+            v_opt, q_opt = opts
             out = self.critic.update(buffer.sample(self.critic.hparams.batch_size), v_opt, q_opt)
             metrics.update({f"train/critic/{k}": v for k, v in out.items()})
         self.track_losses(metrics)
+        self.count_step()
 
     def validation_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         """Held-out (or training-set) losses on a fixed batch; nothing is updated."""

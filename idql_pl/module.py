@@ -1,17 +1,15 @@
-"""Base class of the three IDQL LightningModules: manual optimization, exact resume, non-finite guard."""
+"""Base class of the three IDQL LightningModules: plain optimizer steps, one counted step per iteration,
+exact resume, the dimension check and the non-finite guard."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 
 from idql_pl.errors import CheckpointError, NonFiniteLossError
@@ -25,16 +23,37 @@ from idql_pl.rng import (
 )
 
 
-class IDQLModule(L.LightningModule):
-    """Shared plumbing; subclasses set ``hparams.obs_dim``/``hparams.action_dim`` and call :meth:`track_losses`.
+def make_adam(params: list[Tensor], lr: float, weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """Adam (``weight_decay=None``) or AdamW with that decay, fused into one kernel per step on CPU/CUDA."""
+    fusable = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    kwargs: dict[str, Any] = {"fused": True} if fusable else {}
+    if weight_decay is None:
+        return torch.optim.Adam(params, lr=lr, **kwargs)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
-    - Checkpoints carry the global RNG states (dropout and diffusion noise continue identically after a
-      resume; one per rank under DDP, where each rank draws its own stream) and are refused when their
-      obs/action dimensions differ from the data's.
-    - Under DDP, ``find_unused_parameters`` is switched on: every training step runs several backward passes
-      over disjoint parameter sets (V, Q, the score network), each through DDP's gradient reducer.
+
+def dims_mismatch(saved: Mapping[str, int] | None, obs_dim: int, action_dim: int, what: str, data: str) -> str | None:
+    """The one-line error for a checkpoint (``what``) whose saved obs/action dims differ from the data's."""
+    if saved is None or dict(saved) == {"obs_dim": obs_dim, "action_dim": action_dim}:
+        return None
+    return (f"{what} was trained with obs_dim={saved['obs_dim']}, action_dim={saved['action_dim']} but {data} has"
+            f" obs_dim={obs_dim}, action_dim={action_dim}: use a checkpoint from the same environment, or drop"
+            " --ckpt_path")
+
+
+class IDQLModule(L.LightningModule):
+    """Shared plumbing; subclasses set ``hparams.obs_dim``/``hparams.action_dim`` (via :meth:`save_init_args`).
+
+    - Updates step plain ``torch.optim`` optimizers (:meth:`plain_optimizers`, :meth:`step_optimizer`): one
+      training step of the paper's Algorithm 1 makes several updates (V, Q, target, 2 behavior steps), while
+      Lightning counts a step per ``LightningOptimizer.step()``. :meth:`count_step`, called once at the end of
+      every ``training_step``, is that one counted step, so ``trainer.global_step`` and ``max_steps`` count
+      iterations of Algorithm 1 (critic steps for IDQL).
+    - Checkpoints carry the global RNG states (dropout and diffusion noise continue identically after a resume;
+      one per rank under DDP, where each rank draws its own stream) and are refused when their obs/action
+      dimensions differ from the data's.
     - Losses are checked for NaN/inf without a host sync per step: a device-side flag accumulates and is read
-      only on logging steps and before every checkpoint save, so ``last.ckpt`` always holds a finite state.
+      on logging steps and before every checkpoint save, so ``last.ckpt`` always holds a finite state.
     """
 
     automatic_optimization = False
@@ -46,27 +65,63 @@ class IDQLModule(L.LightningModule):
         self._metric_names: list[str] = []
         self._last_log: tuple[int, float] | None = None  # (global_step, time) at the previous logging step
         self._rng_restored = False
+        self._compiled = False
+
+    def save_init_args(self, init_locals: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> None:
+        """Save this class's own ``__init__`` arguments (from ``locals()``) as ``hparams``.
+
+        They are passed explicitly: ``save_hyperparameters()`` without arguments records, under LightningCLI,
+        the config of the top-level model for every module built while it is instantiated, so the critic and
+        behavior built inside IDQL would get IDQL's arguments."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self" and n not in ignore]
+        self.save_hyperparameters({n: init_locals[n] for n in names})
 
     def updates_per_step(self) -> dict[str, int]:
         """Optimizer updates per ``training_step`` by kind ("critic", "actor"), for the ``perf/*`` rates."""
         return {}
 
+    # ------------------------------------------------------------------------------------ updating
+    @property
+    def attached(self) -> bool:
+        """Whether a Trainer runs this module (else its update functions run in a bare loop)."""
+        try:
+            return self.trainer is not None
+        except RuntimeError:
+            return False
+
+    def plain_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The ``torch.optim`` optimizers of ``configure_optimizers``, in order (not Lightning's wrappers)."""
+        opts = self.optimizers(use_pl_optimizer=False)
+        return list(opts) if isinstance(opts, list | tuple) else [opts]
+
+    def step_optimizer(self, opt: torch.optim.Optimizer, loss: Tensor) -> None:
+        """One gradient step of ``opt`` on ``loss`` (Lightning's backward when attached: precision, DDP)."""
+        opt.zero_grad(set_to_none=True)
+        if self.attached:
+            self.manual_backward(loss)
+        else:
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def count_step(self) -> None:
+        """Count one training step in Lightning (``global_step``, ``max_steps``, checkpoint and log cadence):
+        a ``LightningOptimizer.step()`` while every gradient is None, which updates no parameter."""
+        opts = self.optimizers()
+        (opts[0] if isinstance(opts, list | tuple) else opts).step()
+
     # ------------------------------------------------------------------------------- torch.compile
     def compile_losses(self) -> None:
         """Wrap the training-loss functions in ``torch.compile`` (forward and backward, via AOTAutograd);
-        called once before ``fit`` when the module's ``compile`` option is set. Idempotent."""
-        if getattr(self, "_losses_compiled", False):
-            return
-        self._compile_losses()
-        self._losses_compiled = True
+        done once when the module's ``compile`` option is set. Idempotent."""
+        if not self._compiled:
+            self._compile_losses()
+            self._compiled = True
 
     def _compile_losses(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, DDPStrategy):  # read when the model is wrapped, after this hook
-            strategy._ddp_kwargs["find_unused_parameters"] = True
         if stage == "fit" and self.hparams.get("compile", False):
             self.compile_losses()
 
@@ -75,23 +130,9 @@ class IDQLModule(L.LightningModule):
         if world > 1 and not self._rng_restored:
             seed_rank_stream(rank)
 
-    def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, frame: Any = None,
-                             logger: bool = True) -> None:
-        """Like Lightning's, but a module built *inside* another one (IDQL's injected critic/behavior) records
-        its own arguments: LightningCLI exposes the top-level model's config to every module built while it
-        is instantiated, which would otherwise become the children's hparams too."""
-        frame = frame or inspect.currentframe().f_back
-        given = _given_hyperparameters.get()
-        token = None if given is None or _is_class(given.get("_class_path"), type(self)) else _given_hyperparameters.set(None)
-        try:
-            super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
-        finally:
-            if token is not None:
-                _given_hyperparameters.reset(token)
-
     # ------------------------------------------------------------------------------ losses and logs
     def track_losses(self, metrics: dict[str, Tensor]) -> None:
-        """Accumulate the finiteness of ``metrics`` on device; log/check only when Lightning logs or saves."""
+        """Accumulate the finiteness of ``metrics`` on device; log and check only on logging steps."""
         if not metrics:
             return
         values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
@@ -102,12 +143,8 @@ class IDQLModule(L.LightningModule):
             self._bad_step = torch.full((), torch.iinfo(torch.int64).max, device=values.device)
         self._bad_step = torch.where(bad_now.any() & ~self._bad.any(), self.global_step, self._bad_step)
         self._bad |= bad_now
-        if self._trainer is None:
-            return
-        if self.trainer._logger_connector.should_update_logs:
+        if self.attached and (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
             self.log_dict({**metrics, **self._throughput()})
-            self.raise_if_nonfinite()
-        elif self._checkpoint_due():
             self.raise_if_nonfinite()
 
     def _throughput(self) -> dict[str, float]:
@@ -130,17 +167,9 @@ class IDQLModule(L.LightningModule):
             " last finite state; check the dataset for NaN/inf (rewards, observations) or lower the learning rate"
         )
 
-    def _checkpoint_due(self) -> bool:
-        step = self.global_step
-        for cb in self.trainer.checkpoint_callbacks:
-            every = getattr(cb, "_every_n_train_steps", 0)
-            if every and step % every == 0:
-                return True
-        return step >= self.trainer.max_steps > 0
-
     # ---------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.raise_if_nonfinite()
+        self.raise_if_nonfinite()  # the save fails, so the last checkpoint on disk keeps the last finite state
         states = gather_from_ranks(capture_rng_state())  # every rank builds the checkpoint; rank 0 writes it
         checkpoint["idql_rng"] = states[0]
         if len(states) > 1:
@@ -148,14 +177,10 @@ class IDQLModule(L.LightningModule):
         checkpoint["idql_dims"] = {"obs_dim": int(self.hparams.obs_dim), "action_dim": int(self.hparams.action_dim)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        dims = checkpoint.get("idql_dims")
-        ours = {"obs_dim": int(self.hparams.obs_dim), "action_dim": int(self.hparams.action_dim)}
-        if dims is not None and dims != ours:
-            raise CheckpointError(
-                f"checkpoint was trained with obs_dim={dims['obs_dim']}, action_dim={dims['action_dim']} but this"
-                f" dataset has obs_dim={ours['obs_dim']}, action_dim={ours['action_dim']}: use a checkpoint from"
-                " the same environment, or drop --ckpt_path"
-            )
+        error = dims_mismatch(checkpoint.get("idql_dims"), int(self.hparams.obs_dim), int(self.hparams.action_dim),
+                              "checkpoint", "this dataset")
+        if error:
+            raise CheckpointError(error)
         own = own_rank_entry(checkpoint.get("idql_rng_per_rank"))
         if own is not None:
             restore_rng_state(own)
@@ -163,13 +188,3 @@ class IDQLModule(L.LightningModule):
             restore_rng_state(checkpoint["idql_rng"])
             seed_rank_stream(distributed_world()[0])
         self._rng_restored = "idql_rng" in checkpoint
-
-
-def _is_class(class_path: str | None, cls: type) -> bool:
-    if not class_path or "." not in class_path:
-        return False
-    module, name = class_path.rsplit(".", 1)
-    try:
-        return getattr(importlib.import_module(module), name, None) is cls
-    except ImportError:
-        return False

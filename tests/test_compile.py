@@ -41,7 +41,7 @@ def test_compile_flag_compiles_both_halves_under_fit(aot_eager, tmp_path) -> Non
     code = run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
                    "--model.compile", "true", "--run_root", tmp_path, "--run_name", "c")
     assert code == 0
-    assert sorted(aot_eager) == ["DiffusionBehavior.loss", "ImplicitCritic._q_loss", "ImplicitCritic._value_loss"]
+    assert sorted(aot_eager) == ["DiffusionBehavior.loss", "ImplicitCritic.q_loss", "ImplicitCritic.v_loss"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before  # the wrapped losses were traced and run
 
 
@@ -57,7 +57,7 @@ def test_compiled_critic_update_equals_eager(aot_eager) -> None:
     compiled = ImplicitCritic(S, A, hidden_dims=(32, 32), batch_size=16, compile=True)
     compiled.load_state_dict(eager.state_dict())
     compiled.setup("fit")
-    assert aot_eager == ["ImplicitCritic._value_loss", "ImplicitCritic._q_loss"]
+    assert aot_eager == ["ImplicitCritic.v_loss", "ImplicitCritic.q_loss"]
     opts = [m.configure_optimizers() for m in (eager, compiled)]
     for step in range(3):
         batch = _batch(16, step)
@@ -76,7 +76,7 @@ def test_compiled_behavior_loss_equals_eager(aot_eager) -> None:
     eager = model.loss(batch)
     model.setup("fit")
     torch.manual_seed(1)  # same diffusion steps and noise
-    compiled = model._train_loss(batch)
+    compiled = model.train_loss(batch)
     assert aot_eager == ["DiffusionBehavior.loss"]
     assert torch.allclose(eager, compiled, rtol=1e-5)
 

@@ -9,9 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from idql_pl import envs as E
 from idql_pl.data import OfflineDataModule, load_dataset
 from idql_pl.data import local as L
-from idql_pl.data.d4rl import AntMazeD4RLEnv
+from idql_pl.data import recipes as R
+from idql_pl.envs import bandit as B
+from idql_pl.envs import maze2d as M
+from idql_pl.envs.antmaze import AntMazeD4RLEnv
 
 POINTMAZE_SIZE = 6000  # shared with tests/test_data_sources.py: generated once per session
 
@@ -29,12 +33,12 @@ def test_pointmaze_layout_and_rewards(pointmaze):
     info = dm.info
     assert (info.num_transitions, info.num_episodes, info.max_episode_steps) == (6000, 20, 300)
     assert (dm.obs_dim, dm.action_dim, info.family, info.source) == (4, 2, "maze2d", "local")
-    assert info.env_id == L.POINTMAZE_ENV_ID and info.reward_transform == "none"
+    assert info.env_id == E.POINTMAZE_ENV_ID and info.reward_transform == "none"
     arrays = dm._arrays
     assert np.all(arrays["masks"] == 1.0)  # continuing task: timeouts only, no terminals
     assert np.abs(arrays["actions"]).max() < 1.0
     goal = np.array([-1.0, 1.0])
-    near = np.linalg.norm(arrays["next_observations"][:, :2] - goal, axis=1) <= L.REWARD_RADIUS
+    near = np.linalg.norm(arrays["next_observations"][:, :2] - goal, axis=1) <= M.REWARD_RADIUS
     np.testing.assert_array_equal(arrays["rewards"], near.astype(np.float32))
     assert 0 < arrays["rewards"].mean() < 1
     # within each 300-step episode the stream is continuous: next_obs[i] == obs[i + 1]
@@ -42,7 +46,7 @@ def test_pointmaze_layout_and_rewards(pointmaze):
     inside = (idx + 1) % 300 != 0
     np.testing.assert_array_equal(arrays["next_observations"][idx[inside]], arrays["observations"][idx[inside] + 1])
     # the data visits every cell of the maze
-    cells = L.MazeGrid(L.MAZES["umaze"]).cell_of(arrays["observations"][:, :2].astype(np.float64))
+    cells = M.MazeGrid(M.MAZES["umaze"]).cell_of(arrays["observations"][:, :2].astype(np.float64))
     assert set(np.unique(cells)) == set(range(7))
 
 
@@ -58,21 +62,18 @@ def test_pointmaze_reference_scores_and_success(pointmaze):
 
 
 def test_controller_reaches_goals_in_eval_env():
-    returns, success = L.rollout_returns(L.controller_policy(0.0), 20, seed=123)
-    noisy_returns, noisy_success = L.rollout_returns(L.controller_policy(L.POINTMAZE_NOISE), 20, seed=456)
-    rand_returns, rand_success = L.rollout_returns(L.random_policy, 20, seed=789)
+    returns, success = R.rollout_returns(R.controller_policy(0.0), 20, seed=123)
+    noisy_returns, noisy_success = R.rollout_returns(R.controller_policy(R.POINTMAZE_NOISE), 20, seed=456)
+    rand_returns, rand_success = R.rollout_returns(R.random_policy, 20, seed=789)
     print(f"\ncontroller success {success.mean():.2f} (return {returns.mean():.1f}), noisy {noisy_success.mean():.2f} "
           f"(return {noisy_returns.mean():.1f}), random {rand_success.mean():.2f} (return {rand_returns.mean():.1f})")
     assert success.mean() >= 0.9 and noisy_success.mean() >= 0.9
     assert returns.mean() > 3 * rand_returns.mean()
 
 
-def test_cache_reload_is_fast_and_identical(pointmaze):
-    t0 = time.perf_counter()
+def test_cache_reload_is_identical(pointmaze):
+    """A second load reads the cache (no regeneration: the timing is the benchmark's job) and gets the same data."""
     again = load_dataset("local/pointmaze-umaze", dataset_size=POINTMAZE_SIZE)
-    elapsed = time.perf_counter() - t0
-    print(f"\nreload from cache {elapsed * 1000:.0f} ms")
-    assert elapsed < 3.0
     for key, value in pointmaze._arrays.items():
         np.testing.assert_array_equal(again.arrays[key], value)
     assert again.info.ref_max_score == pointmaze.info.ref_max_score
@@ -81,7 +82,7 @@ def test_cache_reload_is_fast_and_identical(pointmaze):
 def test_cache_ids_include_non_default_size():
     assert L.minari_id("local/pointmaze-umaze") == f"idql_pl/pointmaze-umaze-v{L.RECIPE_VERSION}"
     assert L.minari_id("local/pointmaze-umaze", 5000) == f"idql_pl/pointmaze-umaze-n5000-v{L.RECIPE_VERSION}"
-    assert L.minari_id("local/bandit", L.BANDIT_DEFAULT_SIZE) == f"idql_pl/bandit-v{L.RECIPE_VERSION}"
+    assert L.minari_id("local/bandit", R.BANDIT_DEFAULT_SIZE) == f"idql_pl/bandit-v{L.RECIPE_VERSION}"
 
 
 def _dataset_dir(dataset_id):
@@ -127,32 +128,32 @@ def test_corrupt_or_mismatching_cache_is_regenerated():
 
 
 def test_bandit_geometry_and_data():
-    assert L.BANDIT_CENTERS.shape == (3, 2) and L.BANDIT_BEST == 0
-    np.testing.assert_allclose(np.linalg.norm(L.BANDIT_CENTERS, axis=1), 0.6, rtol=1e-6)
-    np.testing.assert_array_equal(L.bandit_reward(L.BANDIT_CENTERS), L.BANDIT_REWARDS)
-    assert L.bandit_reward(np.zeros(2)) == 0.0  # between clusters
-    assert L.BANDIT_REWARDS[L.BANDIT_BEST] >= 1.5 * np.sort(L.BANDIT_REWARDS)[-2]  # clearly the best
+    assert B.BANDIT_CENTERS.shape == (3, 2) and B.BANDIT_BEST == 0
+    np.testing.assert_allclose(np.linalg.norm(B.BANDIT_CENTERS, axis=1), 0.6, rtol=1e-6)
+    np.testing.assert_array_equal(B.bandit_reward(B.BANDIT_CENTERS), B.BANDIT_REWARDS)
+    assert B.bandit_reward(np.zeros(2)) == 0.0  # between clusters
+    assert B.BANDIT_REWARDS[B.BANDIT_BEST] >= 1.5 * np.sort(B.BANDIT_REWARDS)[-2]  # clearly the best
     dm = OfflineDataModule("local/bandit", dataset_size=3000)
     a = dm._arrays
     assert (dm.obs_dim, dm.action_dim, dm.info.num_episodes, dm.info.max_episode_steps) == (1, 2, 3000, 1)
-    assert np.all(a["masks"] == 0.0) and np.all(a["observations"] == L.BANDIT_STATE)
+    assert np.all(a["masks"] == 0.0) and np.all(a["observations"] == B.BANDIT_STATE)
     assert (dm.info.ref_min_score, dm.info.ref_max_score) == (0.0, 1.0)
-    nearest = np.linalg.norm(a["actions"][:, None] - L.BANDIT_CENTERS, axis=-1).argmin(1)
+    nearest = np.linalg.norm(a["actions"][:, None] - B.BANDIT_CENTERS, axis=-1).argmin(1)
     counts = np.bincount(nearest, minlength=3) / len(nearest)
     assert np.all(np.abs(counts - 1 / 3) < 0.04), counts  # uniform over clusters
     assert (a["rewards"] > 0).mean() > 0.95
     env = dm.make_env()
     obs, _ = env.reset(seed=0)
-    _, r, terminated, _, _ = env.step(L.BANDIT_CENTERS[L.BANDIT_BEST])
+    _, r, terminated, _, _ = env.step(B.BANDIT_CENTERS[B.BANDIT_BEST])
     assert obs.shape == (1,) and r == 1.0 and terminated
 
 
 @pytest.mark.parametrize(("maze", "goal"), [("umaze", (1, 1)), ("medium", (6, 6)), ("large", (7, 9))])
 def test_maze2d_d4rl_frame(maze, goal):
     """D4RL maze2d: cell (row, col) sits at qpos (row, col); the goal is the 'G' cell; starts are free cells."""
-    env = L.Maze2dEnv(maze, frame="d4rl")
+    env = M.Maze2dEnv(maze, frame="d4rl")
     np.testing.assert_allclose(env.goal_obs, goal, atol=1e-9)
-    rows = L.MAZES[maze]
+    rows = M.MAZES[maze]
     for seed in range(30):
         obs, _ = env.reset(seed=seed)
         r, c = np.rint(obs[:2]).astype(int)
@@ -165,7 +166,7 @@ def test_maze2d_d4rl_frame(maze, goal):
     assert x1 > x0
     env.close()
     steps = {"umaze": 300, "medium": 600, "large": 800}[maze]
-    _, success = L.rollout_returns(L.controller_policy(0.0), 5, seed=0, maze=maze, frame="d4rl", steps=steps)
+    _, success = R.rollout_returns(R.controller_policy(0.0), 5, seed=0, maze=maze, frame="d4rl", steps=steps)
     assert success.all()
 
 
@@ -178,7 +179,7 @@ def test_antmaze_d4rl_frame():
     assert 0.0 <= goal[0] <= 1.5 and 8.0 <= goal[1] <= 9.5  # 'g' cell (3, 1) -> (0, 8) plus D4RL's noise
     # every D4RL cell maps onto the same free/wall cell of the (row-flipped) gymnasium maze
     rows = env._inner.maze.maze_map
-    for i, row in enumerate(L.MAZES["umaze"]):
+    for i, row in enumerate(M.MAZES["umaze"]):
         for j, ch in enumerate(row):
             gi, gj = env._inner.maze.cell_xy_to_rowcol(env.d4rl_xy((i, j)) + env.offset)
             assert (rows[gi][gj] == 1) == (ch == "#")

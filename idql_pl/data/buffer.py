@@ -66,6 +66,12 @@ class TransitionBuffer:
         idx = torch.randint(len(self), (batch_size,), device=self.device, generator=self.generator)
         return self.gather(idx)
 
+    def fixed_batch(self, batch_size: int, seed: int = 12345) -> Batch:
+        """The same rows at every call (validation losses), drawn without touching any training RNG."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        idx = torch.randint(len(self), (min(batch_size, len(self)),), generator=gen)
+        return self.gather(idx.to(self.device))
+
     def gather(self, idx: Tensor) -> Batch:
         obs, act, rew, next_obs, mask = self.data.index_select(0, idx).split(self._splits, dim=1)
         return Batch(obs, act, rew.squeeze(1), next_obs, mask.squeeze(1))

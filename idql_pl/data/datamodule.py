@@ -21,6 +21,7 @@ import torch
 from idql_pl.data.buffer import BufferStream, TransitionBuffer
 from idql_pl.data.preprocess import DEFAULT_ACTION_CLIP, DatasetInfo, RewardTransform, finalize
 from idql_pl.data.registry import D4RL_DATASETS, LOCAL_RECIPES, suggest
+from idql_pl.envs import env_error
 from idql_pl.errors import DatasetError, EvalEnvError
 from idql_pl.rng import distributed_world, gather_from_ranks, own_rank_entry
 
@@ -259,11 +260,7 @@ class OfflineDataModule(L.LightningDataModule):
         except EvalEnvError:
             raise
         except Exception as e:
-            raise EvalEnvError(
-                f"cannot create evaluation env {self.info.env_id} for '{self.info.name}' "
-                f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
-                "install the simulators: pip install 'gymnasium[mujoco]' gymnasium-robotics"
-            ) from e
+            raise env_error(f"evaluation env {self.info.env_id} for '{self.info.name}'", e) from e
 
     def make_vector_env(self, num_envs: int, **kwargs: Any) -> gym.vector.VectorEnv:
         """``SyncVectorEnv`` of :meth:`make_env` (``kwargs`` go to ``SyncVectorEnv``, e.g. ``autoreset_mode``)."""
@@ -273,7 +270,4 @@ class OfflineDataModule(L.LightningDataModule):
         try:
             return gym.vector.SyncVectorEnv([self._env_factory] * num_envs, **kwargs)  # type: ignore[list-item]
         except Exception as e:
-            raise EvalEnvError(
-                f"cannot create {num_envs} vectorised {self.info.env_id} envs for '{self.info.name}' "
-                f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); install the simulators: pip install 'gymnasium[mujoco]' gymnasium-robotics"
-            ) from e
+            raise env_error(f"{num_envs} vectorised {self.info.env_id} envs for '{self.info.name}'", e) from e

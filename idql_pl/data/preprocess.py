@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypeVar
@@ -20,6 +22,12 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from idql_pl.errors import DatasetError
+
+
+def log(msg: str) -> None:
+    """A data-layer progress line on stderr, from the first process only (DDP ranks load the data too)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0":
+        print(f"[idql_pl.data] {msg}", file=sys.stderr, flush=True)
 
 ACTION_TOLERANCE = 1e-3
 DEFAULT_ACTION_CLIP = 1.0 - 1e-5

@@ -4,7 +4,7 @@ Reference returns and episode limits are D4RL's own (IDQL_SPEC Sec. 6). Evaluati
 gymnasium ones because the `d4rl` package needs gym<0.25 and mujoco-py (IDQL_SPEC Sec. 8):
 
 * locomotion: ``Hopper-v4`` / ``HalfCheetah-v4`` / ``Walker2d-v4`` (the same model files as D4RL's v3 envs).
-* maze2d: ``idql_pl/Maze2dD4RL-v0`` (:class:`idql_pl.data.local.Maze2dEnv` in the D4RL frame): the
+* maze2d: ``idql_pl/Maze2dD4RL-v0`` (:class:`idql_pl.envs.maze2d.Maze2dEnv` in the D4RL frame): the
   gymnasium-robotics point mass in the D4RL maze, with D4RL's coordinate frame (a 90-degree rotation of
   gymnasium-robotics' frame), goal, start distribution and sparse reward. Approximate: the simulator build
   differs from D4RL's mujoco-py one.
@@ -21,6 +21,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+from idql_pl.envs import ANTMAZE_ENV_ID, MAZE2D_ENV_ID
+
 _BASE = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 
 LOCOMOTION_REF = {  # IDQL_SPEC Sec. 6 (D4RL infos.py)
@@ -31,8 +33,6 @@ LOCOMOTION_REF = {  # IDQL_SPEC Sec. 6 (D4RL infos.py)
 LOCOMOTION_ENV = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
 LOCOMOTION_LEVELS = ("random", "medium", "medium-replay", "medium-expert", "expert")
 
-ANTMAZE_ENV_ID = "idql_pl/AntMazeD4RL-v0"
-MAZE2D_ENV_ID = "idql_pl/Maze2dD4RL-v0"
 
 FAMILIES = ("locomotion", "antmaze", "maze2d", "bandit", "other")
 
