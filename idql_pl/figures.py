@@ -41,7 +41,7 @@ from torch import Tensor
 from idql_pl.behavior import DiffusionBehavior
 from idql_pl.critic import ImplicitCritic
 from idql_pl.data.buffer import TransitionBuffer
-from idql_pl.data.local import BANDIT_CENTERS, BANDIT_RADIUS, BANDIT_STD
+from idql_pl.envs.bandit import BANDIT_CENTERS, BANDIT_RADIUS, BANDIT_STD
 from idql_pl.iql import GaussianActor, awr_loss
 from idql_pl.losses import implicit_log_weights, value_loss
 from idql_pl.sampler import extract_actions

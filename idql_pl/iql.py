@@ -24,11 +24,11 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from idql_pl.behavior import CosineDecay
-from idql_pl.critic import ImplicitCritic, adam_kwargs, backward, fixed_batch
+from idql_pl.critic import ImplicitCritic
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
-from idql_pl.module import IDQLModule
-from idql_pl.nets import MLP
+from idql_pl.module import IDQLModule, make_adam
+from idql_pl.nets import MLP, xavier_linear
 from idql_pl.sampler import autocast_for
 
 CriticFactory = Callable[[int, int], ImplicitCritic]
@@ -55,16 +55,12 @@ class GaussianActor(nn.Module):
         super().__init__()
         hidden = [int(h) for h in hidden_dims]
         self.trunk = MLP(obs_dim, hidden[:-1], hidden[-1], activation="relu", activate_final=True)
-        self.mean = nn.Linear(hidden[-1], action_dim)
-        nn.init.xavier_uniform_(self.mean.weight)
-        nn.init.zeros_(self.mean.bias)
+        self.mean = xavier_linear(hidden[-1], action_dim)
         self.state_dependent_std = state_dependent_std
         if state_dependent_std:
-            self.log_std_head = nn.Linear(hidden[-1], action_dim)
-            nn.init.xavier_uniform_(self.log_std_head.weight)
+            self.log_std_head = xavier_linear(hidden[-1], action_dim)
             with torch.no_grad():
                 self.log_std_head.weight.mul_(1e-3)
-            nn.init.zeros_(self.log_std_head.bias)
         else:
             self.log_std = nn.Parameter(torch.zeros(action_dim))
         self.log_std_min, self.log_std_max = float(log_std_min), float(log_std_max)
@@ -142,13 +138,13 @@ class IQL(IDQLModule):
             raise ConfigError(f"actor_lr must be > 0 (got {actor_lr}); the IQL paper uses 3e-4")
         if lr_decay_steps is not None and lr_decay_steps < 1:
             raise ConfigError(f"lr_decay_steps must be >= 1 or null (got {lr_decay_steps}): null uses max_steps")
-        self.save_hyperparameters(ignore=["critic"])
+        self.save_init_args(locals(), ignore=("critic",))
         self.critic = critic(obs_dim, action_dim)
         self.actor = GaussianActor(obs_dim, action_dim, actor_hidden_dims, state_dependent_std, log_std_min, log_std_max)
         self._actor_loss = self.actor_loss  # torch.compile(self.actor_loss) with ``compile``
 
     def setup(self, stage: str) -> None:
-        super().setup(stage)  # DDP settings; compile: true compiles both losses
+        super().setup(stage)  # IQL's compile: true compiles both losses; the critic's own option, the critic's
         if stage == "fit" and self.critic.hparams.get("compile", False):
             self.critic.compile_losses()
 
@@ -164,12 +160,10 @@ class IQL(IDQLModule):
         """:func:`awr_loss` with this module's ``beta`` and ``max_weight``."""
         return awr_loss(self.actor, self.critic, batch, self.hparams.beta, self.hparams.max_weight)
 
-    def actor_update(self, batch: Batch, opt: Any, scheduler: Any | None) -> dict[str, Tensor]:
-        """One AWR step and one LR-scheduler step; detached scalars, no host sync."""
+    def actor_update(self, batch: Batch, opt: torch.optim.Optimizer, scheduler: LambdaLR | None) -> dict[str, Tensor]:
+        """One AWR step (Eq. 3) and one LR-scheduler step; detached scalars, no host sync."""
         loss, weights, adv = self._actor_loss(batch)
-        opt.zero_grad(set_to_none=True)
-        backward(self, loss)
-        opt.step()
+        self.step_optimizer(opt, loss)
         if scheduler is not None:
             scheduler.step()
         return {
@@ -187,25 +181,25 @@ class IQL(IDQLModule):
         if total is None or int(total) < 1:
             raise ConfigError(
                 f"the actor LR schedule needs a length (got {total}): set trainer.max_steps or model.lr_decay_steps")
-        params = list(self.actor.parameters())
-        actor_opt = torch.optim.Adam(params, lr=self.hparams.actor_lr, **adam_kwargs(params))
+        actor_opt = make_adam(list(self.actor.parameters()), self.hparams.actor_lr)
         sched = LambdaLR(actor_opt, CosineDecay(int(total)))
         return [actor_opt, *self.critic.configure_optimizers()], [{"scheduler": sched, "interval": "step"}]
 
     # -------------------------------------------------------------------------------------- training
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
-        """Critic step then actor step on one batch; only the actor's optimizer step is Lightning-counted."""
-        actor_opt, v_opt, q_opt = self.optimizers()
+        """Critic step (V, Q, target) then actor step on one batch; one counted step (:meth:`count_step`)."""
+        actor_opt, v_opt, q_opt = self.plain_optimizers()
         batch = buffer.sample(self.critic.hparams.batch_size)
-        metrics = {f"train/critic/{k}": v for k, v in self.critic.update(batch, v_opt.optimizer, q_opt.optimizer).items()}
+        metrics = {f"train/critic/{k}": v for k, v in self.critic.update(batch, v_opt, q_opt).items()}
         out = self.actor_update(batch, actor_opt, self.lr_schedulers())
         metrics.update({f"train/actor/{k}": v for k, v in out.items()})
         self.track_losses(metrics)
+        self.count_step()
 
     @torch.no_grad()
     def validation_losses(self, buffer: TransitionBuffer) -> dict[str, Tensor]:
         """The AWR loss and the mean log-likelihood on a fixed batch; updates nothing."""
-        batch = fixed_batch(buffer, self.critic.hparams.batch_size)
+        batch = buffer.fixed_batch(self.critic.hparams.batch_size)
         loss, weights, _ = self.actor_loss(batch)
         return {"loss": loss, "log_prob": self.actor.log_prob(batch.observations, batch.actions).mean(),
                 "weight_mean": weights.mean()}
