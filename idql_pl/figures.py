@@ -113,15 +113,15 @@ def _round(x: Any, digits: int = 4) -> Any:
 class Fig1Size:
     num_data: int = 20_000
     critic_hidden: tuple[int, ...] = (256, 256)
-    critic_steps: int = 5_000
+    critic_steps: int = 3_000
     behavior_hidden: int = 64
     behavior_ff: int = 256
     behavior_blocks: int = 3
-    behavior_steps: int = 4_000
+    behavior_steps: int = 3_000
     behavior_lr: float = 1e-3
     behavior_ema: float = 0.01
     actor_hidden: tuple[int, ...] = (256, 256)
-    actor_steps: int = 5_000
+    actor_steps: int = 3_000
     actor_lr: float = 1e-3
     num_candidates: int = 32
     num_eval: int = 2_000
@@ -209,7 +209,7 @@ def fig1(out: Path, quick: bool = False, seed: int = 0, size: Fig1Size | None = 
     seconds = time.perf_counter() - start
 
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.4))
     data_np = actions[:3000].numpy()
     grid = np.linspace(-1, 1, 201)
     gx, gy = np.meshgrid(grid, grid)
@@ -239,7 +239,7 @@ def fig1(out: Path, quick: bool = False, seed: int = 0, size: Fig1Size | None = 
     axes[2].scatter(data_np[:, 0], data_np[:, 1], s=2, color="0.75")
     axes[2].scatter(imp[:, 0], imp[:, 1], s=3, color="tab:red")
     m = methods["IDQL implicit"]
-    axes[2].set_title(f"IDQL implicit extraction (N={size.num_candidates}, expectile weights)\n"
+    axes[2].set_title(f"IDQL implicit extraction, N={size.num_candidates}\n"
                       f"{m['best_cluster_share']:.0%} in best, {m['in_any_cluster_share']:.0%} in any cluster")
     fig.suptitle("Fig. 1: AWR's unimodal Gaussian vs IDQL's implicit-policy extraction, 2-D bandit")
     fig.tight_layout()
@@ -255,7 +255,8 @@ class Fig2Size:
     num_data: int = 30_000
     num_params: int = 49
     alpha_max: float = 100.0
-    critic_check_steps: int = 3_000  # ImplicitCritic fits at a few parameters (0: none)
+    critic_check_steps: int = 2_000  # ImplicitCritic fits at a few parameters (0: none)
+    critic_check_lr: float = 2e-3
     critic_check_params: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
         "expectile": (0.1, 0.5, 0.9), "quantile": (0.1, 0.5, 0.9), "exponential": (0.5, 1.0, 2.0)})
 
@@ -332,9 +333,11 @@ def fig2(out: Path, quick: bool = False, seed: int = 0, size: Fig2Size | None = 
             for p in params:
                 L.seed_everything(seed, verbose=False)
                 key = "alpha" if kind == "exponential" else "tau"
-                critic = train_critic(buffer, size.critic_check_steps, hidden_dims=(64, 64), value_loss=kind, **{key: p})
-                checks[kind].append({"param": p, "critic_v": float(critic.v(torch.zeros(1, 1))),
-                                     "exact_v": optimal_value(rewards, kind, p)})
+                critic = train_critic(buffer, size.critic_check_steps, hidden_dims=(64, 64), value_loss=kind,
+                                      lr=size.critic_check_lr, **{key: p})
+                with torch.no_grad():
+                    critic_v = float(critic.v(torch.zeros(1, 1)))
+                checks[kind].append({"param": p, "critic_v": critic_v, "exact_v": optimal_value(rewards, kind, p)})
     seconds = time.perf_counter() - start
     r_np = rewards.numpy()
     references = {"cluster_rewards": list(FIG2_CLUSTERS), "noise_std": FIG2_NOISE, "reward_mean": float(r_np.mean()),
