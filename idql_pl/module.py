@@ -141,9 +141,10 @@ class IDQLModule(L.LightningModule):
             self._metric_names = list(metrics)
             self._bad = torch.zeros_like(bad_now)
             self._bad_step = torch.full((), torch.iinfo(torch.int64).max, device=values.device)
-        self._bad_step = torch.where(bad_now.any() & ~self._bad.any(), self.global_step, self._bad_step)
+        step = self.global_step + 1  # this training step's number (it is counted at its end)
+        self._bad_step = torch.where(bad_now.any() & ~self._bad.any(), step, self._bad_step)
         self._bad |= bad_now
-        if self.attached and (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        if self.attached and step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log_dict({**metrics, **self._throughput()})
             self.raise_if_nonfinite()
 
