@@ -11,6 +11,7 @@ from idql_pl.behavior import DiffusionBehavior  # noqa: E402
 from idql_pl.critic import ImplicitCritic  # noqa: E402
 from idql_pl.data import OfflineDataModule  # noqa: E402
 from idql_pl.idql import IDQL  # noqa: E402
+from idql_pl.iql import IQL  # noqa: E402
 
-__all__ = ["IDQL", "DiffusionBehavior", "ImplicitCritic", "OfflineDataModule"]
+__all__ = ["IDQL", "IQL", "DiffusionBehavior", "ImplicitCritic", "OfflineDataModule"]
 __version__ = "0.1.0"
