@@ -211,17 +211,10 @@ class IQL(IDQLModule):
 
     # ------------------------------------------------------------------------------------------- act
     @torch.no_grad()
-    def act(
-        self,
-        states: Tensor,
-        num_samples: int | None = None,
-        extraction: str | None = None,
-        generator: torch.Generator | None = None,
-        precision: str = "auto",
-    ) -> Tensor:
-        """The actor's mean action ``tanh(mu(s))`` per state (IQL's evaluation policy), float32.
-        ``num_samples``, ``extraction`` and ``generator`` are accepted for the evaluation callback and unused:
-        the mean action is deterministic."""
+    def act(self, states: Tensor, precision: str = "auto", **sampling: Any) -> Tensor:
+        """The actor's mean action ``tanh(mu(s))`` per state (IQL's evaluation policy), float32. The
+        evaluation callback's sampling options (``num_samples``, ``extraction``, ``generator``) are accepted
+        and unused: the mean action is deterministic."""
         with autocast_for(states.device, precision):
             mean, _ = self.actor(states)
         return mean.float()
