@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
+import shutil
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,8 @@ from idql_pl.errors import CheckpointError
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """``torch.load(weights_only=True)``: tensors and plain containers only; anything else is refused."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(directory_message(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path (runs keep theirs in checkpoints/<run>/)")
     try:
@@ -38,17 +44,65 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, A
     return checkpoint
 
 
+def directory_message(path: Path) -> str:
+    """The error for a ``--ckpt_path`` that names a folder: say so, and list the checkpoints in it."""
+    found = sorted(p.name for p in path.glob("*.ckpt") if p.is_file())
+    if found:
+        best = "last.ckpt" if "last.ckpt" in found else found[-1]
+        shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
+        return (f"--ckpt_path {path} is a directory, not a checkpoint file; it holds {shown}: pass one of them,"
+                f" e.g. --ckpt_path {path / best}")
+    runs = sorted(str(p.relative_to(path)) for p in path.glob("*/last.ckpt") if p.is_file())
+    if runs:
+        shown = ", ".join(runs[:8]) + (f" and {len(runs) - 8} more" if len(runs) > 8 else "")
+        return (f"--ckpt_path {path} is a directory, not a checkpoint file; its run folders hold {shown}: pass"
+                f" one of them, e.g. --ckpt_path {path / runs[0]}")
+    return (f"--ckpt_path {path} is a directory, not a checkpoint file, and it holds no .ckpt files: pass a"
+            " checkpoint file (runs keep theirs in checkpoints/<run>/last.ckpt)")
+
+
+_writes = 0
+_writes_lock = threading.Lock()
+
+
+def write_in_progress() -> bool:
+    """Whether a checkpoint file is being written by this process right now (the stop handler waits for it)."""
+    return _writes > 0
+
+
+@contextlib.contextmanager
+def _writing():
+    global _writes
+    with _writes_lock:
+        _writes += 1
+    try:
+        yield
+    finally:
+        with _writes_lock:
+            _writes -= 1
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
 SIDECARS_KEY = "idql_sidecars"
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, rename; a full disk is one clear error."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _writing():
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save may wrap the OSError of a failed write
+        if _no_space(err):
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(no_space_message(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -59,6 +113,7 @@ def _sidecar_files(path: Path, name: str) -> list[Path]:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temp file in the same folder, fsync, then rename: a crash mid-save keeps the old file.
+    A full disk (or quota) is one clear error; the temp file is removed and the old checkpoint stays whole.
 
     Large per-run state a module puts under ``checkpoint["idql_sidecars"][name]`` (the online replay buffer)
     is written beside the checkpoint as ``<ckpt>.<name>.<global_step>.pt`` *before* the checkpoint, which then
@@ -107,6 +162,29 @@ def load_sidecar(path: Path) -> Any:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} (saved beside its checkpoint) is corrupt or unsafe ({first}): resume from"
                               " an earlier checkpoint") from None
+
+
+def _no_space(err: BaseException) -> bool:
+    seen: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and e not in seen:
+        seen.append(e)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def no_space_message(path: Path) -> str:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
+    return (f"no space left on the device to write {path} ({free}); {kept}: free some space (old run folders,"
+            " periodic checkpoints) or use --run_root on a larger disk, then resume with --ckpt_path last")
 
 
 def load_submodule_state(module: nn.Module, path: str | os.PathLike, prefix: str) -> None:

@@ -10,23 +10,30 @@ import os
 import re
 import secrets
 import sys
-import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import yaml
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from idql_pl import quiet, run_folder, threads
 from idql_pl.callbacks.evaluation import PolicyEvaluation
+from idql_pl.callbacks.progress import StepProgressBar
+from idql_pl.callbacks.stop import GracefulStop, Stopped
+from idql_pl.callbacks.stop import controller as stop_controller
 from idql_pl.checkpointing import AtomicCheckpointIO, safe_load
 from idql_pl.data import OfflineDataModule
-from idql_pl.errors import CheckpointError, IDQLError
+from idql_pl.errors import CheckpointError, ConfigError, IDQLError
 from idql_pl.module import dims_mismatch
 
 RUN_ID_FILE = "wandb_run_id.txt"
+RUN_DIR_ENV = "IDQL_PL_RUN_DIR"  # rank 0's claimed run folder, for the DDP ranks it launches
+NAMED_CKPTS = ("last", "best", "hpc")
 
 
 def _slug(text: str) -> str:
@@ -74,6 +81,9 @@ class IDQLCLI(LightningCLI):
         parser.add_argument("--run_name", type=str | None, default=None, help="run folder under --run_root (default: model-dataset-seedN)")
         parser.add_argument("--run_root", type=str, default="checkpoints", help="where run folders live")
         parser.add_argument("--wandb_project", type=str, default="idql_pl", help="W&B project (offline when no API key)")
+        parser.add_argument("--threads", type=int | None, default=None,
+                            help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else the CPUs this process may"
+                                 " use, from its affinity mask)")
         parser.add_lightning_class_args(PolicyEvaluation, "eval")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -87,52 +97,80 @@ class IDQLCLI(LightningCLI):
         for dim in ("obs_dim", "action_dim"):
             parser.link_arguments("data", f"model.init_args.{dim}", compute_fn=lambda d, dim=dim: getattr(d, dim), apply_on="instantiate")
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning reads a checkpoint's hyperparameters into the config before anything else: refuse a missing,
-        corrupt or unsafe file there with our one-line error instead of a traceback."""
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check up front what would otherwise fail late or not at all: a YAML syntax error names
+        its file, line and column; ``validate``/``test`` need a checkpoint; a ``--ckpt_path`` must be a safe,
+        readable checkpoint file (Lightning reads its hyperparameters right after this, with torch.load)."""
+        try:
+            super().parse_arguments(parser, args)
+        except Exception as err:
+            located = yaml_syntax_error(err, sys.argv[1:] if args is None else args)
+            if located is None:
+                raise
+            raise located from None
         sub = self.config.get("subcommand")
-        ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt and ckpt not in ("last", "best", "hpc"):
+        cfg = self.config[sub] if sub else self.config
+        self.threads = threads.apply_threads(cfg.get("threads"))
+        ckpt = cfg.get("ckpt_path")
+        if sub in ("validate", "test") and not ckpt:
+            raise ConfigError(
+                f"{sub} needs a trained model: pass --ckpt_path checkpoints/<run>/last.ckpt (or --ckpt_path last with"
+                f" the run's --run_name); without one it would evaluate an untrained policy"
+            )
+        if ckpt and ckpt not in NAMED_CKPTS:
             safe_load(ckpt)
-        super()._parse_ckpt_path()
 
     # ------------------------------------------------------------------------------------ run folder
     def _sub(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
 
+    def _run_name(self, cfg: Any) -> str:
+        if cfg.run_name:
+            return cfg.run_name
+        model = cfg.model.class_path.rsplit(".", 1)[-1].lower()
+        variant = (cfg.model.get("init_args") or {}).get("variant")  # OnlineIDQL: max / imp
+        model += f"-{variant}" if variant else ""
+        return f"{model}-{_slug(cfg.data.dataset)}-seed{cfg.seed_everything}"
+
     def _resolve_run_dir(self) -> Path:
         cfg = self._sub()
         root = Path(cfg.run_root)
-        if cfg.run_name:
-            name = cfg.run_name
-        else:
-            model = cfg.model.class_path.rsplit(".", 1)[-1].lower()
-            variant = (cfg.model.get("init_args") or {}).get("variant")  # OnlineIDQL: max / imp
-            model += f"-{variant}" if variant else ""
-            name = f"{model}-{_slug(cfg.data.dataset)}-seed{cfg.seed_everything}"
+        run_dir = root / self._run_name(cfg)
         ckpt = cfg.get("ckpt_path")
-        run_dir = root / name
+        first_rank = rank_zero_only.rank == 0
         if self.subcommand == "fit" and ckpt is None:
-            # A fresh fit never writes into a folder that already holds checkpoints: pick the next free suffix.
-            base, i = run_dir, 1
-            while any(run_dir.glob("*.ckpt")):
-                run_dir = Path(f"{base}-{i}")
-                i += 1
+            # A fresh fit never writes into a folder that holds checkpoints or that another live fit claimed:
+            # rank 0 claims the first free suffix; the DDP ranks it launches inherit its choice.
+            if first_rank:
+                slurm = run_folder.slurm_job_id() if SLURMEnvironment.detect() else None
+                run_dir = run_folder.claim_fresh(run_dir, slurm_job=slurm)
+                os.environ[RUN_DIR_ENV] = str(run_dir)
+            elif os.environ.get(RUN_DIR_ENV):
+                run_dir = Path(os.environ[RUN_DIR_ENV])
+            else:  # ranks started by another launcher (torchrun, srun): the same scan, without claiming
+                base, i = run_dir, 1
+                while any(run_dir.glob("*.ckpt")):
+                    run_dir = Path(f"{base}-{i}")
+                    i += 1
         elif ckpt == "last":
             if not (run_dir / "last.ckpt").is_file():
                 raise CheckpointError(
                     f"--ckpt_path last: no {run_dir / 'last.ckpt'} to resume; pass the --run_name of the run to"
                     " continue (see checkpoints/), or drop --ckpt_path to start a new run"
                 )
-        elif ckpt is not None:
+        elif ckpt is not None and ckpt not in NAMED_CKPTS:
             run_dir = Path(ckpt).resolve().parent
+        if self.subcommand == "fit" and ckpt is not None and first_rank:
+            run_folder.claim_existing(run_dir)  # two resumes of one run at once would overwrite each other
+        self.resume_hint = _resume_hint(run_dir, root, self._run_name(cfg))
         return run_dir
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self._sub()
         run_dir = self._resolve_run_dir()
         self.run_dir = run_dir
-        ckpt_cb = self._get(self.config_init, "checkpoint")
+        sub_init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        ckpt_cb = sub_init.get("checkpoint")
         if ckpt_cb is not None and ckpt_cb.dirpath is None:
             ckpt_cb.dirpath = str(run_dir)
         kwargs.setdefault("default_root_dir", str(run_dir))
@@ -143,39 +181,63 @@ class IDQLCLI(LightningCLI):
             kwargs["strategy"] = "ddp_find_unused_parameters_true"
         plugins = cfg.trainer.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
+        callbacks = sub_init.get("trainer", {}).get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        ours: list[Any] = [GracefulStop(resume_hint=self.resume_hint)]
+        if cfg.trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            ours.append(StepProgressBar())
+        kwargs["callbacks"] = [*ours, *callbacks]
         return super().instantiate_trainer(**kwargs)
 
     def _default_loggers(self, run_dir: Path, cfg: Any) -> list[Logger]:
+        """CSV always; W&B for ``fit`` is added in :meth:`before_fit` (see :meth:`_add_wandb`)."""
         csv_name = "csv" if self.subcommand == "fit" else f"csv_{self.subcommand}"
-        loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name=csv_name, version="")]
-        mode = os.environ.get("WANDB_MODE", "")
-        if mode == "disabled" or self.subcommand != "fit":
-            return loggers
+        self._wandb_wanted = self.subcommand == "fit" and os.environ.get("WANDB_MODE", "") != "disabled"
+        return [CSVLogger(save_dir=str(run_dir), name=csv_name, version="")]
+
+    def _add_wandb(self) -> None:
+        """Start the W&B run ourselves (rank 0) and hand it to ``WandbLogger(experiment=...)``: Lightning's own
+        ``wandb.init`` call passes ``anonymous=None``, which wandb >= 0.2x answers with a deprecation warning on
+        every run, and sets ``WANDB_MODE=dryrun`` offline, which wandb no longer reads as offline."""
+        if not getattr(self, "_wandb_wanted", False):
+            return
         try:
+            import wandb
             from lightning.pytorch.loggers import WandbLogger
         except ImportError:
             print("[idql_pl] wandb not installed: logging to CSV only", file=sys.stderr)
-            return loggers
+            return
+        cfg, run_dir = self._sub(), self.run_dir
+        mode = os.environ.get("WANDB_MODE", "")
         offline = mode == "offline" or not (os.environ.get("WANDB_API_KEY") or _wandb_has_key())
-        if offline:
-            print(f"[idql_pl] W&B: no API key found, logging offline to {run_dir}/wandb (upload later with `wandb sync`)", file=sys.stderr)
-        id_file = run_dir / RUN_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id)
-        loggers.append(
-            # mode is passed on to wandb.init: Lightning's offline=True alone sets WANDB_MODE=dryrun, which wandb
-            # >= 0.2x no longer reads as offline and then asks for the missing API key
-            WandbLogger(project=cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow", save_dir=str(run_dir),
-                        offline=offline, **({"mode": "offline"} if offline else {}))
-        )
-        return loggers
+        experiment = None
+        if rank_zero_only.rank == 0:
+            if offline:
+                print(f"[idql_pl] W&B: no API key found, logging offline to {run_dir}/wandb (upload later with"
+                      " `wandb sync`)", file=sys.stderr)
+            id_file = run_dir / RUN_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id)
+            experiment = wandb.run or wandb.init(project=cfg.wandb_project, name=run_dir.name, id=run_id,
+                                                 resume="allow", dir=str(run_dir),
+                                                 **({"mode": "offline"} if offline else {}))
+            # the x-axis WandbLogger defines when it starts the run itself
+            experiment.define_metric("trainer/global_step")
+            experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        logger = WandbLogger(project=cfg.wandb_project, name=run_dir.name, save_dir=str(run_dir), experiment=experiment)
+        self.trainer.loggers = [*self.trainer.loggers, logger]
 
     # ------------------------------------------------------------------------------------- subcommands
     def before_fit(self) -> None:
         self._resolve_ckpt_path()
         rank_zero_info(self.datamodule.summary())
         rank_zero_info(f"[idql_pl] run folder: {self.run_dir}")
+        _, source = threads.intra_op_threads(self._sub().get("threads"))
+        wait = os.environ.get(threads.WAIT_POLICY, "default (spinning)")
+        hint = "" if source == "--threads" else "; --threads N to change"
+        rank_zero_info(f"[idql_pl] {self.threads} CPU thread{'s' if self.threads != 1 else ''} (from {source}{hint}), OpenMP wait policy {wait}")
+        self._add_wandb()
 
     def after_fit(self) -> None:
         _finish_wandb()
@@ -228,21 +290,71 @@ def user_error_message(err: BaseException) -> str | None:
             " or `--print_config`")
 
 
-# Third-party notices that say nothing actionable to an IDQL user.
-QUIET = (
-    r".*isinstance\(treespec, LeafSpec\).*",
-    r".*no pre-optimization state was saved.*",  # our checkpoints hold the post-step state by design
-    r".*litlogger.*",
-    r".*reward functions were updated in v1.2.1.*",  # gymnasium-robotics' Adroit notice
-)
+def _resume_hint(run_dir: Path, root: Path, name: str) -> str:
+    """What to add to the same command to continue this run (``last`` means ``<run_root>/<run_name>/last.ckpt``)."""
+    if run_dir == root / name:
+        return "--ckpt_path last"
+    if run_dir.parent == root:
+        return f"--run_name {run_dir.name} --ckpt_path last"
+    return f"--ckpt_path {run_dir / 'last.ckpt'}"
+
+
+def _config_files(args: Any) -> list[str]:
+    if not isinstance(args, list | tuple):
+        return []
+    args = [str(a) for a in args]
+    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    return files + [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+
+
+def yaml_syntax_error(err: BaseException, args: Any) -> ConfigError | None:
+    """A YAML syntax error behind a parse failure, located: the --config file, line and column."""
+    marked = next((e for e in _chain(err) if isinstance(e, yaml.MarkedYAMLError)), None)
+    if marked is None:
+        return None
+    for name in _config_files(args):
+        try:
+            text = Path(name).read_text()
+        except OSError:
+            continue
+        try:
+            yaml.safe_load(text)
+        except yaml.MarkedYAMLError as bad:
+            return ConfigError(f"YAML syntax error in {name}, {_where(bad)}: fix the file (a bracket, quote or"
+                               " indentation) and run again")
+    return ConfigError(f"YAML syntax error in a command-line value ({_where(marked, with_line=False)}): quote it"
+                       " like --key '[1, 2]' or --key \"a: b\"")
+
+
+def _where(err: yaml.MarkedYAMLError, with_line: bool = True) -> str:
+    mark = err.problem_mark or err.context_mark
+    problem = " ".join(str(err.problem or err.context or "invalid YAML").split())
+    if err.context and err.problem:
+        opened = err.context_mark
+        since = f" (from line {opened.line + 1}, column {opened.column + 1})" if opened and with_line else ""
+        problem = f"{err.context}{since}: {problem}"
+    if mark is None:
+        return problem
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    return f"{where}: {problem}" if with_line else f"{problem} at column {mark.column + 1}"
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point: user errors print one ``error:`` line and exit 2 instead of a traceback."""
-    for pattern in QUIET:
-        warnings.filterwarnings("ignore", message=pattern)
+    """Entry point: user errors print one ``error:`` line and exit 2 instead of a traceback; SIGTERM/SIGINT
+    during training save last.ckpt and exit 143/130 (see idql_pl/callbacks/stop.py)."""
+    quiet.install()
+    stop_controller.phase, stop_controller.requested = "setup", None
+    stop_controller.install()
+    stopped = False
     try:
         IDQLCLI(args=args)
+    except Stopped as stop:
+        stopped = True
+        stop_controller.phase = "done"  # further signals while finishing up are only recorded
+        if rank_zero_only.rank == 0:
+            print(stop.message(), file=sys.stderr, flush=True)
+        _finish_wandb(stop.exit_code)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted: resume with --ckpt_path last", file=sys.stderr)
         return 130
@@ -251,22 +363,34 @@ def main(args: list[str] | None = None) -> int:
         if message is None:
             raise
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        _finish_wandb(IDQLError.exit_code)
         return IDQLError.exit_code
+    finally:
+        if args is None and stopped:
+            # a stopped command-line process ignores repeats until it exits (SIG_IGN, unlike a Python handler,
+            # survives interpreter shutdown: no KeyboardInterrupt in atexit hooks, no death by the signal)
+            stop_controller.ignore_from_now_on()
+        else:  # finished, or called as a library (tests): the caller's handlers back
+            stop_controller.restore()
+            stop_controller.phase = "setup"
+        run_folder.release_all()
     return 0
 
 
-def _finish_wandb() -> None:
+def _finish_wandb(exit_code: int = 0) -> None:
     """Close the W&B run (Lightning leaves it open), so the next command in this process starts its own."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)
 
 
 def _wandb_has_key() -> bool:
+    """Whether W&B has credentials (a `wandb login` or netrc entry), without prompting or a network call
+    (``wandb.api.api_key`` does the same but prints a deprecation warning in wandb >= 0.2x)."""
     try:
         import wandb
 
-        return bool(wandb.api.api_key)
+        return bool(wandb.login(prompt=False, verify=False))
     except Exception:
         return False
 

@@ -104,8 +104,11 @@ def read_hdf5(path: Path, label: str, fix: str) -> dict[str, np.ndarray]:
     return data
 
 
-def load_d4rl(name: str) -> SourceData:
-    """A D4RL name or a local hdf5 path -> raw transitions (q-learning convention) plus info and env factory."""
+def load_d4rl(name: str, max_episode_steps: int | None = None) -> SourceData:
+    """A D4RL name or a local hdf5 path -> raw transitions (q-learning convention) plus info and env factory.
+
+    ``max_episode_steps`` (given by the user) overrides the table's episode limit where a file has no
+    ``timeouts`` key (D4RL's step counter then marks them)."""
     spec: D4RLSpec | None
     if name in D4RL_DATASETS:
         spec = D4RL_DATASETS[name]
@@ -127,7 +130,7 @@ def load_d4rl(name: str) -> SourceData:
     raw["observations"] = raw["observations"].astype(np.float32, copy=False)
     raw["actions"] = raw["actions"].astype(np.float32, copy=False)
     raw["rewards"] = raw["rewards"].astype(np.float32, copy=False)
-    arrays, returns = d4rl_transitions(raw, spec.max_episode_steps if spec else None)
+    arrays, returns = d4rl_transitions(raw, max_episode_steps or (spec.max_episode_steps if spec else None))
     del raw
     info = DatasetInfo(
         name=spec.name if spec else path.stem,

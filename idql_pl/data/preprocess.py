@@ -61,6 +61,8 @@ class DatasetInfo:
     reward_shift: float = 0.0
     path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # where each evaluation setting came from: "given", "D4RL table (...)", "dataset metadata", ...
+    provenance: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,6 +17,7 @@ gymnasium ones because the `d4rl` package needs gym<0.25 and mujoco-py (IDQL_SPE
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,3 +138,27 @@ def suggest(name: str) -> str:
     """A ' Did you mean ...?' hint for an unknown dataset name ('' when nothing is close)."""
     close = difflib.get_close_matches(name, [*D4RL_DATASETS, *LOCAL_RECIPES], n=3, cutoff=0.6)
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def check_env_id(env_id: str) -> None:
+    """Refuse an evaluation env id that is neither a D4RL dataset name nor registered with gymnasium.
+
+    gymnasium-robotics ids are registered on its import (done here on a miss); ``module:Env-vN`` ids are left to
+    ``gym.make``, which imports the module.
+    """
+    if env_id in D4RL_DATASETS or ":" in env_id:
+        return
+    import gymnasium as gym
+
+    if env_id not in gym.registry:
+        with contextlib.suppress(ImportError):
+            import gymnasium_robotics  # noqa: F401  (registers its ids; ours are registered by idql_pl.envs)
+    if env_id not in gym.registry:
+        from idql_pl.errors import DatasetError
+
+        close = difflib.get_close_matches(env_id, [*gym.registry, *D4RL_DATASETS], n=3, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise DatasetError(
+            f"unknown eval_env '{env_id}': not a gymnasium env id nor a D4RL dataset name.{hint} Give a registered id "
+            "(e.g. Hopper-v4, idql_pl/Maze2dD4RL-v0) or a D4RL name whose evaluation env to use (e.g. hopper-medium-v2)"
+        )

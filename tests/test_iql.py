@@ -1,0 +1,128 @@
+"""IQL baseline: AWR weights (IDQL Eq. 3 / IQL Eq. 7), the Gaussian actor, the CLI fit + evaluation with each
+IQL config, exact resume, and diffusion BC (the behavior model alone) through the CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from idql_pl import IQL, ImplicitCritic
+from idql_pl.data.buffer import TransitionBuffer
+from idql_pl.errors import ConfigError
+from idql_pl.iql import EXP_ADV_MAX, GaussianActor, awr_loss, awr_weights
+from tests.helpers import CONFIGS, SMALL_MAZE, TINY_TRAINER, load_state, random_transitions, read_csv, run_cli
+from tests.test_resume import _assert_same
+
+TINY_IQL = ["--model.critic.hidden_dims", "[32, 32]", "--model.critic.batch_size", "32",
+            "--model.actor_hidden_dims", "[32, 32]"]
+
+
+# ---------------------------------------------------------------------------------------------- AWR
+def test_awr_weights_are_exp_beta_adv_clipped_at_100():
+    adv = torch.tensor([-2.0, -0.1, 0.0, 0.3, 1.0, 1.5, 50.0, 1e6])
+    w = awr_weights(adv, beta=3.0)
+    expected = torch.exp(3.0 * adv).clamp(max=100.0)
+    assert torch.allclose(w, expected, rtol=1e-6)
+    assert EXP_ADV_MAX == 100.0 and w.max() == 100.0 and torch.isfinite(w).all()
+    assert w[3] == pytest.approx(math.exp(0.9)) and w[0] == pytest.approx(math.exp(-6.0))
+    assert awr_weights(torch.tensor([0.4]), beta=10.0).item() == pytest.approx(math.exp(4.0))  # antmaze beta
+    assert awr_weights(torch.tensor([0.5]), beta=10.0).item() == 100.0  # exp(5) = 148 is clipped
+    assert awr_weights(torch.tensor([0.4]), beta=10.0, max_weight=20.0).item() == 20.0
+    assert torch.equal(awr_weights(adv, beta=0.0), torch.ones_like(adv))  # beta 0: plain behavior cloning
+
+
+def test_awr_loss_weights_the_log_likelihood_and_trains_only_the_actor():
+    torch.manual_seed(0)
+    buf = TransitionBuffer(random_transitions(200, obs_dim=5, action_dim=2), seed=0)
+    critic, actor = ImplicitCritic(5, 2, hidden_dims=(16, 16)), GaussianActor(5, 2, (16, 16))
+    batch = buf.sample(64)
+    loss, weights, adv = awr_loss(actor, critic, batch, beta=3.0)
+    with torch.no_grad():
+        adv_ref = critic.q_target_net(batch.observations, batch.actions).amin(0) - critic.v_net(batch.observations)[:, 0]
+        mean, log_std = actor(batch.observations)
+        logp = torch.distributions.Normal(mean, log_std.exp()).log_prob(batch.actions).sum(-1)
+    assert torch.allclose(adv, adv_ref, atol=1e-6)
+    assert torch.allclose(weights, torch.exp(3.0 * adv_ref).clamp(max=100.0), rtol=1e-5)
+    assert loss.item() == pytest.approx(-(weights * logp).mean().item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in actor.parameters())
+    assert all(p.grad is None for p in critic.parameters())
+
+
+@pytest.mark.parametrize("state_dependent_std", [False, True])
+def test_gaussian_actor_mean_in_range_log_std_clipped(state_dependent_std):
+    torch.manual_seed(0)
+    actor = GaussianActor(3, 2, (16, 16), state_dependent_std=state_dependent_std)
+    states = 100 * torch.randn(50, 3)
+    mean, log_std = actor(states)
+    assert mean.shape == log_std.shape == (50, 2) and mean.abs().max() <= 1.0  # tanh; 1.0 when saturated in float32
+    assert log_std.min() >= -5.0 and log_std.max() <= 2.0
+    if state_dependent_std:  # log-std head initialized near 0 (IQL's log_std_scale 1e-3)
+        assert actor(torch.randn(8, 3))[1].abs().max() < 0.05
+    else:
+        assert torch.equal(log_std, torch.zeros(50, 2))
+    samples = actor.sample(states[:4], 1000, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (4, 1000, 2) and samples.abs().max() <= 1.0
+
+
+def test_act_returns_the_mean_action():
+    model = IQL(4, 2, critic=lambda o, a: ImplicitCritic(o, a, hidden_dims=(16,)), actor_hidden_dims=(16,))
+    states = torch.randn(7, 4)
+    a = model.act(states, num_samples=8, extraction="implicit", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, model.actor(states)[0]) and a.dtype == torch.float32
+    assert torch.equal(a, model.act(states, precision="32"))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"beta": -1.0}, "beta"), ({"max_weight": 0.0}, "max_weight"), ({"actor_hidden_dims": []}, "actor_hidden_dims"),
+     ({"log_std_min": 2.0}, "log_std_min"), ({"actor_lr": 0.0}, "actor_lr"), ({"lr_decay_steps": 0}, "lr_decay_steps")],
+)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        IQL(4, 2, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("config", ["iql_loco", "iql_antmaze", "iql_quickstart"])
+def test_iql_fit_through_the_cli_trains_and_evaluates(config, tmp_path):
+    code = run_cli("fit", "--config", CONFIGS / f"{config}.yaml", *SMALL_MAZE, *TINY_IQL, *TINY_TRAINER,
+                   "--run_root", tmp_path, "--run_name", "r")
+    assert code == 0
+    run = tmp_path / "r"
+    ckpt = load_state(run / "last.ckpt")
+    assert ckpt["global_step"] == 6  # one Lightning-counted step per joint critic + actor step
+    assert any(k.startswith("actor.") for k in ckpt["state_dict"])
+    assert any(k.startswith("critic.q_target_net.") for k in ckpt["state_dict"])
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 6  # one cosine step per actor step
+    episodes = read_csv(run / "eval_episodes.csv")
+    assert len(episodes) == 2 and all(int(r["length"]) > 0 for r in episodes)
+    metrics = read_csv(run / "csv" / "metrics.csv")
+    logged = {k for m in metrics for k, v in m.items() if v}
+    assert {"train/critic/q_loss", "train/actor/loss", "train/actor/weight_mean", "val/actor/loss",
+            "eval/return", "eval/normalized_score", "perf/actor_steps_per_s"} <= logged, logged
+
+
+def test_iql_resumed_run_equals_uninterrupted(tmp_path):
+    common = ["fit", "--config", CONFIGS / "iql_quickstart.yaml", *SMALL_MAZE, *TINY_IQL,
+              "--model.lr_decay_steps", "16", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+              "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "3", "--eval.every_n_steps", "0",
+              "--eval.at_end", "false", "--checkpoint.every_n_train_steps", "4", "--run_root", tmp_path]
+    assert run_cli(*common, "--trainer.max_steps", 8, "--run_name", "straight") == 0
+    assert run_cli(*common, "--trainer.max_steps", 4, "--run_name", "split") == 0
+    assert run_cli(*common, "--trainer.max_steps", 8, "--run_name", "split", "--ckpt_path", "last") == 0
+    straight, split = load_state(tmp_path / "straight" / "last.ckpt"), load_state(tmp_path / "split" / "last.ckpt")
+    assert straight["global_step"] == split["global_step"] == 8
+    for key in ("state_dict", "optimizer_states", "lr_schedulers"):
+        _assert_same(straight[key], split[key], key)
+
+
+def test_diffusion_bc_baseline_config_trains_and_evaluates_one_sample_per_state(tmp_path):
+    code = run_cli("fit", "--config", CONFIGS / "bc_quickstart.yaml", *SMALL_MAZE, "--model.hidden_dim", "32",
+                   "--model.ff_dim", "64", "--model.batch_size", "64", *TINY_TRAINER, "--run_root", tmp_path,
+                   "--run_name", "bc")
+    assert code == 0
+    assert load_state(tmp_path / "bc" / "last.ckpt")["global_step"] == 6
+    assert len(read_csv(tmp_path / "bc" / "eval_episodes.csv")) == 2
