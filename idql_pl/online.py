@@ -17,9 +17,9 @@ from idql_pl.critic import ImplicitCritic
 from idql_pl.data.buffer import TransitionBuffer
 from idql_pl.data.replay import ReplayBuffer, mixed_batch
 from idql_pl.errors import CheckpointError, ConfigError
-from idql_pl.idql import BehaviorFactory, CriticFactory
+from idql_pl.idql import IDQL, BehaviorFactory, CriticFactory
 from idql_pl.module import IDQLModule
-from idql_pl.sampler import Extraction, check_extraction, extract_actions
+from idql_pl.sampler import Extraction, check_extraction
 
 Variant = Literal["max", "imp"]
 VARIANTS = ("max", "imp")
@@ -181,27 +181,7 @@ class OnlineIDQL(IDQLModule):
         self.reset_episode()
 
     # ----------------------------------------------------------------------------------- acting
-    @torch.no_grad()
-    def act(
-        self,
-        states: Tensor,
-        num_samples: int | None = None,
-        extraction: Extraction | None = None,
-        generator: torch.Generator | None = None,
-        precision: str = "auto",
-    ) -> Tensor:
-        """Extracted actions (Alg. 2): ``extraction`` (default: the evaluation one, ``hparams.extraction``)."""
-        return extract_actions(
-            self.behavior,
-            self.critic,
-            states,
-            num_samples=num_samples or self.hparams.num_samples,
-            extraction=extraction or self.hparams.extraction,
-            value_loss=self.critic.hparams.value_loss,
-            loss_param=self.critic.loss_param,
-            generator=generator,
-            precision=precision,
-        )
+    act = IDQL.act  # the same extraction (Alg. 2) as the offline model: argmax or implicit resampling
 
     def explore(self, states: Tensor) -> Tensor:
         """The exploration policy: argmax (IDQL-Max) or implicit resampling (IDQL-Imp), global torch RNG."""
