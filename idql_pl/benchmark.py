@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from idql_pl.sampler import autocast_for
+
 DATASET = "local/pointmaze-umaze"
 
 
@@ -286,7 +288,7 @@ class Bench:
         """``fn`` under bf16 autocast, as ``--trainer.precision bf16-mixed`` runs a training step."""
 
         def run() -> Any:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            with autocast_for(self.device, "bf16"):
                 return fn()
 
         return run
