@@ -7,7 +7,9 @@ off, W&B disabled, each in its own run root) and report the total critic steps/s
 A run's rate is its training-time rate: the critic steps between its logging steps over the time they took, from
 its ``csv/metrics.csv`` column ``perf/critic_steps_per_s`` (the harmonic mean over rows, since every row covers
 the same number of steps), or, where a run logged none, its steps over its wall time (start-up included, so
-lower). ``wall_total_critic_steps_per_s`` is all runs' steps over the wall time of the whole batch.
+lower). ``wall_total_critic_steps_per_s`` is all runs' steps over the wall time of the whole batch. A run still
+going at ``--timeout`` is stopped and counts with the rate it logged so far (``timed_out`` in the JSON): that bounds
+the time a collapsed configuration takes to measure.
 
 ``--pythonpath DIR`` measures another checkout (a ``git worktree`` of an older commit) with the same tool: the
 fits then run that checkout's code and config (``DIR/configs/quickstart.yaml``). The child processes get the
@@ -88,28 +90,33 @@ def measure(runs: int, steps: int, config: Path, root: Path, env: dict[str, str]
                                       stdout=log, stderr=subprocess.STDOUT))
     per_run = []
     for i, proc in enumerate(procs):
+        timed_out = False
         try:
             code = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
         except subprocess.TimeoutExpired:
             proc.kill()
-            code = proc.wait()
+            code, timed_out = proc.wait(), True
         ended = time.perf_counter()
         logs[i].close()
         run_dir = root / f"R{runs}" / f"run{i}" / "run"
         rate = run_rate(run_dir)
         wall = ended - starts[i]
-        per_run.append({"exit_code": code, "critic_steps_per_s": rate, "wall_s": round(wall, 2),
+        per_run.append({"exit_code": code, "timed_out": timed_out, "critic_steps_per_s": rate, "wall_s": round(wall, 2),
                         "wall_critic_steps_per_s": steps / wall if wall > 0 else None,
                         "source": METRIC if rate is not None else "wall time",
                         "output": str(root / f"R{runs}" / f"run{i}" / "output.txt")})
     wall = time.perf_counter() - t0
-    ok = [r for r in per_run if r["exit_code"] == 0]
+    # A run stopped by --timeout still counts with the rate it logged before the stop (flagged as timed out).
+    ok = [r for r in per_run if r["exit_code"] == 0 or (r["timed_out"] and r["critic_steps_per_s"] is not None)]
     total = sum((r["critic_steps_per_s"] if r["critic_steps_per_s"] is not None else r["wall_critic_steps_per_s"])
                 for r in ok)
     return {"runs": runs, "steps_per_run": steps, "completed": len(ok),
+            "timed_out": sum(r["timed_out"] for r in per_run),
             "total_critic_steps_per_s": total if len(ok) == runs else None,
             "per_run_mean_critic_steps_per_s": total / len(ok) if ok else None,
-            "wall_s": round(wall, 2), "wall_total_critic_steps_per_s": runs * steps / wall if len(ok) == runs else None,
+            "wall_s": round(wall, 2),
+            "wall_total_critic_steps_per_s": runs * steps / wall if sum(r["exit_code"] == 0 for r in per_run) == runs
+            else None,
             "per_run": per_run}
 
 
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--keep-thread-env", action="store_true", help="pass OMP_NUM_THREADS etc. on to the runs")
     parser.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up fit (dataset already there)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per batch of runs")
+    parser.add_argument("--timeout", type=float, default=3600,
+                        help="seconds allowed per batch of runs; a run stopped by it counts with the rate it logged")
     args = parser.parse_args(argv)
 
     counts = [int(x) for x in args.runs.split(",") if x.strip()]
@@ -170,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         shown = f"{total:.1f}" if total is not None else f"FAILED ({res['completed']}/{runs} completed)"
         print(f"[concurrency] R={runs}: total {shown} critic steps/s; per run "
               + ", ".join(f"{r['critic_steps_per_s']:.1f}" if r["critic_steps_per_s"] else "-" for r in res["per_run"])
-              + f" (wall {res['wall_s']} s)", flush=True)
+              + f" (wall {res['wall_s']} s" + (f", {res['timed_out']} stopped by --timeout" if res["timed_out"] else "")
+              + ")", flush=True)
 
     solo = next((r["total_critic_steps_per_s"] for r in results if r["runs"] == 1), None)
     print(f"\n{'R':>3} {'total critic steps/s':>21} {'per run':>9} {'vs R=1':>7}")

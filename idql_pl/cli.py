@@ -26,6 +26,7 @@ from idql_pl.callbacks.evaluation import PolicyEvaluation
 from idql_pl.callbacks.progress import StepProgressBar
 from idql_pl.callbacks.stop import GracefulStop, Stopped
 from idql_pl.callbacks.stop import controller as stop_controller
+from idql_pl.callbacks.threads import ShareCpus
 from idql_pl.checkpointing import AtomicCheckpointIO, safe_load
 from idql_pl.data import OfflineDataModule
 from idql_pl.errors import CheckpointError, ConfigError, IDQLError
@@ -83,7 +84,7 @@ class IDQLCLI(LightningCLI):
         parser.add_argument("--wandb_project", type=str, default="idql_pl", help="W&B project (offline when no API key)")
         parser.add_argument("--threads", type=int | None, default=None,
                             help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else the CPUs this process may"
-                                 " use, from its affinity mask)")
+                                 " use, from its affinity mask, fewer while other processes use them)")
         parser.add_lightning_class_args(PolicyEvaluation, "eval")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -184,6 +185,8 @@ class IDQLCLI(LightningCLI):
         callbacks = sub_init.get("trainer", {}).get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         ours: list[Any] = [GracefulStop(resume_hint=self.resume_hint)]
+        if threads.intra_op_threads(cfg.get("threads"))[1] == "CPU affinity":
+            ours.append(ShareCpus(self.threads))
         if cfg.trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             ours.append(StepProgressBar())
         kwargs["callbacks"] = [*ours, *callbacks]
@@ -234,8 +237,10 @@ class IDQLCLI(LightningCLI):
         rank_zero_info(self.datamodule.summary())
         rank_zero_info(f"[idql_pl] run folder: {self.run_dir}")
         _, source = threads.intra_op_threads(self._sub().get("threads"))
-        wait = os.environ.get(threads.WAIT_POLICY, "default (spinning)")
+        wait = threads.wait_policy_text()
         hint = "" if source == "--threads" else "; --threads N to change"
+        if source == "CPU affinity":
+            hint += "; fewer while other processes use the cores"
         rank_zero_info(f"[idql_pl] {self.threads} CPU thread{'s' if self.threads != 1 else ''} (from {source}{hint}), OpenMP wait policy {wait}")
         self._add_wandb()
 

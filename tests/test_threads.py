@@ -30,6 +30,70 @@ def test_thread_count_sources(monkeypatch):
         threads.intra_op_threads(0, environ={})
 
 
+def test_passive_wait_comes_with_a_short_spin_unless_the_user_chose():
+    env: dict[str, str] = {}
+    modules = dict(sys.modules)
+    try:
+        sys.modules.pop("torch")  # as in a fresh `python -m idql_pl` before torch is imported
+        assert threads.passive_openmp_wait(env) is True
+    finally:
+        sys.modules.clear()
+        sys.modules.update(modules)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": threads.SHORT_SPIN}
+    assert threads.wait_policy_text(env) == "PASSIVE, GOMP_SPINCOUNT=10000"
+    assert threads.wait_policy_text({}) == "default (spinning)"
+
+
+def test_threads_left_over_by_other_processes():
+    assert [threads.shared_threads(2, x) for x in (0.0, 0.4, 0.6, 1.0, 1.5, 3.0)] == [2, 2, 1, 1, 1, 1]
+    assert [threads.shared_threads(8, x) for x in (0.0, 2.2, 6.9)] == [8, 6, 1]
+
+
+def test_cpu_share_subtracts_this_process(monkeypatch):
+    """Other processes' cores = the machine's busy CPU time minus this process's own, over the wall time."""
+    samples = iter([(0.0, 100.0, 10.0), (2.0, 103.0, 11.0), (2.1, 104.0, 11.1), (4.0, 104.5, 11.5)])
+    monkeypatch.setattr(threads.CpuShare, "_sample", staticmethod(lambda: next(samples)))
+    share = threads.CpuShare()
+    assert share.others() == pytest.approx(1.0)  # 3 busy s - 1 own s over 2 s
+    assert share.others() is None  # under 0.2 s since the last sample: too short to tell, the old one is kept
+    assert share.others() == pytest.approx(0.5)  # (1.5 busy s - 0.5 own s) over the 2 s since t = 2
+
+
+def test_cpu_share_reads_this_machine():
+    share = threads.CpuShare()
+    if share._last is None:
+        pytest.skip("no /proc/stat")
+    import time
+
+    time.sleep(0.3)
+    others = share.others()
+    assert others is not None and 0.0 <= others <= os.cpu_count() + 0.5
+
+
+def test_share_cpus_follows_other_load(monkeypatch, caplog):
+    """The callback drops to the cores left over while others use them and takes them all back after."""
+    from idql_pl.callbacks.threads import ShareCpus
+
+    loads = iter([1.2, 1.2, 0.0])
+    monkeypatch.setattr(threads.CpuShare, "others", lambda self: next(loads))
+    clock = iter(range(0, 1000, 3))
+    monkeypatch.setattr("idql_pl.callbacks.threads.time.monotonic", lambda: float(next(clock)))
+    trainer = type("T", (), {"global_step": 7})()
+    torch.set_num_threads(2)
+    try:
+        cb = ShareCpus(max_threads=2, interval_s=2.0)
+        cb.on_train_start(trainer, None)
+        seen = []
+        for _ in range(3):
+            cb.on_train_batch_end(trainer, None)
+            seen.append(torch.get_num_threads())
+        assert seen == [1, 1, 2]
+        assert "1 CPU thread from step 7: other processes use 1.2 of the cores" in caplog.text
+        assert "2 CPU threads from step 7: the cores are free again" in caplog.text
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_passive_wait_never_overrides_the_user_and_never_comes_too_late():
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert threads.passive_openmp_wait(env) is False and env == {"OMP_WAIT_POLICY": "ACTIVE"}
@@ -72,7 +136,8 @@ def test_cli_process_uses_its_affinity_mask_and_passive_openmp(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "idql_pl", *FIT, "--run_root", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=240, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[idql_pl] 1 CPU thread (from CPU affinity; --threads N to change), OpenMP wait policy PASSIVE" in proc.stderr
+    assert ("[idql_pl] 1 CPU thread (from CPU affinity; --threads N to change; fewer while other processes use the"
+            " cores), OpenMP wait policy PASSIVE, GOMP_SPINCOUNT=10000") in proc.stderr
 
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
