@@ -6,6 +6,7 @@ eval_curve.png). ``--ckpt_path last`` resumes that folder's ``last.ckpt`` and it
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import secrets
@@ -262,10 +263,33 @@ class IDQLCLI(LightningCLI):
         if sub.get("ckpt_path") == "last":
             sub["ckpt_path"] = str(self.run_dir / "last.ckpt")
         if sub.get("ckpt_path"):
-            error = dims_mismatch(safe_load(sub["ckpt_path"]).get("idql_dims"), self.datamodule.obs_dim,
+            ckpt = safe_load(sub["ckpt_path"])
+            error = dims_mismatch(ckpt.get("idql_dims"), self.datamodule.obs_dim,
                                   self.datamodule.action_dim, sub["ckpt_path"], self.datamodule.info.name)
             if error:
                 raise CheckpointError(error)
+            if self.subcommand == "fit":
+                self._keep_metrics_history(int(ckpt.get("global_step", 0)))
+
+    def _keep_metrics_history(self, resumed_step: int) -> None:
+        """A resumed fit keeps ``csv/metrics.csv``'s rows up to the checkpoint's step (Lightning's CSVLogger would
+        delete the file when the resumed run starts logging): they are logged again through the logger, then the
+        resumed run's rows follow. Rows after that step are dropped (the resumed run redoes those steps)."""
+        logger = next((lg for lg in self.trainer.loggers if isinstance(lg, CSVLogger)), None)
+        path = self.run_dir / "csv" / "metrics.csv"
+        if logger is None or not path.is_file() or rank_zero_only.rank != 0:
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = 0
+        for row in rows:
+            step = int(float(row.pop("step", "") or -1))
+            values = {k: float(v) for k, v in row.items() if k and v not in ("", None)}
+            if 0 <= step <= resumed_step and values:
+                logger.log_metrics(values, step=step)
+                kept += 1
+        logger.save()
+        rank_zero_info(f"[idql_pl] kept {kept} rows of {path} up to step {resumed_step}")
 
 
 def _chain(err: BaseException) -> list[BaseException]:

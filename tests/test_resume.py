@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import torch
 
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, load_state, run_cli
@@ -51,3 +53,27 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     for key in ("critic.v_net", "critic.q_net", "behavior.net", "behavior.ema_net"):
         names = [k for k in state if k.startswith(key + ".")]
         assert any(not torch.equal(state[k], halfway["state_dict"][k]) for k in names), key
+
+
+def _train_losses(run_dir):
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {(row["step"], k): float(v) for row in rows for k, v in row.items() if k.startswith("train/") and v}
+
+
+def test_resumed_run_keeps_the_metrics_history(tmp_path):
+    """Lightning's CSVLogger deletes metrics.csv when a run in the same folder starts logging; a resume keeps
+    the rows up to its checkpoint, so the resumed run's losses equal the uninterrupted run's, row for row."""
+    assert run_cli(*COMMON, "--trainer.max_steps", 2 * K, "--run_root", tmp_path, "--run_name", "straight") == 0
+    assert run_cli(*COMMON, "--trainer.max_steps", K, "--run_root", tmp_path, "--run_name", "split") == 0
+    # a killed run may have logged past its last checkpoint: the resume redoes that step, so its row goes
+    metrics = tmp_path / "split" / "csv" / "metrics.csv"
+    header = metrics.read_text().splitlines()[0].split(",")
+    with open(metrics, "a") as f:
+        f.write(",".join(str(K + 1) if c == "step" else ("123.0" if c == "train/critic/q_loss" else "") for c in header)
+                + "\n")
+    assert run_cli(*COMMON, "--trainer.max_steps", 2 * K, "--run_root", tmp_path, "--run_name", "split",
+                   "--ckpt_path", "last") == 0
+    straight, split = _train_losses(tmp_path / "straight"), _train_losses(tmp_path / "split")
+    assert len(straight) >= 2 * K and {s for s, _ in straight} == {s for s, _ in split}
+    assert split == straight
