@@ -223,6 +223,10 @@ def test_per_agent_tau_and_a_clear_error_for_a_wrong_length():
     want = sum(value_loss(u[k], "expectile", tau).mean() for k, tau in enumerate(taus))
     torch.testing.assert_close(loss, want)
     assert [critic.loss_param_of(k) for k in range(3)] == pytest.approx(taus)
+    model = IDQL(S, A, critic=partial(ImplicitCritic, tau=taus, **TINY_CRITIC),
+                 behavior=partial(DiffusionBehavior, **TINY_BEHAVIOR), num_samples=4, num_agents=3).eval()
+    acts = model.act(torch.randn(5, S), extraction="implicit", generator=torch.Generator().manual_seed(0))
+    assert acts.shape == (3, 5, A)  # each agent resamples with its own tau's weights
     with pytest.raises(ConfigError, match="critic tau has 2 values but num_agents is 3"):
         ImplicitCritic(S, A, num_agents=3, tau=[0.6, 0.7])
     with pytest.raises(ConfigError, match="tau must lie in"):
