@@ -729,6 +729,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated sections to run ({','.join(SECTIONS)}); default: all")
     parser.add_argument("--agents", metavar="LIST", default=None,
                         help="comma-separated agent counts K, e.g. 1,8: per-agent step throughput vs the first")
+    parser.add_argument("--dataset_size", type=int, default=None,
+                        help="transitions of the local/pointmaze-umaze buffer (default 1M; generated on first use)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--_memory-probe", dest="memory_probe", type=int, default=None, help=argparse.SUPPRESS)
@@ -742,6 +744,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MUJOCO_GL", "disable")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = Sizes.tiny() if args.tiny else Sizes()
+    if args.dataset_size is not None:
+        if args.dataset_size < 1:
+            parser.error("--dataset_size must be >= 1")
+        sizes.dataset_size = args.dataset_size
     repeats = args.repeats or (2 if args.tiny else 5)
     if repeats < 1:
         parser.error("--repeats must be >= 1")
