@@ -77,6 +77,11 @@ class Sizes:
     warmup: int = 2
 
     @classmethod
+    def quickstart(cls) -> Sizes:
+        """configs/quickstart.yaml's networks and batches (score net 64/256 x 3, actor batch 256)."""
+        return cls(actor_hidden=64, actor_ff=256, actor_batch=256, sampler_n=32, eval_envs=10)
+
+    @classmethod
     def tiny(cls) -> Sizes:
         return cls(critic_hidden=(32, 32), critic_batch=32, actor_hidden=32, actor_ff=64, actor_blocks=2,
                    actor_batch=64, time_dim=16, fourier_dim=8, matmul_n=256, sampler_states=2, sampler_n=8,
@@ -729,6 +734,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated sections to run ({','.join(SECTIONS)}); default: all")
     parser.add_argument("--agents", metavar="LIST", default=None,
                         help="comma-separated agent counts K, e.g. 1,8: per-agent step throughput vs the first")
+    parser.add_argument("--sizes", choices=("paper", "quickstart"), default="paper",
+                        help="network and batch sizes: the paper's (default) or configs/quickstart.yaml's")
     parser.add_argument("--dataset_size", type=int, default=None,
                         help="transitions of the local/pointmaze-umaze buffer (default 1M; generated on first use)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -743,7 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MUJOCO_GL", "disable")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sizes = Sizes.tiny() if args.tiny else Sizes()
+    sizes = Sizes.tiny() if args.tiny else Sizes.quickstart() if args.sizes == "quickstart" else Sizes()
     if args.dataset_size is not None:
         if args.dataset_size < 1:
             parser.error("--dataset_size must be >= 1")
