@@ -22,7 +22,15 @@ from idql_pl.diffusion import (
 )
 from idql_pl.errors import ConfigError
 from idql_pl.module import IDQLModule, make_adam
-from idql_pl.nets import ACTIVATIONS, LNResNet, MLPScoreNet, ScoreNet, ema_update_, strip_dropout_
+from idql_pl.nets import (
+    ACTIVATIONS,
+    LNResNet,
+    MLPScoreNet,
+    ScoreNet,
+    build_agents,
+    ema_update_,
+    strip_dropout_,
+)
 
 SCORE_NETS = ("ln_resnet", "mlp")
 
@@ -48,6 +56,14 @@ class DiffusionBehavior(IDQLModule):
     AdamW lr 3e-4 with cosine decay to 0 and weight decay 0, batch 1024, EMA 0.001, actions clipped to +-1.
     ``compile``: run the training loss through ``torch.compile`` under ``fit`` (``python -m idql_pl.benchmark
     --compile`` measures whether it pays).
+
+    ``num_agents`` (K) independent behavior models train as one: every Dense of the score network (and of its
+    EMA copy) is agent-batched (:class:`~idql_pl.nets.AgentLinear`, one batched matmul for all agents), batches
+    are ``[K, B, ...]`` (agent ``k``'s own rows; a ``[B, ...]`` batch is shared), the loss is the sum over agents
+    of each agent's Eq. 4 loss, and :meth:`sample` returns ``[K, B, N, A]``. Dropout and diffusion noise are
+    drawn for all agents at once (one ``[K, ...]`` tensor from the global RNG), so agent ``k``'s noise is not a
+    single run's noise; its initialization is (``seed + k``, :func:`~idql_pl.nets.build_agents`). ``K = 1`` is
+    the single run, bit for bit.
     """
 
     def __init__(
@@ -70,10 +86,13 @@ class DiffusionBehavior(IDQLModule):
         batch_size: int = 1024,
         clip_actions: float = 1.0,
         compile: bool = False,  # noqa: A002 - the option's name on the command line
+        num_agents: int = 1,
     ):
         super().__init__()
         if obs_dim < 1 or action_dim < 1:
             raise ConfigError(f"obs_dim and action_dim must be >= 1 (got {obs_dim}, {action_dim})")
+        if not isinstance(num_agents, int) or num_agents < 1:
+            raise ConfigError(f"num_agents must be an integer >= 1 (got {num_agents!r})")
         if schedule not in SCHEDULES:
             raise ConfigError(f"unknown diffusion schedule {schedule!r}: use one of {', '.join(SCHEDULES)} (paper: vp)")
         if score_net not in SCORE_NETS:
@@ -105,12 +124,14 @@ class DiffusionBehavior(IDQLModule):
         self.register_buffer("alpha_bars", sched.alpha_bars, persistent=False)
         self._reverse_coefs = reverse_coefficients(sched)  # host floats for the sampler loop
 
-        self.net: ScoreNet
-        if score_net == "ln_resnet":
-            self.net = LNResNet(obs_dim, action_dim, hidden_dim, num_blocks, ff_dim, dropout, activation, time_dim,
-                                num_timesteps=T)
-        else:
-            self.net = MLPScoreNet(obs_dim, action_dim, hidden_dim, num_blocks, activation, time_dim, num_timesteps=T)
+        def build(k: int) -> ScoreNet:
+            if score_net == "ln_resnet":
+                return LNResNet(obs_dim, action_dim, hidden_dim, num_blocks, ff_dim, dropout, activation, time_dim,
+                                num_timesteps=T, num_agents=k)
+            return MLPScoreNet(obs_dim, action_dim, hidden_dim, num_blocks, activation, time_dim, num_timesteps=T,
+                               num_agents=k)
+
+        self.net: ScoreNet = build_agents(build, num_agents)
         # The EMA copy has its dropout removed, so it computes the eval-mode network whatever mode Lightning
         # sets (no train/eval juggling, no "modules in eval mode" warning); same parameters and state_dict keys.
         self.ema_net = strip_dropout_(copy.deepcopy(self.net).requires_grad_(False))
@@ -121,10 +142,16 @@ class DiffusionBehavior(IDQLModule):
     def schedule(self) -> Schedule:
         return Schedule(self.betas, self.alphas, self.alpha_bars)
 
+    @property
+    def num_agents(self) -> int:
+        return int(self.hparams.get("num_agents", 1))
+
     # ------------------------------------------------------------------------------------- training
     def loss(self, batch: Batch, net: ScoreNet | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """DDPM loss of Eq. 4 on ``(s, a)``; the state block of the first Dense is computed once per row."""
+        """DDPM loss of Eq. 4 on ``(s, a)``, summed over agents (each agent's mean over its rows); the state block
+        of the first Dense is computed once per row."""
         net = self.net if net is None else net
+        batch = batch.for_agents(self.num_agents)
         state_proj = net.project_state(batch.observations)
         return ddpm_loss(lambda x, k: net.forward_parts(x, state_proj, net.project_time(k)), self.schedule, batch.actions, generator)
 
@@ -133,13 +160,13 @@ class DiffusionBehavior(IDQLModule):
 
     def update(self, batch: Batch, opt: torch.optim.Optimizer, scheduler: LambdaLR | None) -> dict[str, Tensor]:
         """One behavior step of Algorithm 1: an AdamW step on the Eq. 4 loss (dropout active under ``fit``), the
-        cosine LR step, the EMA update. Returns detached scalars, no host sync: ``{"loss"}``."""
+        cosine LR step, the EMA update. Returns detached scalars, no host sync: ``{"loss"}`` (mean over agents)."""
         loss = self.train_loss(batch)
         self.step_optimizer(opt, loss)
         if scheduler is not None:
             scheduler.step()
         self.ema_update()
-        return {"loss": loss.detach()}
+        return {"loss": loss.detach() / self.num_agents}
 
     def ema_update(self) -> None:
         """``ema <- (1 - ema_rate) ema + ema_rate online`` for all parameters in one foreach op."""
@@ -168,7 +195,7 @@ class DiffusionBehavior(IDQLModule):
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         """One actor step on ``batch_size`` rows (``global_step`` counts actor steps)."""
         (opt,) = self.plain_optimizers()
-        out = self.update(buffer.sample(self.hparams.batch_size), opt, self.lr_schedulers())
+        out = self.update(buffer.sample(self.hparams.batch_size, self.num_agents), opt, self.lr_schedulers())
         self.track_losses({f"train/behavior/{k}": v for k, v in out.items()})
         self.count_step()
 
@@ -177,7 +204,7 @@ class DiffusionBehavior(IDQLModule):
         """Eq. 4 loss of the EMA net (no dropout) on a fixed batch with fixed k and noise; updates nothing."""
         batch = buffer.fixed_batch(self.hparams.batch_size)
         gen = torch.Generator(device=batch.actions.device).manual_seed(0)
-        return {"loss": self.loss(batch, net=self.ema_net, generator=gen)}
+        return {"loss": self.loss(batch, net=self.ema_net, generator=gen) / self.num_agents}
 
     def validation_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         metrics = self.validation_losses(buffer)
@@ -187,21 +214,24 @@ class DiffusionBehavior(IDQLModule):
     # ------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, states: Tensor, num_samples: int = 1, generator: torch.Generator | None = None) -> Tensor:
-        """``num_samples`` actions per state from the EMA net (no dropout) with the Eq. 5 sampler:
-        ``states [B, S] -> [B, num_samples, A]`` in ``[-clip_actions, clip_actions]``.
+        """``num_samples`` actions per state and agent from the EMA net (no dropout) with the Eq. 5 sampler:
+        ``states [K, B, S]`` (or ``[B, S]``, the same states for every agent) ``-> [K, B, num_samples, A]`` in
+        ``[-clip_actions, clip_actions]``.
 
-        Each state is projected once; the T steps run on all ``B x num_samples`` candidates at once.
+        Each state is projected once; the T steps run on all ``K x B x num_samples`` candidates at once.
         Noise: ``generator`` (on ``states``' device) or the global torch RNG.
         """
         net = self.ema_net  # dropout-free: eval-mode output in any mode
-        batch = states.shape[0]
-        state_proj = net.project_state(states).unsqueeze(1)  # [B, 1, H], broadcast over candidates
-        time_table = net.time_table()  # [T, H]
+        if states.dim() == 2:
+            states = states.expand(self.num_agents, *states.shape)
+        agents, batch = states.shape[:2]
+        state_proj = net.project_state(states).unsqueeze(2)  # [K, B, 1, H], broadcast over candidates
+        time_table = net.time_table().unsqueeze(1).unsqueeze(1)  # [K, 1, 1, T, H]
         dtype = states.dtype if states.is_floating_point() else torch.float32
-        x_T = torch.randn(batch, num_samples, self.hparams.action_dim, device=states.device, dtype=dtype,
+        x_T = torch.randn(agents, batch, num_samples, self.hparams.action_dim, device=states.device, dtype=dtype,
                           generator=generator)
         return reverse_sample(
-            lambda x, k: net.forward_parts(x, state_proj, time_table[k]),
+            lambda x, k: net.forward_parts(x, state_proj, time_table[..., k, :]),
             self._reverse_coefs,
             x_T,
             generator=generator,

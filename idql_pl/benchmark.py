@@ -12,10 +12,13 @@ One run measures (warm-up, then the median over ``--repeats`` timed blocks, comp
 - the extraction sampler (10 states x N=128 x T=5) vs the ceiling, and under bf16 (``--eval.precision bf16``);
 - evaluation env-steps/s (10 vector envs, the IDQL policy) vs the sampler-bound rate;
 - peak RSS when loading a 1M-transition dataset into the buffer (in a fresh subprocess);
-- with ``--compile``: ``compile: true`` (the losses through ``torch.compile``) against eager, actor and critic.
+- with ``--compile``: ``compile: true`` (the losses through ``torch.compile``) against eager, actor and critic;
+- with ``--agents 1,8``: per-agent throughput of the critic, actor and joint steps of ``num_agents = K`` models
+  (K agents per step, paper-size networks, each agent on its own batch) against the first K, interleaved.
 
 Every figure runs the project's own functions; there is no second implementation to compare against.
-``--only critic,actor,...`` runs just those sections (after the ceiling and the dataset).
+``--only critic,actor,...`` runs just those sections (after the ceiling and the dataset); ``--only agents``
+just the many-agents section.
 
 FLOPs are counted analytically from the layer shapes (matmuls only; a training step is ~3x the forward).
 ``--tiny`` runs everything in seconds with small sizes (for the test suite). On a shared machine the figures
@@ -72,6 +75,11 @@ class Sizes:
     block_s: float = 1.0  # target length of one timed block
     lightning_steps: int = 12  # timed joint steps per repeat (each path)
     warmup: int = 2
+
+    @classmethod
+    def quickstart(cls) -> Sizes:
+        """configs/quickstart.yaml's networks and batches (score net 64/256 x 3, actor batch 256)."""
+        return cls(actor_hidden=64, actor_ff=256, actor_batch=256, sampler_n=32, eval_envs=10)
 
     @classmethod
     def tiny(cls) -> Sizes:
@@ -183,24 +191,29 @@ def sampler_flops(obs_dim: int, action_dim: int, s: Sizes) -> float:
 
 
 # ----------------------------------------------------------------------------------------- builders
-def make_critic(obs_dim: int, action_dim: int, s: Sizes) -> Any:
+def make_critic(obs_dim: int, action_dim: int, s: Sizes, num_agents: int = 1) -> Any:
     from idql_pl.critic import ImplicitCritic
 
-    return ImplicitCritic(obs_dim, action_dim, hidden_dims=list(s.critic_hidden), batch_size=s.critic_batch)
+    return ImplicitCritic(obs_dim, action_dim, hidden_dims=list(s.critic_hidden), batch_size=s.critic_batch,
+                          num_agents=num_agents)
 
 
-def make_behavior(obs_dim: int, action_dim: int, s: Sizes) -> Any:
+def make_behavior(obs_dim: int, action_dim: int, s: Sizes, num_agents: int = 1) -> Any:
     from idql_pl.behavior import DiffusionBehavior
 
     return DiffusionBehavior(obs_dim, action_dim, T=s.T, hidden_dim=s.actor_hidden, num_blocks=s.actor_blocks,
-                             ff_dim=s.actor_ff, time_dim=s.time_dim, batch_size=s.actor_batch)
+                             ff_dim=s.actor_ff, time_dim=s.time_dim, batch_size=s.actor_batch, num_agents=num_agents)
 
 
-def make_idql(obs_dim: int, action_dim: int, s: Sizes) -> Any:
+def make_idql(obs_dim: int, action_dim: int, s: Sizes, num_agents: int = 1) -> Any:
     from idql_pl.idql import IDQL
 
     return IDQL(obs_dim, action_dim, critic=functools.partial(make_critic, s=s),
-                behavior=functools.partial(make_behavior, s=s), num_samples=s.sampler_n)
+                behavior=functools.partial(make_behavior, s=s), num_samples=s.sampler_n, num_agents=num_agents)
+
+
+# per-agent throughput at K = 8 vs K = 1 (DESIGN.md, "Many agents per process")
+AGENT_TARGETS = {"critic": 1.7, "actor": 1.2, "joint": 1.3}
 
 
 def _quiet_lightning() -> None:
@@ -230,6 +243,7 @@ class Bench:
         self.gflops = self._gflops_now = float("nan")  # the first ceiling; the one measured with the current figure
         self.dm: Any = None
         self.obs_dim = self.action_dim = 0
+        self.agent_counts: list[int] = [1, 8]
 
     def add(self, fig: Figure) -> Figure:
         if fig.reference_what == "FLOP ceiling" and fig.ceiling_gflops is None:
@@ -392,6 +406,50 @@ class Bench:
         self.add(Figure("joint_step_lightning", "joint step, Lightning Trainer.fit", lit_rate, "steps/s", bare_rate,
                         "bare loop", ratio, flops, ">= 0.90 of bare loop", ratio >= 0.90, samples=ratios))
         self._joint_step_s = statistics.median(bare_s)
+
+    # ---------------------------------------------------------------- many agents per process
+    def agent_step(self, kind: str, num_agents: int) -> Callable[[], Any]:
+        """One ``kind`` step ("critic", "actor", "joint": 2 actor + 1 critic, as ``IDQL.training_step``) of a
+        model of ``num_agents`` agents, each agent on its own batch (``sample(B, K)``)."""
+        s, buf, k = self.s, self.dm.train_buffer, num_agents
+        model = make_idql(self.obs_dim, self.action_dim, s, num_agents=k).to(self.device).train()
+        behavior, critic = model.behavior, model.critic
+        actor_opt, sched = behavior.make_optimizer(10**7)
+        v_opt, q_opt = critic.configure_optimizers()
+
+        def critic_step() -> None:
+            critic.update(buf.sample(s.critic_batch, k), v_opt, q_opt)
+
+        def actor_step() -> None:
+            behavior.update(buf.sample(s.actor_batch, k), actor_opt, sched)
+
+        def joint_step() -> None:
+            actor_step()
+            actor_step()
+            critic_step()
+
+        return {"critic": critic_step, "actor": actor_step, "joint": joint_step}[kind]
+
+    def agents(self) -> None:
+        """Per-agent steps/s (``K x`` steps/s) of each ``K`` in ``--agents`` against the first ``K``, the
+        ``K`` variants of each step interleaved (same machine load)."""
+        counts = self.agent_counts
+        base = counts[0]
+        labels = {"critic": f"critic step (B={self.s.critic_batch})", "actor": f"actor step (B={self.s.actor_batch})",
+                  "joint": "joint step (2 actor + 1 critic)"}
+        for kind in ("critic", "actor", "joint"):
+            fns = [self.agent_step(kind, k) for k in counts]
+            secs = time_interleaved(fns, self.repeats, self.s.block_s, self.device, self.s.warmup)
+            base_rate = base * median_rate(secs[0])
+            for k, sec in zip(counts, secs):
+                rate = k * median_rate(sec)
+                per_block = [(k / a) / (base / b) for a, b in zip(sec, secs[0])]
+                target = AGENT_TARGETS[kind] if (base, k) == (1, 8) else None
+                self.add(Figure(f"agents_{kind}_K{k}", f"{labels[kind]}, K={k}, per agent", rate, "agent-steps/s",
+                                base_rate, f"K={base} per agent", statistics.median(per_block), None,
+                                f">= {target}x K=1" if target else "",
+                                None if target is None else statistics.median(per_block) >= target,
+                                samples=per_block))
 
     # ---------------------------------------------------------------- batch sampling
     def sampling(self) -> None:
@@ -606,11 +664,15 @@ SECTIONS = ("critic", "actor", "joint", "sampling", "sampler", "evaluation", "me
 
 
 def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = False,
-        log: Callable[[str], None] = print, only: Sequence[str] | None = None) -> dict[str, Any]:
+        log: Callable[[str], None] = print, only: Sequence[str] | None = None,
+        agents: Sequence[int] | None = None) -> dict[str, Any]:
     """Every measurement in order (``only``: just these of :data:`SECTIONS`, after the matmul ceiling and the
-    dataset, which the others need); returns the JSON-able report."""
+    dataset, which the others need; ``agents``: also the many-agents section for these K); returns the
+    JSON-able report."""
     torch.manual_seed(0)
     bench = Bench(sizes, repeats, device, log)
+    if agents:
+        bench.agent_counts = list(agents)
     load_before = _loadavg()
     if device.type == "cpu" and load_before > 0.5 * (os.cpu_count() or 1):
         log(f"[bench] warning: 1-minute load average {load_before:.2f} on {os.cpu_count()} cores: other processes "
@@ -621,6 +683,8 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = Fal
                 ("peak memory", bench.memory)]
     steps = [("matmul ceiling", bench.matmul), ("dataset", bench.data)]
     steps += [(title, fn) for (title, fn), key in zip(sections, SECTIONS, strict=True) if only is None or key in only]
+    if agents:
+        steps.append(("many agents per process", bench.agents))
     if do_compile:
         steps.append(("torch.compile", bench.compiled))
     contention: dict[str, float] = {}
@@ -668,6 +732,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile on/off (actor, critic)")
     parser.add_argument("--only", metavar="LIST", default=None,
                         help=f"comma-separated sections to run ({','.join(SECTIONS)}); default: all")
+    parser.add_argument("--agents", metavar="LIST", default=None,
+                        help="comma-separated agent counts K, e.g. 1,8: per-agent step throughput vs the first")
+    parser.add_argument("--sizes", choices=("paper", "quickstart"), default="paper",
+                        help="network and batch sizes: the paper's (default) or configs/quickstart.yaml's")
+    parser.add_argument("--dataset_size", type=int, default=None,
+                        help="transitions of the local/pointmaze-umaze buffer (default 1M; generated on first use)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--_memory-probe", dest="memory_probe", type=int, default=None, help=argparse.SUPPRESS)
@@ -680,15 +750,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MUJOCO_GL", "disable")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sizes = Sizes.tiny() if args.tiny else Sizes()
+    sizes = Sizes.tiny() if args.tiny else Sizes.quickstart() if args.sizes == "quickstart" else Sizes()
+    if args.dataset_size is not None:
+        if args.dataset_size < 1:
+            parser.error("--dataset_size must be >= 1")
+        sizes.dataset_size = args.dataset_size
     repeats = args.repeats or (2 if args.tiny else 5)
     if repeats < 1:
         parser.error("--repeats must be >= 1")
     only = None if args.only is None else [x.strip() for x in args.only.split(",") if x.strip()]
-    unknown = sorted(set(only or ()) - set(SECTIONS))
+    unknown = sorted(set(only or ()) - set(SECTIONS) - {"agents"})
     if unknown:
-        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    report = run(sizes, repeats, device, args.compile, only=only)
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}, agents")
+    if only is not None and "agents" in only:  # the many-agents section alone: --agents 1,8 --only agents
+        only = [x for x in only if x != "agents"]
+        args.agents = args.agents or "1,8"
+    try:
+        agents = None if args.agents is None else [int(x) for x in args.agents.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--agents: a comma-separated list of integers, e.g. 1,8 (got {args.agents!r})")
+    if agents is not None and (not agents or min(agents) < 1):
+        parser.error("--agents: agent counts must be >= 1")
+    report = run(sizes, repeats, device, args.compile, only=only, agents=agents)
     m = report["machine"]
     print(f"\nIDQL benchmark on {m['device']} ({m['torch_threads']} threads, torch {m['torch']}), "
           f"{report['elapsed_s']:.0f} s, load average {m['loadavg_1m_before']:.2f} -> {m['loadavg_1m_after']:.2f}\n")

@@ -17,6 +17,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
 from idql_pl.errors import CheckpointError
+from idql_pl.nets import add_agent_dim
 
 
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -194,6 +195,7 @@ def load_submodule_state(module: nn.Module, path: str | os.PathLike, prefix: str
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     own = module.state_dict()
+    add_agent_dim(state, own)  # a checkpoint written before networks had an agent dimension
     missing = sorted(set(own) - set(state))
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or mismatched:
@@ -203,3 +205,29 @@ def load_submodule_state(module: nn.Module, path: str | os.PathLike, prefix: str
             " trained on the same environment"
         )
     module.load_state_dict({k: state[k] for k in own})
+
+
+def export_agent(path: str | os.PathLike, agent: int, out: str | os.PathLike) -> None:
+    """Write agent ``agent`` of a checkpoint of ``K`` agents (``--model.num_agents K``) to ``out`` as an
+    ordinary single-agent checkpoint: every network tensor's leading dimension holds ``K`` agents' blocks of
+    equal size (1 row per agent; the twin Q's 2 members per agent), of which agent ``agent``'s block is kept;
+    ``num_agents`` becomes 1 in the saved hyperparameters. Optimizer and LR-scheduler states are dropped (the
+    export is for evaluation: ``validate --ckpt_path out --model.num_agents 1``, with the agent's own
+    ``tau``/``alpha`` when they differed)."""
+    checkpoint = safe_load(path)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    agents = int(hparams.get("num_agents", 1))
+    if not 0 <= agent < agents:
+        raise CheckpointError(f"{path} holds {agents} agent(s): --agent must lie in 0..{agents - 1} (got {agent})")
+    state = {}
+    for key, value in checkpoint["state_dict"].items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] % agents:
+            raise CheckpointError(f"{path}: {key} has no leading agent dimension of {agents}; not a many-agent"
+                                  " checkpoint of idql_pl")
+        rows = value.shape[0] // agents
+        state[key] = value[agent * rows : (agent + 1) * rows].clone()
+    exported = {k: v for k, v in checkpoint.items() if k not in ("optimizer_states", "lr_schedulers", "state_dict")}
+    exported["state_dict"] = state
+    exported["hyper_parameters"] = {**hparams, "num_agents": 1}
+    exported["idql_exported_agent"] = {"source": str(path), "agent": agent, "num_agents": agents}
+    _atomic_save(exported, Path(out))

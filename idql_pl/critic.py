@@ -7,13 +7,24 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
 from idql_pl.losses import ValueLossKind, check_value_loss, implicit_weights, value_loss
 from idql_pl.module import IDQLModule, make_adam
-from idql_pl.nets import MLP, TwinQ, ema_update_
+from idql_pl.nets import AgentMLP, TwinQ, build_agents, ema_update_
+
+
+def per_agent(value: float | Sequence[float], num_agents: int, name: str) -> list[float]:
+    """A hyperparameter given once (shared) or as a list of one value per agent, as ``num_agents`` floats."""
+    if isinstance(value, int | float):
+        return [float(value)] * num_agents
+    values = [float(v) for v in value]
+    if len(values) != num_agents:
+        raise ConfigError(f"{name} has {len(values)} values but num_agents is {num_agents}: give one value, or one per"
+                          " agent")
+    return values
 
 
 class ImplicitCritic(IDQLModule):
@@ -24,6 +35,14 @@ class ImplicitCritic(IDQLModule):
     ``value_loss``: "expectile" (``tau``), "quantile" (``tau``) or "exponential" (``alpha``, guarded with
     ``exp_clip``). Adam, constant ``lr``, no weight decay or gradient clipping. ``compile``: run both losses
     through ``torch.compile`` under ``fit`` (``python -m idql_pl.benchmark --compile`` measures whether it pays).
+
+    ``num_agents`` (K) independent critics train as one model: V is K members, the twin Q and its target
+    ``K x 2`` (:class:`~idql_pl.nets.TwinQ`), all updated by one batched step. Batches are ``[K, B, ...]`` (agent
+    ``k``'s own rows; a ``[B, ...]`` batch is shared by all agents), every evaluation method returns
+    ``[K, B]``, and each loss is the sum over agents of each agent's mean loss, so each agent gets its own
+    gradient and (Adam being elementwise) its own Adam step. ``tau``/``alpha`` may be a list of K values (a
+    hyperparameter sweep in one process). Agent ``k`` is initialized as a single run seeded ``seed + k``
+    (:func:`~idql_pl.nets.build_agents`); ``K = 1`` is the single run, bit for bit.
     """
 
     def __init__(
@@ -32,21 +51,26 @@ class ImplicitCritic(IDQLModule):
         action_dim: int,
         hidden_dims: Sequence[int] = (256, 256),
         value_loss: ValueLossKind = "expectile",
-        tau: float = 0.7,
-        alpha: float = 1.0,
+        tau: float | list[float] = 0.7,
+        alpha: float | list[float] = 1.0,
         exp_clip: float = 6.0,
         discount: float = 0.99,
         target_update_rate: float = 0.005,
         lr: float = 3e-4,
         batch_size: int = 256,
         compile: bool = False,  # noqa: A002 - the option's name on the command line
+        num_agents: int = 1,
     ):
         super().__init__()
         if obs_dim < 1 or action_dim < 1:
             raise ConfigError(f"obs_dim and action_dim must be >= 1 (got {obs_dim}, {action_dim})")
         if len(hidden_dims) == 0 or any(int(h) < 1 for h in hidden_dims):
             raise ConfigError(f"critic hidden_dims must be a non-empty list of sizes >= 1 (got {list(hidden_dims)})")
-        check_value_loss(value_loss, alpha if value_loss == "exponential" else tau, exp_clip)
+        if not isinstance(num_agents, int) or num_agents < 1:
+            raise ConfigError(f"num_agents must be an integer >= 1 (got {num_agents!r})")
+        name = "alpha" if value_loss == "exponential" else "tau"
+        for param in per_agent(alpha if value_loss == "exponential" else tau, num_agents, f"critic {name}"):
+            check_value_loss(value_loss, param, exp_clip)
         if not 0.0 <= discount <= 1.0:
             raise ConfigError(f"discount must lie in [0, 1] (got {discount}); the paper uses 0.99")
         if not 0.0 < target_update_rate <= 1.0:
@@ -57,51 +81,78 @@ class ImplicitCritic(IDQLModule):
             raise ConfigError(f"critic batch_size must be >= 1 (got {batch_size}); the paper uses 256")
         self.save_init_args(locals())
         hidden = [int(h) for h in hidden_dims]
-        self.q_net = TwinQ(obs_dim, action_dim, hidden)
+
+        def build(k: int) -> nn.ModuleDict:  # in a single run's order: the Q pair, then V
+            return nn.ModuleDict({"q": TwinQ(obs_dim, action_dim, hidden, num_agents=k),
+                                  "v": AgentMLP(obs_dim, hidden, 1, num_agents=k)})
+
+        nets = build_agents(build, num_agents)
+        self.q_net = nets["q"]
         self.q_target_net = copy.deepcopy(self.q_net).requires_grad_(False)
-        self.v_net = MLP(obs_dim, hidden, 1)
+        self.v_net = nets["v"]
+        params = per_agent(self.hparams.alpha if value_loss == "exponential" else self.hparams.tau, num_agents, name)
+        # One value shared by all agents stays a Python float (the single run's arithmetic); K values a [K, 1]
+        # column that broadcasts over each agent's rows (a buffer, derived from hparams, so not saved).
+        self._shared_param: float | None = params[0] if len(set(params)) == 1 else None
+        self.register_buffer("_agent_params", torch.tensor(params).unsqueeze(1), persistent=False)
 
     # ------------------------------------------------------------------------------------- properties
     @property
-    def loss_param(self) -> float:
-        """The value loss's parameter: ``alpha`` for "exponential", ``tau`` otherwise."""
-        hp = self.hparams
-        return float(hp.alpha if hp.value_loss == "exponential" else hp.tau)
+    def num_agents(self) -> int:
+        return int(self.hparams.get("num_agents", 1))
+
+    @property
+    def loss_param(self) -> float | Tensor:
+        """The value loss's parameter: ``alpha`` for "exponential", ``tau`` otherwise; a float, or a ``[K, 1]``
+        tensor when the agents' values differ."""
+        return self._agent_params if self._shared_param is None else self._shared_param
+
+    def loss_param_of(self, agent: int) -> float:
+        """Agent ``agent``'s value-loss parameter as a float."""
+        return float(self._agent_params[agent, 0])
+
+    def _agents(self, x: Tensor, item_dims: int = 1) -> Tensor:
+        """``x`` with the leading agent dimension: ``[K, B, ...]`` as given, ``[B, ...]`` shared by every agent."""
+        return x if x.dim() > item_dims + 1 else x.expand(self.num_agents, *x.shape)
 
     # ------------------------------------------------------------------------------------ evaluation
     def q(self, states: Tensor, actions: Tensor) -> Tensor:
-        """``min(Q1, Q2)(s, a)`` of the online pair: ``[B]``."""
-        return self.q_net(states, actions).amin(dim=0)
+        """``min(Q1, Q2)(s, a)`` of each agent's online pair: ``[K, B]`` (``states`` ``[K, B, S]`` or ``[B, S]``)."""
+        return self.q_net(self._agents(states), self._agents(actions)).amin(dim=1)
 
     def q_target(self, states: Tensor, actions: Tensor) -> Tensor:
-        """``min(Q1_target, Q2_target)(s, a)``: ``[B]`` (the value target and the extraction score, Alg. 2)."""
-        return self.q_target_net(states, actions).amin(dim=0)
+        """``min(Q1_target, Q2_target)(s, a)``: ``[K, B]`` (the value target and the extraction score, Alg. 2)."""
+        return self.q_target_net(self._agents(states), self._agents(actions)).amin(dim=1)
 
     def v(self, states: Tensor) -> Tensor:
-        """``V(s)``: ``[B]``."""
-        return self.v_net(states).squeeze(-1)
+        """``V(s)``: ``[K, B]``."""
+        return self.v_net(self._agents(states)).squeeze(-1)
 
     def implicit_weights(self, states: Tensor, actions: Tensor) -> Tensor:
-        """Implicit-actor weights (Eq. 8-12) of ``u = min Q_target(s, a) - V(s)``: ``[B]``, positive."""
+        """Implicit-actor weights (Eq. 8-12) of ``u = min Q_target(s, a) - V(s)``: ``[K, B]``, positive."""
         u = self.q_target(states, actions) - self.v(states)
         return implicit_weights(u, self.hparams.value_loss, self.loss_param)
 
     # ---------------------------------------------------------------------------------------- losses
     def v_loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Value loss (Eq. 1 / 10 / 11): mean ``f(min Q_target(s, a) - V(s))``; returns (loss, u, V(s))."""
+        """Value loss (Eq. 1 / 10 / 11): per agent the mean ``f(min Q_target(s, a) - V(s))`` over its rows,
+        summed over agents; returns (loss, u [K, B], V(s) [K, B])."""
+        batch = batch.for_agents(self.num_agents)
         with torch.no_grad():
             q_hat = self.q_target(batch.observations, batch.actions)
         v = self.v(batch.observations)
         u = q_hat - v
         hp = self.hparams
-        return value_loss(u, hp.value_loss, self.loss_param, hp.exp_clip).mean(), u, v
+        return value_loss(u, hp.value_loss, self.loss_param, hp.exp_clip).mean(dim=-1).sum(), u, v
 
     def q_loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Q loss (Eq. 2): mean over both nets and the batch of ``(Q_i(s, a) - r - gamma mask V(s'))^2``."""
+        """Q loss (Eq. 2): per agent the mean over both nets and its rows of ``(Q_i(s, a) - r - gamma mask
+        V(s'))^2``, summed over agents; returns (loss, Qs [K, 2, B])."""
+        batch = batch.for_agents(self.num_agents)
         with torch.no_grad():
             y = batch.rewards + self.hparams.discount * batch.masks * self.v(batch.next_observations)
-        qs = self.q_net(batch.observations, batch.actions)  # [2, B]
-        return (qs - y).square().mean(), qs
+        qs = self.q_net(batch.observations, batch.actions)  # [K, 2, B]
+        return (qs - y.unsqueeze(1)).square().mean(dim=(1, 2)).sum(), qs
 
     def _compile_losses(self) -> None:
         self.v_loss = torch.compile(self.v_loss)
@@ -126,13 +177,13 @@ class ImplicitCritic(IDQLModule):
 
     def update(self, batch: Batch, v_opt: torch.optim.Optimizer, q_opt: torch.optim.Optimizer) -> dict[str, Tensor]:
         """One critic step of Algorithm 1 in the spec's order: V, then Q (with the new V), then the target.
-        Returns detached scalars (no host sync): q_loss, v_loss, q_mean, v_mean, abs_u_mean."""
+        Returns detached scalars, means over agents (no host sync): q_loss, v_loss, q_mean, v_mean, abs_u_mean."""
         v_loss, u, v = self.value_step(batch, v_opt)
         q_loss, qs = self.q_step(batch, q_opt)
         self.target_update()
         return {
-            "q_loss": q_loss.detach(),
-            "v_loss": v_loss.detach(),
+            "q_loss": q_loss.detach() / self.num_agents,
+            "v_loss": v_loss.detach() / self.num_agents,
             "q_mean": qs.detach().mean(),
             "v_mean": v.detach().mean(),
             "abs_u_mean": u.detach().abs().mean(),
@@ -151,17 +202,18 @@ class ImplicitCritic(IDQLModule):
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         """One critic step on ``batch_size`` rows (``global_step`` counts critic steps)."""
         v_opt, q_opt = self.plain_optimizers()
-        out = self.update(buffer.sample(self.hparams.batch_size), v_opt, q_opt)
+        out = self.update(buffer.sample(self.hparams.batch_size, self.num_agents), v_opt, q_opt)
         self.track_losses({f"train/critic/{k}": v for k, v in out.items()})
         self.count_step()
 
     @torch.no_grad()
     def validation_losses(self, buffer: TransitionBuffer) -> dict[str, Tensor]:
-        """q_loss and v_loss on a fixed-seed batch of ``batch_size`` rows; updates nothing."""
+        """q_loss and v_loss (means over agents) on a fixed-seed batch of ``batch_size`` rows, the same for every
+        agent; updates nothing."""
         batch = buffer.fixed_batch(self.hparams.batch_size)
         v_loss, u, _ = self.v_loss(batch)
         q_loss, _ = self.q_loss(batch)
-        return {"q_loss": q_loss, "v_loss": v_loss, "abs_u_mean": u.abs().mean()}
+        return {"q_loss": q_loss / self.num_agents, "v_loss": v_loss / self.num_agents, "abs_u_mean": u.abs().mean()}
 
     def validation_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         metrics = self.validation_losses(buffer)

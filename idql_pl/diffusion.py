@@ -91,14 +91,15 @@ def ddpm_loss(
     """Denoising loss of Eq. 4: ``k ~ U{0..T-1}``, ``eps ~ N(0, I)``,
     ``E_batch[ sum_dims (eps_hat(x_k, k) - eps)^2 ]`` (mean over the batch of the per-sample squared norm).
 
-    ``denoise_fn(x_k, k)`` gets ``x_k [B, A]`` and the integer steps ``k [B]``. Noise comes from ``generator``
-    or, if None, the global torch RNG (so ``seed_everything`` makes it reproducible).
+    ``x0 [B, A]``, or ``[K, B, A]`` for K agents: then each agent's mean over its own rows, summed over agents
+    (each agent's gradient is its own loss's). ``denoise_fn(x_k, k)`` gets ``x_k`` and the integer steps
+    ``k`` (``x0``'s shape without the last dimension). Noise comes from ``generator`` or, if None, the global
+    torch RNG (so ``seed_everything`` makes it reproducible), drawn for all agents as one tensor.
     """
-    batch = x0.shape[0]
-    k = torch.randint(schedule.T, (batch,), device=x0.device, generator=generator)
+    k = torch.randint(schedule.T, x0.shape[:-1], device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     eps_hat = denoise_fn(q_sample(schedule, x0, k, noise), k)
-    return (eps_hat - noise).square().sum(dim=-1).mean()
+    return (eps_hat - noise).square().sum(dim=-1).mean(dim=-1).sum()
 
 
 def reverse_coefficients(schedule: Schedule) -> list[tuple[float, float, float]]:

@@ -184,13 +184,13 @@ def fig1(out: Path, quick: bool = False, seed: int = 0, size: Fig1Size | None = 
 
     record("data", actions)
     with torch.no_grad():
-        record("behavior (diffusion BC)", behavior.sample(state, size.num_eval, generator=torch.Generator().manual_seed(seed + 1))[0])
+        record("behavior (diffusion BC)", behavior.sample(state, size.num_eval, generator=torch.Generator().manual_seed(seed + 1))[0, 0])
         idql = {}
         for extraction in ("implicit", "argmax"):  # the same candidates for both (same generator seed)
             gen = torch.Generator().manual_seed(seed + 2)
             idql[extraction] = torch.cat([
                 extract_actions(behavior, critic, torch.zeros(n, 1), size.num_candidates, extraction, "expectile",
-                                size.tau, generator=gen)
+                                size.tau, generator=gen)[0]  # the one agent
                 for n in _chunks(size.num_eval, 250)])
         record("IDQL implicit", idql["implicit"], num_candidates=size.num_candidates)
         record("IDQL argmax", idql["argmax"], num_candidates=size.num_candidates)
@@ -472,7 +472,7 @@ def fig3(out: Path, quick: bool = False, seed: int = 0, size: Fig3Size | None = 
                                    ff_dim=size.ff, num_blocks=config.num_blocks, batch_size=batch, lr=size.lr,
                                    ema_rate=size.ema_rate)
             train_s = time.perf_counter() - t0
-            x = model.sample(torch.zeros(1, 1), size.num_samples, generator=torch.Generator().manual_seed(seed + 1))[0]
+            x = model.sample(torch.zeros(1, 1), size.num_samples, generator=torch.Generator().manual_seed(seed + 1))[0, 0]
             results[dataset][config.name] = {"outlier_share": outlier_share(x, reference), "batch_size": batch,
                                              "num_blocks": config.num_blocks, "train_seconds": train_s,
                                              "parameters": sum(p.numel() for p in model.net.parameters())}

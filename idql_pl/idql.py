@@ -34,6 +34,12 @@ class IDQL(IDQLModule):
     standalone or a joint checkpoint); ``freeze_*`` then stops training it, so a sweep over tau reuses one
     diffusion model. ``compile`` (or either half's own ``compile``) runs the training losses through
     ``torch.compile`` under ``fit``.
+
+    ``num_agents`` (K, default 1): K independent IDQL agents trained as one model (``--model.num_agents 3``
+    trains seeds ``seed .. seed + 2`` in one process). It is passed to both halves (a half's own
+    ``num_agents`` is overridden); every iteration draws ``[K, B, ...]`` batches, agent ``k``'s rows from its
+    own generator (``TransitionBuffer.sample(B, K)``), and :meth:`act` acts for all agents: ``[K, B, A]``.
+    ``K = 1`` is the single run, bit for bit.
     """
 
     def __init__(
@@ -50,16 +56,19 @@ class IDQL(IDQLModule):
         critic_ckpt: str | None = None,
         freeze_critic: bool = False,
         compile: bool = False,  # noqa: A002 - the option's name on the command line
+        num_agents: int = 1,
     ):
         super().__init__()
         check_extraction(extraction, num_samples)
+        if not isinstance(num_agents, int) or num_agents < 1:
+            raise ConfigError(f"num_agents must be an integer >= 1 (got {num_agents!r})")
         if actor_updates_per_step < 0:
             raise ConfigError(f"actor_updates_per_step must be >= 0 (got {actor_updates_per_step}); the paper uses 2")
         if freeze_behavior and freeze_critic:
             raise ConfigError("freeze_behavior and freeze_critic are both set: nothing would train; unset one")
         self.save_init_args(locals(), ignore=("critic", "behavior"))
-        self.critic = critic(obs_dim, action_dim)
-        self.behavior = behavior(obs_dim, action_dim)
+        self.critic = critic(obs_dim, action_dim, num_agents=num_agents)
+        self.behavior = behavior(obs_dim, action_dim, num_agents=num_agents)
         if behavior_ckpt:
             load_submodule_state(self.behavior, behavior_ckpt, prefix="behavior.")
         if critic_ckpt:
@@ -80,6 +89,10 @@ class IDQL(IDQLModule):
         self.critic.compile_losses()
         self.behavior.compile_losses()
 
+    @property
+    def num_agents(self) -> int:
+        return int(self.hparams.get("num_agents", 1))
+
     def updates_per_step(self) -> dict[str, int]:
         return {"critic": int(self.train_critic), "actor": self.hparams.actor_updates_per_step * int(self.train_behavior)}
 
@@ -97,17 +110,20 @@ class IDQL(IDQLModule):
 
     # -------------------------------------------------------------------------------------- training
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
-        """One iteration of Algorithm 1: the behavior steps (Eq. 4), then the critic step (V, Q, target)."""
+        """One iteration of Algorithm 1 for every agent: the behavior steps (Eq. 4), then the critic step (V, Q,
+        target), each on a ``[K, B, ...]`` batch."""
         opts = self.plain_optimizers()
         metrics: dict[str, Tensor] = {}
+        agents = self.num_agents
         if self.train_behavior:
             actor_opt, scheduler = opts.pop(0), self.lr_schedulers()
             for _ in range(self.hparams.actor_updates_per_step):
-                out = self.behavior.update(buffer.sample(self.behavior.hparams.batch_size), actor_opt, scheduler)
+                batch = buffer.sample(self.behavior.hparams.batch_size, agents)
+                out = self.behavior.update(batch, actor_opt, scheduler)
             metrics.update({f"train/behavior/{k}": v for k, v in out.items()})
         if self.train_critic:
             v_opt, q_opt = opts
-            out = self.critic.update(buffer.sample(self.critic.hparams.batch_size), v_opt, q_opt)
+            out = self.critic.update(buffer.sample(self.critic.hparams.batch_size, agents), v_opt, q_opt)
             metrics.update({f"train/critic/{k}": v for k, v in out.items()})
         self.track_losses(metrics)
         self.count_step()
@@ -129,7 +145,8 @@ class IDQL(IDQLModule):
         generator: torch.Generator | None = None,
         precision: str = "auto",
     ) -> Tensor:
-        """Extracted actions for a batch of states (paper Alg. 2): argmax or implicit resampling."""
+        """Extracted actions of every agent (paper Alg. 2): argmax or implicit resampling;
+        ``states [K, B, S]`` or ``[B, S]`` (the same states for every agent) ``-> [K, B, A]``."""
         return extract_actions(
             self.behavior,
             self.critic,

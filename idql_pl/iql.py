@@ -93,7 +93,7 @@ def awr_loss(actor: GaussianActor, critic: ImplicitCritic, batch: Batch, beta: f
     on dataset actions; the advantage uses the critic's target twin-Q minimum and V, without gradient.
     Returns ``(loss, weights, advantages)``."""
     with torch.no_grad():
-        adv = critic.q_target(batch.observations, batch.actions) - critic.v(batch.observations)
+        adv = (critic.q_target(batch.observations, batch.actions) - critic.v(batch.observations)).squeeze(0)  # one agent
         weights = awr_weights(adv, beta, max_weight)
     loss = -(weights * actor.log_prob(batch.observations, batch.actions)).mean()
     return loss, weights, adv
@@ -140,6 +140,8 @@ class IQL(IDQLModule):
             raise ConfigError(f"lr_decay_steps must be >= 1 or null (got {lr_decay_steps}): null uses max_steps")
         self.save_init_args(locals(), ignore=("critic",))
         self.critic = critic(obs_dim, action_dim)
+        if self.critic.num_agents != 1:
+            raise ConfigError(f"IQL trains one agent: drop the critic's num_agents (got {self.critic.num_agents})")
         self.actor = GaussianActor(obs_dim, action_dim, actor_hidden_dims, state_dependent_std, log_std_min, log_std_max)
         self._actor_loss = self.actor_loss  # torch.compile(self.actor_loss) with ``compile``
 

@@ -42,13 +42,26 @@ def check_value_loss(kind: str, tau_or_alpha: float, exp_clip: float = 6.0) -> N
             raise ConfigError(f"exp_clip must be > 1 (got {exp_clip}); the reference code uses 6")
 
 
-def _asymmetric(u: Tensor, tau: float) -> Tensor:
+Param = float | Tensor  # one value, or a tensor of per-agent values broadcasting against ``u`` (checked at init)
+
+
+def _check(kind: str, tau_or_alpha: Param, exp_clip: float = 6.0) -> None:
+    if not isinstance(tau_or_alpha, Tensor):
+        check_value_loss(kind, tau_or_alpha, exp_clip)
+
+
+def _log(x: Param) -> Param:
+    return torch.log(x) if isinstance(x, Tensor) else math.log(x)
+
+
+def _asymmetric(u: Tensor, tau: Param) -> Tensor:
     """``|tau - 1[u < 0]|``: tau where u >= 0, 1 - tau where u < 0."""
     return torch.where(u < 0, 1.0 - tau, tau).to(u.dtype)
 
 
-def value_loss(u: Tensor, kind: str, tau_or_alpha: float, exp_clip: float = 6.0) -> Tensor:
-    """Elementwise value loss ``f(u)`` (same shape as ``u``; callers take the mean).
+def value_loss(u: Tensor, kind: str, tau_or_alpha: Param, exp_clip: float = 6.0) -> Tensor:
+    """Elementwise value loss ``f(u)`` (same shape as ``u``; callers take the mean). ``tau_or_alpha``: a float
+    or a tensor of per-agent values (e.g. ``[K, 1]`` for ``u [K, B]``).
 
     - ``"expectile"`` (IQL, Eq. 1): ``|tau - 1[u<0]| u^2``.
     - ``"quantile"`` (the loss of Eq. 10): ``|tau - 1[u<0]| |u|``.
@@ -58,7 +71,7 @@ def value_loss(u: Tensor, kind: str, tau_or_alpha: float, exp_clip: float = 6.0)
       ``min(exp(alpha u), exp_clip) - 1`` = ``f'(u) / alpha`` wherever the clip is inactive, so it has the same
       minimizer in ``V``; its *value* is not the linex value (it is >= 0 and 0 only at u = 0).
     """
-    check_value_loss(kind, tau_or_alpha, exp_clip)
+    _check(kind, tau_or_alpha, exp_clip)
     if kind == "expectile":
         return _asymmetric(u, tau_or_alpha) * u.square()
     if kind == "quantile":
@@ -68,7 +81,7 @@ def value_loss(u: Tensor, kind: str, tau_or_alpha: float, exp_clip: float = 6.0)
     return (scale - 1.0) * u
 
 
-def implicit_log_weights(u: Tensor, kind: str, tau_or_alpha: float, eps: float = WEIGHT_EPS) -> Tensor:
+def implicit_log_weights(u: Tensor, kind: str, tau_or_alpha: Param, eps: float = WEIGHT_EPS) -> Tensor:
     """``log w(u)`` with ``w = |f'(u)| / |u|`` (Eq. 8), computed stably (finite for every finite ``u``).
 
     - expectile (Eq. 9): ``w = tau`` if u >= 0 else ``1 - tau`` (the constant factor 2 of f' cancels in pi_imp).
@@ -77,7 +90,7 @@ def implicit_log_weights(u: Tensor, kind: str, tau_or_alpha: float, eps: float =
     - exponential (Eq. 12): ``w = alpha |exp(alpha u) - 1| / |u|``, with ``log|expm1|`` evaluated without
       overflow and the limit ``alpha^2 (1 + alpha u / 2)`` for ``|u| < eps``.
     """
-    check_value_loss(kind, tau_or_alpha)
+    _check(kind, tau_or_alpha)
     if kind == "expectile":
         return torch.log(_asymmetric(u, tau_or_alpha))
     if kind == "quantile":
@@ -88,12 +101,12 @@ def implicit_log_weights(u: Tensor, kind: str, tau_or_alpha: float, eps: float =
     au = alpha * u_safe
     # log|exp(x) - 1| = log(1 - exp(-|x|)) + max(x, 0): expm1 of a non-positive argument, never overflows.
     log_abs_expm1 = torch.log(-torch.expm1(-au.abs())) + au.clamp(min=0)
-    log_w = math.log(alpha) + log_abs_expm1 - u_safe.abs().log()
-    limit = 2.0 * math.log(alpha) + torch.log1p(alpha * u / 2.0)
+    log_w = _log(alpha) + log_abs_expm1 - u_safe.abs().log()
+    limit = 2.0 * _log(alpha) + torch.log1p(alpha * u / 2.0)
     return torch.where(small, limit, log_w)
 
 
-def implicit_weights(u: Tensor, kind: str, tau_or_alpha: float, eps: float = WEIGHT_EPS) -> Tensor:
+def implicit_weights(u: Tensor, kind: str, tau_or_alpha: Param, eps: float = WEIGHT_EPS) -> Tensor:
     """Implicit-actor weights ``w = |f'(u)| / |u|`` (Eq. 8; Eq. 9, 10, 12 per kind): positive and finite.
 
     Exponential weights grow like ``exp(alpha u)``; they are capped below float32's max (use

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from idql_pl.errors import CheckpointError, NonFiniteLossError
+from idql_pl.nets import add_agent_dim, lacks_agent_dim
 from idql_pl.rng import (
     capture_rng_state,
     distributed_world,
@@ -177,11 +178,35 @@ class IDQLModule(L.LightningModule):
             checkpoint["idql_rng_per_rank"] = states
         checkpoint["idql_dims"] = {"obs_dim": int(self.hparams.obs_dim), "action_dim": int(self.hparams.action_dim)}
 
+    def _add_agent_dim_to_optimizer_states(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed single-agent checkpoint from before agents existed: its Adam moments get the parameters'
+        leading agent dimension of 1 too (the optimizers' parameter order is ``configure_optimizers``')."""
+        saved = checkpoint.get("optimizer_states")
+        if not saved or not self.attached:
+            return
+        config = self.configure_optimizers()
+        if isinstance(config, dict):
+            opts = [config["optimizer"]]
+        elif isinstance(config, tuple) and len(config) == 2 and isinstance(config[0], list):
+            opts = list(config[0])
+        else:
+            opts = list(config) if isinstance(config, list | tuple) else [config]
+        for opt, opt_state in zip(opts, saved):
+            params = [p for group in opt.param_groups for p in group["params"]]
+            for index, entry in opt_state.get("state", {}).items():
+                if int(index) >= len(params):
+                    continue
+                for name, value in entry.items():
+                    if isinstance(value, Tensor) and lacks_agent_dim(value, params[int(index)]):
+                        entry[name] = value.unsqueeze(0)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         error = dims_mismatch(checkpoint.get("idql_dims"), int(self.hparams.obs_dim), int(self.hparams.action_dim),
                               "checkpoint", "this dataset")
         if error:
             raise CheckpointError(error)
+        if add_agent_dim(checkpoint["state_dict"], self.state_dict()):  # written before networks had agents
+            self._add_agent_dim_to_optimizer_states(checkpoint)
         own = own_rank_entry(checkpoint.get("idql_rng_per_rank"))
         if own is not None:
             restore_rng_state(own)

@@ -1,7 +1,14 @@
-"""Networks, as the paper draws them (App. G; IDQL_SPEC Sec. 1, 3), in standard PyTorch.
+"""Networks, as the paper draws them (App. G; IDQL_SPEC Sec. 1, 3), in standard PyTorch, for ``K`` agents at once.
 
-- :class:`MLP` and :class:`TwinQ`: the critic's ``V(s)`` and ``Q1, Q2(s, a)``, 2x256 ReLU MLPs. The two Q nets
-  are one :class:`EnsembleMLP` (stacked weights, one ``torch.baddbmm`` per layer for both members).
+Every network of the critic and the behavior model holds ``num_agents = K`` independent copies (K seeds or K
+hyperparameter settings trained in one process): each parameter has a leading agent dimension, inputs and
+outputs are ``[K, ...]``, and each layer is one batched matmul for all agents (:class:`AgentLinear`,
+:class:`AgentLayerNorm`, :class:`AgentMLP`). ``K = 1`` is the ordinary single run, computed exactly as the
+plain layers compute it (same initialization draws, same kernels, same bits).
+
+- :class:`AgentMLP` and :class:`TwinQ`: the critic's ``V(s)`` and ``Q1, Q2(s, a)``, 2x256 ReLU MLPs. The K x 2 Q
+  nets are one :class:`EnsembleMLP` (stacked weights, one ``torch.baddbmm`` per layer for all members).
+  :class:`MLP` is the plain single network (IQL's Gaussian actor).
 - :class:`FourierTimeEmbedding`: learnable Fourier features of the diffusion step, then a 128-wide MLP.
 - :class:`LNResNet`: the "LN_Resnet" score network ``eps_hat(a_k, k, s)``: ``Dense(256)`` on
   ``concat[a_k, s, time_emb(k)]``, 3 blocks ``x + Dense(256)(act(Dense(1024)(LayerNorm(Dropout(x)))))``,
@@ -16,9 +23,11 @@ epsilon 1e-6.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from idql_pl.errors import ConfigError
@@ -66,13 +75,116 @@ def xavier_linear(in_dim: int, out_dim: int, bias: bool = True) -> nn.Linear:
     return linear
 
 
-def lecun_linear(in_dim: int, out_dim: int) -> nn.Linear:
+def lecun_linear(in_dim: int, out_dim: int, bias: bool = True) -> nn.Linear:
     """``nn.Linear`` with flax's default ``Dense`` init: truncated normal of variance 1/fan_in, zero bias."""
-    linear = nn.Linear(in_dim, out_dim)
+    linear = nn.Linear(in_dim, out_dim, bias=bias)
     std = math.sqrt(1.0 / in_dim) / 0.87962566103423978  # the truncation at 2 std shrinks the variance
     nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
-    nn.init.zeros_(linear.bias)
+    if bias:
+        nn.init.zeros_(linear.bias)
     return linear
+
+
+Net = TypeVar("Net", bound=nn.Module)
+
+
+def build_agents(build: Callable[[int], Net], num_agents: int, seed: int | None = None) -> Net:
+    """``build(num_agents)`` with each agent initialized as its own single run (IDQL_SPEC Sec. 5: seed everything).
+
+    One agent: ``build(1)``, drawn from the global RNG as it stands (the ordinary single run). ``K > 1``: agent
+    ``k``'s parameters are the ones ``build(1)`` draws right after ``torch.manual_seed(seed + k)`` (``seed``:
+    ``torch.initial_seed()``, i.e. ``seed_everything``'s seed), so agent ``k`` starts exactly where a single run
+    seeded ``seed + k`` starts; the global RNG is left untouched. Every tensor of the state dict is the
+    concatenation of the agents' along dim 0 (agent-major: the twin Q's ``2K`` members are ``[K, 2]``).
+    """
+    if num_agents == 1:
+        return build(1)
+    seed = torch.initial_seed() if seed is None else seed
+    with torch.random.fork_rng(devices=[]):
+        net = build(num_agents)
+        singles = []
+        for k in range(num_agents):
+            torch.manual_seed(seed + k)
+            singles.append(build(1).state_dict())
+    net.load_state_dict({key: torch.cat([single[key] for single in singles]) for key in singles[0]})
+    return net
+
+
+def add_agent_dim(state: dict[str, Tensor], model_state: dict[str, Tensor]) -> bool:
+    """In place: unsqueeze a leading agent dimension of 1 into every tensor of a single-agent checkpoint's
+    ``state`` (written before networks had one) whose shape lacks it in ``model_state``. Returns whether any
+    tensor changed."""
+    changed = False
+    for key, value in model_state.items():
+        old = state.get(key)
+        if isinstance(old, Tensor) and lacks_agent_dim(old, value):
+            state[key] = old.unsqueeze(0)
+            changed = True
+    return changed
+
+
+def lacks_agent_dim(old: Tensor, new: Tensor) -> bool:
+    """Whether ``old`` is ``new`` (of one agent) without its leading agent dimension."""
+    return old.dim() + 1 == new.dim() and new.shape[0] == 1 and tuple(old.shape) == tuple(new.shape[1:])
+
+
+class AgentLinear(nn.Module):
+    """One ``Dense`` layer per agent: ``weight [K, out, in]``, ``bias [K, out]`` (agent ``k``'s as ``nn.Linear``
+    stores it); ``forward(x [K, ..., in]) -> [K, ..., out]``, one ``torch.baddbmm`` for all agents.
+
+    ``init(in_dim, out_dim, bias)`` builds each agent's initial layer (:func:`xavier_linear` or
+    :func:`lecun_linear`, flax's ``Dense`` inits), drawn in agent order; :meth:`stack` stacks given layers. With
+    one agent the product is ``F.linear`` on ``weight[0]``: the same function with the kernel ``nn.Linear``
+    uses, so a single run computes bit for bit what plain layers compute (``bmm`` rounds the weight gradient
+    differently from ``mm`` for some shapes).
+    """
+
+    def __init__(self, num_agents: int, in_dim: int, out_dim: int, bias: bool = True,
+                 init: Callable[..., nn.Linear] = xavier_linear, layers: Sequence[nn.Linear] | None = None):
+        super().__init__()
+        layers = list(layers) if layers is not None else [init(in_dim, out_dim, bias=bias) for _ in range(num_agents)]
+        if len(layers) != num_agents:
+            raise ValueError(f"AgentLinear: {len(layers)} layers for {num_agents} agents")
+        self.num_agents, self.in_dim, self.out_dim = num_agents, in_dim, out_dim
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers])) if bias else None
+
+    @classmethod
+    def stack(cls, layers: Sequence[nn.Linear]) -> AgentLinear:
+        """The agent-batched layer holding ``layers[k]`` as agent ``k``."""
+        first = layers[0]
+        return cls(len(layers), first.in_features, first.out_features, first.bias is not None, layers=layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.num_agents == 1:
+            return F.linear(x, self.weight[0], None if self.bias is None else self.bias[0])
+        flat = x.reshape(self.num_agents, -1, self.in_dim)
+        if self.bias is None:
+            out = torch.bmm(flat, self.weight.transpose(1, 2))
+        else:
+            out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
+        return out.view(*x.shape[:-1], self.out_dim)
+
+    def extra_repr(self) -> str:
+        return f"agents={self.num_agents}, in={self.in_dim}, out={self.out_dim}, bias={self.bias is not None}"
+
+
+class AgentLayerNorm(nn.Module):
+    """``LayerNorm`` over the last dimension with a per-agent affine ``weight, bias [K, dim]`` (ones, zeros);
+    ``x [K, ..., dim]``. One agent: ``F.layer_norm`` with the affine fused (``nn.LayerNorm``'s kernel, bit for
+    bit); ``K > 1``: the normalization for all agents, then ``bias + weight * x`` (the same rounding forward)."""
+
+    def __init__(self, num_agents: int, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_agents, self.dim, self.eps = num_agents, dim, eps
+        self.weight = nn.Parameter(torch.ones(num_agents, dim))
+        self.bias = nn.Parameter(torch.zeros(num_agents, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.num_agents == 1:
+            return F.layer_norm(x, (self.dim,), self.weight[0], self.bias[0], self.eps)
+        shape = (self.num_agents, *([1] * (x.dim() - 2)), self.dim)
+        return torch.addcmul(self.bias.view(shape), F.layer_norm(x, (self.dim,), eps=self.eps), self.weight.view(shape))
 
 
 @torch.no_grad()
@@ -106,6 +218,25 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
             layers.append(xavier_linear(d_in, d_out))
+            if i < len(dims) - 2 or activate_final:
+                layers.append(make_activation(activation))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class AgentMLP(nn.Module):
+    """:class:`MLP` for ``K`` agents: ``Dense -> act -> ... -> Dense(out_dim)`` of :class:`AgentLinear` layers
+    (xavier-uniform, zero biases); ``forward(x [K, ..., in]) -> [K, ..., out]``."""
+
+    def __init__(self, in_dim: int, hidden_dims: Sequence[int], out_dim: int, activation: str = "relu",
+                 activate_final: bool = False, num_agents: int = 1):
+        super().__init__()
+        dims = [in_dim, *hidden_dims, out_dim]
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(AgentLinear(num_agents, d_in, d_out))
             if i < len(dims) - 2 or activate_final:
                 layers.append(make_activation(activation))
         self.net = nn.Sequential(*layers)
@@ -148,101 +279,121 @@ class EnsembleMLP(nn.Module):
 
 
 class TwinQ(nn.Module):
-    """The critic's Q pair (IDQL_SPEC Sec. 1): two independent ``MLP([s, a])`` of 2x256 ReLU;
-    ``forward(s [B, S], a [B, A]) -> [2, B]``."""
+    """The critic's Q pair (IDQL_SPEC Sec. 1) for each of ``K`` agents: independent ``MLP([s, a])`` of 2x256
+    ReLU, all ``K x num_members`` of them one :class:`EnsembleMLP` (agent-major members).
+    ``forward(s [K, B, S], a [K, B, A]) -> [K, num_members, B]``; every member of agent ``k`` reads agent
+    ``k``'s rows."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims: Sequence[int] = (256, 256), num_members: int = 2,
-                 activation: str = "relu"):
+                 activation: str = "relu", num_agents: int = 1):
         super().__init__()
-        self.ensemble = EnsembleMLP(obs_dim + action_dim, hidden_dims, 1, num_members, activation)
+        self.num_agents, self.num_members = num_agents, num_members
+        self.ensemble = EnsembleMLP(obs_dim + action_dim, hidden_dims, 1, num_agents * num_members, activation)
 
     def forward(self, states: Tensor, actions: Tensor) -> Tensor:
-        return self.ensemble(torch.cat([states, actions], dim=-1)).squeeze(-1)
+        x = torch.cat([states, actions], dim=-1)  # [K, B, S + A]
+        k, b, d = x.shape
+        members = x.unsqueeze(1).expand(k, self.num_members, b, d).reshape(k * self.num_members, b, d)
+        return self.ensemble(members).view(k, self.num_members, b)
 
 
 class FourierTimeEmbedding(nn.Module):
-    """Learnable Fourier features of the step index (paper App. G; IDQL_SPEC Sec. 3): ``W ~ N(0, 0.2^2)`` of
-    shape ``[fourier_dim/2, 1]``, ``[cos(2 pi k W), sin(2 pi k W)]`` (64 dims), then
-    ``Dense(time_dim) -> act -> Dense(time_dim)`` (128). ``k``: any shape; output ``[*k.shape, time_dim]``."""
+    """Learnable Fourier features of the step index (paper App. G; IDQL_SPEC Sec. 3): per agent ``W ~ N(0, 0.2^2)``
+    of shape ``[fourier_dim/2, 1]`` (stored ``[K, fourier_dim/2, 1]``), ``[cos(2 pi k W), sin(2 pi k W)]`` (64
+    dims), then ``Dense(time_dim) -> act -> Dense(time_dim)`` (128). ``k [K, ...]``; output
+    ``[K, ..., time_dim]``."""
 
-    def __init__(self, fourier_dim: int = 64, time_dim: int = 128, activation: str = "mish"):
+    def __init__(self, fourier_dim: int = 64, time_dim: int = 128, activation: str = "mish", num_agents: int = 1):
         super().__init__()
         if fourier_dim % 2:
             raise ConfigError(f"fourier_dim must be even (got {fourier_dim})")
-        self.kernel = nn.Parameter(torch.randn(fourier_dim // 2, 1) * 0.2)
-        self.mlp = MLP(fourier_dim, [time_dim], time_dim, activation=activation)
+        self.num_agents = num_agents
+        self.kernel = nn.Parameter(torch.stack([torch.randn(fourier_dim // 2, 1) * 0.2 for _ in range(num_agents)]))
+        self.mlp = AgentMLP(fourier_dim, [time_dim], time_dim, activation=activation, num_agents=num_agents)
 
     def forward(self, k: Tensor) -> Tensor:
-        f = (2 * math.pi) * k.to(self.kernel.dtype).unsqueeze(-1) * self.kernel.squeeze(-1)
+        w = self.kernel.squeeze(-1).view(self.num_agents, *([1] * (k.dim() - 1)), -1)
+        f = (2 * math.pi) * k.to(self.kernel.dtype).unsqueeze(-1) * w
         return self.mlp(torch.cat([torch.cos(f), torch.sin(f)], dim=-1))
 
 
 class ScoreNet(nn.Module):
-    """Noise predictor ``eps_hat(x, k, s)``: a first ``Dense(hidden_dim)`` on ``concat[x, s, time_emb(k)]``
-    (paper App. G), then :meth:`trunk`.
+    """Noise predictor ``eps_hat(x, k, s)`` of ``K`` agents: a first ``Dense(hidden_dim)`` on
+    ``concat[x, s, time_emb(k)]`` (paper App. G), then :meth:`trunk`. Inputs and outputs carry the agent
+    dimension first: ``x [K, ..., A]``, ``k [K, ...]`` (or an int), ``s [K, ..., S]`` -> ``[K, ..., A]``.
 
     The first Dense is stored as its three column blocks (``in_action``, ``in_state``, ``in_time``; one
     xavier init over the whole concatenation), which is the same function, so callers can project each state
     once and reuse it over the N candidates and T steps of the sampler:
-    ``forward(x, k, s) == forward_parts(x, project_state(s), project_time(k))``. Leading dimensions
-    broadcast (``x [B, N, A]`` with ``state_proj [B, 1, H]``).
+    ``forward(x, k, s) == forward_parts(x, project_state(s), project_time(k))``. Dimensions after the agent's
+    broadcast (``x [K, B, N, A]`` with ``state_proj [K, B, 1, H]``).
     """
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int, time_dim: int = 128, fourier_dim: int = 64,
-                 activation: str = "mish", num_timesteps: int | None = None):
+                 activation: str = "mish", num_timesteps: int | None = None, num_agents: int = 1):
         super().__init__()
         self.obs_dim, self.action_dim, self.hidden_dim = obs_dim, action_dim, hidden_dim
-        self.num_timesteps = num_timesteps
-        self.time_embedding = FourierTimeEmbedding(fourier_dim, time_dim, activation)
-        full = xavier_linear(action_dim + obs_dim + time_dim, hidden_dim)
-        self.in_action = nn.Linear(action_dim, hidden_dim)
-        self.in_state = nn.Linear(obs_dim, hidden_dim, bias=False)
-        self.in_time = nn.Linear(time_dim, hidden_dim, bias=False)
-        with torch.no_grad():
-            w_action, w_state, w_time = full.weight.split([action_dim, obs_dim, time_dim], dim=1)
-            self.in_action.weight.copy_(w_action)
-            self.in_action.bias.zero_()
-            self.in_state.weight.copy_(w_state)
-            self.in_time.weight.copy_(w_time)
+        self.num_timesteps, self.num_agents = num_timesteps, num_agents
+        self.time_embedding = FourierTimeEmbedding(fourier_dim, time_dim, activation, num_agents)
+        blocks: list[list[nn.Linear]] = [[], [], []]
+        for _ in range(num_agents):
+            full = xavier_linear(action_dim + obs_dim + time_dim, hidden_dim)
+            parts = (nn.Linear(action_dim, hidden_dim), nn.Linear(obs_dim, hidden_dim, bias=False),
+                     nn.Linear(time_dim, hidden_dim, bias=False))
+            with torch.no_grad():
+                for part, w in zip(parts, full.weight.split([action_dim, obs_dim, time_dim], dim=1)):
+                    part.weight.copy_(w)
+                parts[0].bias.zero_()
+            for block, part in zip(blocks, parts):
+                block.append(part)
+        self.in_action, self.in_state, self.in_time = (AgentLinear.stack(block) for block in blocks)
 
     def project_state(self, states: Tensor) -> Tensor:
-        """The state block of the first Dense: ``[..., S] -> [..., H]`` (once per state)."""
+        """The state block of the first Dense: ``[K, ..., S] -> [K, ..., H]`` (once per state)."""
         return self.in_state(states)
 
     def project_time(self, k: int | Tensor) -> Tensor:
-        """The time block of the first Dense on ``time_emb(k)``: ``[*k.shape, H]`` (``[H]`` for an int). Integer
-        ``k`` tensors read :meth:`time_table` when ``num_timesteps`` is set (T rows embedded, not B)."""
+        """The time block of the first Dense on ``time_emb(k)``: ``[K, ..., H]`` for ``k [K, ...]``, ``[K, H]``
+        for an int. Integer ``k`` tensors read :meth:`time_table` when ``num_timesteps`` is set (T rows
+        embedded per agent, not B)."""
         if isinstance(k, int):
-            k = torch.tensor(k, device=self.in_time.weight.device)
+            if self.num_timesteps is not None:
+                return self.time_table()[:, k]
+            k = torch.full((self.num_agents,), k, device=self.in_time.weight.device)
         if self.num_timesteps is not None and not k.is_floating_point():
-            return self.time_table()[k]
+            agent = torch.arange(self.num_agents, device=k.device).view(self.num_agents, *([1] * (k.dim() - 1)))
+            return self.time_table()[agent, k]
         return self.in_time(self.time_embedding(k))
 
     def time_table(self) -> Tensor:
-        """``project_time(k)`` for every ``k`` in ``0..num_timesteps-1``: ``[T, H]``."""
+        """``project_time(k)`` for every ``k`` in ``0..num_timesteps-1``: ``[K, T, H]``."""
         steps = torch.arange(self.num_timesteps, device=self.in_time.weight.device)
-        return self.in_time(self.time_embedding(steps))
+        return self.in_time(self.time_embedding(steps.expand(self.num_agents, -1)))
 
     def forward_parts(self, x: Tensor, state_proj: Tensor, time_proj: Tensor) -> Tensor:
         return self.trunk(self.in_action(x) + state_proj + time_proj)
 
     def forward(self, x: Tensor, k: int | Tensor, states: Tensor) -> Tensor:
-        return self.forward_parts(x, self.project_state(states), self.project_time(k))
+        time_proj = self.project_time(k)
+        if isinstance(k, int):  # [K, H] -> broadcast over the rows of each agent
+            time_proj = time_proj.view(self.num_agents, *([1] * (x.dim() - 2)), -1)
+        return self.forward_parts(x, self.project_state(states), time_proj)
 
     def trunk(self, h: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
 class ResidualBlock(nn.Module):
-    """``x + Dense(H)(act(Dense(ff)(LayerNorm(Dropout(x)))))`` (paper App. G; reference ``MLPResNetV3Block``)."""
+    """``x + Dense(H)(act(Dense(ff)(LayerNorm(Dropout(x)))))`` (paper App. G; reference ``MLPResNetV3Block``),
+    per agent (:class:`AgentLinear`, :class:`AgentLayerNorm`); ``x [K, ..., H]``."""
 
-    def __init__(self, hidden_dim: int, ff_dim: int, dropout: float, activation: str):
+    def __init__(self, hidden_dim: int, ff_dim: int, dropout: float, activation: str, num_agents: int = 1):
         super().__init__()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.norm = nn.LayerNorm(hidden_dim, eps=1e-6)
-        self.fc1 = lecun_linear(hidden_dim, ff_dim)
+        self.norm = AgentLayerNorm(num_agents, hidden_dim, eps=1e-6)
+        self.fc1 = AgentLinear(num_agents, hidden_dim, ff_dim, init=lecun_linear)
         self.act = make_activation(activation)
-        self.fc2 = lecun_linear(ff_dim, hidden_dim)
+        self.fc2 = AgentLinear(num_agents, ff_dim, hidden_dim, init=lecun_linear)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.fc2(self.act(self.fc1(self.norm(self.dropout(x)))))
@@ -251,15 +402,16 @@ class ResidualBlock(nn.Module):
 class LNResNet(ScoreNet):
     """The paper's "LN_Resnet" score network (App. G): ``Dense(H)`` on ``concat[x, s, time_emb]`` ->
     ``num_blocks`` residual blocks -> act -> ``Dense(action_dim)``. Defaults: H 256, ff 1024, 3 blocks,
-    dropout 0.1, mish."""
+    dropout 0.1, mish. ``num_agents`` independent copies (one batched matmul per Dense)."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int = 256, num_blocks: int = 3,
                  ff_dim: int = 1024, dropout: float = 0.1, activation: str = "mish", time_dim: int = 128,
-                 fourier_dim: int = 64, num_timesteps: int | None = None):
-        super().__init__(obs_dim, action_dim, hidden_dim, time_dim, fourier_dim, activation, num_timesteps)
-        self.blocks = nn.Sequential(*(ResidualBlock(hidden_dim, ff_dim, dropout, activation) for _ in range(num_blocks)))
+                 fourier_dim: int = 64, num_timesteps: int | None = None, num_agents: int = 1):
+        super().__init__(obs_dim, action_dim, hidden_dim, time_dim, fourier_dim, activation, num_timesteps, num_agents)
+        self.blocks = nn.Sequential(*(ResidualBlock(hidden_dim, ff_dim, dropout, activation, num_agents)
+                                      for _ in range(num_blocks)))
         self.out_act = make_activation(activation)
-        self.out = xavier_linear(hidden_dim, action_dim)
+        self.out = AgentLinear(num_agents, hidden_dim, action_dim)
 
     def trunk(self, h: Tensor) -> Tensor:
         return self.out(self.out_act(self.blocks(h)))
@@ -271,10 +423,11 @@ class MLPScoreNet(ScoreNet):
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int = 256, num_layers: int = 3,
                  activation: str = "mish", time_dim: int = 128, fourier_dim: int = 64,
-                 num_timesteps: int | None = None):
-        super().__init__(obs_dim, action_dim, hidden_dim, time_dim, fourier_dim, activation, num_timesteps)
+                 num_timesteps: int | None = None, num_agents: int = 1):
+        super().__init__(obs_dim, action_dim, hidden_dim, time_dim, fourier_dim, activation, num_timesteps, num_agents)
         self.act = make_activation(activation)
-        self.rest = MLP(hidden_dim, [hidden_dim] * (num_layers - 1), action_dim, activation=activation)
+        self.rest = AgentMLP(hidden_dim, [hidden_dim] * (num_layers - 1), action_dim, activation=activation,
+                             num_agents=num_agents)
 
     def trunk(self, h: Tensor) -> Tensor:
         return self.rest(self.act(h))
@@ -283,6 +436,9 @@ class MLPScoreNet(ScoreNet):
 __all__ = [
     "ACTIVATIONS",
     "MLP",
+    "AgentLayerNorm",
+    "AgentLinear",
+    "AgentMLP",
     "EnsembleMLP",
     "FourierTimeEmbedding",
     "LNResNet",
@@ -291,6 +447,8 @@ __all__ = [
     "ResidualBlock",
     "ScoreNet",
     "TwinQ",
+    "add_agent_dim",
+    "build_agents",
     "ema_update_",
     "lecun_linear",
     "make_activation",

@@ -108,6 +108,8 @@ class OnlineIDQL(IDQLModule):
         self.save_init_args(locals(), ignore=("critic", "behavior"))
         self.critic = critic(obs_dim, action_dim)
         self.behavior = behavior(obs_dim, action_dim)
+        if self.critic.num_agents != 1 or self.behavior.num_agents != 1:
+            raise ConfigError("online finetuning trains one agent: drop num_agents from the critic and behavior")
         self._pretrained_dataset: str | None = None
         if pretrained:
             ckpt = read_pretrained(pretrained, obs_dim, action_dim)
@@ -197,7 +199,7 @@ class OnlineIDQL(IDQLModule):
         episode's metrics, if one ended. The only host sync is reading the action."""
         obs = self._obs
         state = torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1).to(self.replay.device)
-        action = self.explore(state)[0].cpu().numpy()
+        action = self.explore(state)[0, 0].cpu().numpy()  # agent 0 (the one agent), state 0
         next_obs, reward, terminated, truncated, _ = self.env.step(action)
         reward = float(reward)
         self.replay.add(obs, action, float(self.reward_fn(reward)), next_obs, 0.0 if terminated else 1.0)

@@ -48,7 +48,7 @@ def extract_actions(
     num_samples: int,
     extraction: Extraction = "argmax",
     value_loss: str = "expectile",
-    loss_param: float = 0.7,
+    loss_param: float | Tensor = 0.7,
     generator: torch.Generator | None = None,
     precision: str = "auto",
 ) -> Tensor:
@@ -57,19 +57,27 @@ def extract_actions(
     ``w / sum(w)`` where ``w`` are the implicit-actor weights (Eq. 8-12) of ``u = Q - V`` (normalized in log
     space, so the exponential weights cannot overflow).
 
-    All states x N candidates x T diffusion steps run as one batch; the output is float32.
+    Agent-batched: ``states [K, B, S]`` (or ``[B, S]``, the same states for every agent), candidates
+    ``[K, B, N, A]``, each agent's own Q and V score its own candidates, output ``[K, B, A]``; ``loss_param`` a
+    float or per-agent ``[K, 1]`` values. All agents x states x N candidates x T diffusion steps run as one
+    batch; the output is float32.
     """
     check_extraction(extraction, num_samples)
-    batch, obs_dim = states.shape
     with autocast_for(states.device, precision):
-        candidates = behavior.sample(states, num_samples, generator=generator)  # [B, N, A]
-        action_dim = candidates.shape[-1]
-        flat_states = states.unsqueeze(1).expand(batch, num_samples, obs_dim).reshape(-1, obs_dim)
-        q = critic.q_target(flat_states, candidates.reshape(-1, action_dim)).float().view(batch, num_samples)
+        candidates = behavior.sample(states, num_samples, generator=generator)  # [K, B, N, A]
+        agents, batch, _, action_dim = candidates.shape
+        obs_dim = states.shape[-1]
+        states = states.expand(agents, batch, obs_dim)
+        flat_states = states.unsqueeze(2).expand(agents, batch, num_samples, obs_dim).reshape(agents, -1, obs_dim)
+        q = critic.q_target(flat_states, candidates.reshape(agents, -1, action_dim)).float()
+        q = q.view(agents, batch, num_samples)
         if extraction == "argmax":
-            index = q.argmax(dim=1)
+            index = q.argmax(dim=-1)
         else:
-            u = q - critic.v(states).float().unsqueeze(1)
-            probs = torch.softmax(implicit_log_weights(u, value_loss, loss_param), dim=1)  # w / sum(w), no overflow
-            index = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return candidates[torch.arange(batch, device=states.device), index].float()
+            u = q - critic.v(states).float().unsqueeze(-1)
+            param = loss_param.view(-1, 1, 1) if isinstance(loss_param, Tensor) else loss_param
+            probs = torch.softmax(implicit_log_weights(u, value_loss, param), dim=-1)  # w / sum(w), no overflow
+            index = torch.multinomial(probs.view(-1, num_samples), 1, generator=generator).view(agents, batch)
+    rows = candidates.reshape(agents * batch, num_samples, action_dim)
+    picked = rows[torch.arange(agents * batch, device=states.device), index.reshape(-1)]
+    return picked.view(agents, batch, action_dim).float()

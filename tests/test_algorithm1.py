@@ -41,7 +41,7 @@ def test_critic_update_equals_a_hand_written_reference_step():
     torch.manual_seed(0)
     critic = ImplicitCritic(S, A)
     tau, gamma, rate = 0.7, 0.99, 0.005
-    v = leaves([p for p in critic.v_net.parameters()])
+    v = leaves([p[0] for p in critic.v_net.parameters()])  # the one agent's layers
     v_init = [t.detach().clone() for t in v]
     ens = critic.q_net.ensemble
     q = [leaves([t for layer in zip(ens.weights, ens.biases) for t in (layer[0][e], layer[1][e])]) for e in range(2)]
@@ -73,7 +73,7 @@ def test_critic_update_equals_a_hand_written_reference_step():
                     t.mul_(1 - rate).add_(p, alpha=rate)
     close = dict(rtol=1e-4, atol=1e-6)
     for got, want in zip(critic.v_net.parameters(), v):
-        torch.testing.assert_close(got, want, **close)
+        torch.testing.assert_close(got[0], want, **close)
     for e in range(2):
         ours_q = [t for layer in zip(ens.weights, ens.biases) for t in (layer[0][e], layer[1][e])]
         ours_t = [t for layer in zip(tens.weights, tens.biases) for t in (layer[0][e], layer[1][e])]
@@ -81,7 +81,7 @@ def test_critic_update_equals_a_hand_written_reference_step():
             torch.testing.assert_close(got, want, **close)
         for got, want in zip(ours_t, q_target[e]):
             torch.testing.assert_close(got, want, **close)
-    assert all(not torch.equal(a, b) for a, b in zip(critic.v_net.parameters(), v_init))  # it did train
+    assert all(not torch.equal(a[0], b) for a, b in zip(critic.v_net.parameters(), v_init))  # it did train
 
 
 def mish(x: torch.Tensor) -> torch.Tensor:
@@ -114,8 +114,8 @@ def test_behavior_update_equals_a_hand_written_reference_step():
     torch.manual_seed(0)
     total = 10
     behavior = DiffusionBehavior(S, A).train()
-    p = {k: t.detach().clone().requires_grad_(True) for k, t in behavior.net.named_parameters()}
-    ema = {k: t.detach().clone() for k, t in behavior.ema_net.named_parameters()}
+    p = {k: t[0].detach().clone().requires_grad_(True) for k, t in behavior.net.named_parameters()}  # agent 0
+    ema = {k: t[0].detach().clone() for k, t in behavior.ema_net.named_parameters()}
     opt = torch.optim.AdamW(list(p.values()), lr=3e-4, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
     alpha_bars = behavior.alpha_bars
@@ -140,9 +140,9 @@ def test_behavior_update_equals_a_hand_written_reference_step():
     # fraction of lr (3e-4) on float rounding alone: the tolerance is a third of one step
     close = dict(rtol=1e-4, atol=1e-4)
     for name, got in behavior.net.named_parameters():
-        torch.testing.assert_close(got, p[name], **close)
+        torch.testing.assert_close(got[0], p[name], **close)
     for name, got in behavior.ema_net.named_parameters():
-        torch.testing.assert_close(got, ema[name], **close, msg=name)
+        torch.testing.assert_close(got[0], ema[name], **close, msg=name)
     assert our_sched.get_last_lr() == sched.get_last_lr()
 
 
@@ -155,8 +155,9 @@ def test_idql_training_step_order_counts_and_actor_schedule(monkeypatch):
             real = getattr(cls, name)
             monkeypatch.setattr(cls, name, lambda self, *a, _r=real, _n=name, **k: (calls.append(_n), _r(self, *a, **k))[1])
     L.seed_everything(0, verbose=False)
-    model = IDQL(5, 2, critic=lambda o, a: ImplicitCritic(o, a, hidden_dims=(16, 16), batch_size=8),
-                 behavior=lambda o, a: DiffusionBehavior(o, a, hidden_dim=16, ff_dim=32, batch_size=8), num_samples=2)
+    model = IDQL(5, 2, critic=lambda o, a, **kw: ImplicitCritic(o, a, hidden_dims=(16, 16), batch_size=8, **kw),
+                 behavior=lambda o, a, **kw: DiffusionBehavior(o, a, hidden_dim=16, ff_dim=32, batch_size=8, **kw),
+                 num_samples=2)
     steps = 5
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)

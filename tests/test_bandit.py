@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
 def test_behavior_covers_all_three_clusters(trained):
     model, _, data = trained
     states = torch.zeros(1, data.obs_dim)
-    samples = model.behavior.sample(states, 2000, generator=torch.Generator().manual_seed(1))[0].numpy()
+    samples = model.behavior.sample(states, 2000, generator=torch.Generator().manual_seed(1))[0, 0].numpy()
     shares = [float(np.mean(_nearest(samples) == c)) for c in range(3)]
     inside = float(np.mean(_cluster_of(samples) >= 0))
     print(f"behavior samples by nearest cluster {[round(x, 3) for x in shares]}; within the reward radius {inside:.1%}"
@@ -61,7 +61,7 @@ def test_behavior_covers_all_three_clusters(trained):
 def test_argmax_extraction_picks_the_best_cluster(trained):
     model, evaluation, _ = trained
     states = torch.zeros(200, 1)
-    actions = model.act(states, generator=torch.Generator().manual_seed(2)).numpy()
+    actions = model.act(states, generator=torch.Generator().manual_seed(2))[0].numpy()  # the one agent
     rate = float(np.mean(_cluster_of(actions) == BANDIT_BEST))
     print(f"argmax picks the best cluster in {rate:.1%} of 200 evaluations; eval history {evaluation.history}")
     assert rate >= 0.90
@@ -74,8 +74,8 @@ def test_bf16_argmax_agrees_with_float32(trained):
     """The sampler under bf16 autocast picks the same cluster as float32 on most states (same noise)."""
     model, _, _ = trained
     states = torch.zeros(256, 1)
-    fp32 = model.act(states, generator=torch.Generator().manual_seed(3), precision="32").numpy()
-    bf16 = model.act(states, generator=torch.Generator().manual_seed(3), precision="bf16").numpy()
+    fp32 = model.act(states, generator=torch.Generator().manual_seed(3), precision="32")[0].numpy()
+    bf16 = model.act(states, generator=torch.Generator().manual_seed(3), precision="bf16")[0].numpy()
     agree = float(np.mean(_cluster_of(fp32) == _cluster_of(bf16)))
     print(f"bf16 vs float32 argmax: same cluster on {agree:.1%} of 256 states; max |diff| {np.abs(fp32 - bf16).max():.3f}")
     assert bf16.dtype == np.float32

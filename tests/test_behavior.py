@@ -52,7 +52,7 @@ def coverage(score_net: str, steps: int = 3000) -> tuple[float, list[float], flo
     for _ in range(steps):
         model.update(buf.sample(256), opt, sched)
     seconds = time.perf_counter() - start
-    x = model.sample(torch.zeros(1, 1), 4000, generator=torch.Generator().manual_seed(0))[0]
+    x = model.sample(torch.zeros(1, 1), 4000, generator=torch.Generator().manual_seed(0))[0, 0]  # agent 0, state 0
     dist = torch.cdist(x, CENTERS)
     near, label = dist.min(1)
     far = (near > 4 * STD).float().mean().item()
@@ -166,13 +166,14 @@ def test_sample_shapes_range_and_equivalence_to_naive(score_net):
             p.add_(0.3 * torch.randn_like(p))
     states = torch.randn(4, S)
     out = model.sample(states, 16, generator=torch.Generator().manual_seed(3))
-    assert out.shape == (4, 16, A) and out.abs().max() <= 0.5 and not out.requires_grad
+    assert out.shape == (1, 4, 16, A) and out.abs().max() <= 0.5 and not out.requires_grad  # [agents, B, N, A]
+    out = out[0]
     # naive: every (state, candidate) pair through the full forward, same noise stream
     gen = torch.Generator().manual_seed(3)
     x_T = torch.randn(4, 16, A, generator=gen)
     flat_states = states.repeat_interleave(16, 0)
     naive = reverse_sample(
-        lambda x, k: model.ema_net(x.reshape(-1, A), torch.full((64,), k), flat_states).view(4, 16, A),
+        lambda x, k: model.ema_net(x.reshape(1, -1, A), torch.full((1, 64), k), flat_states[None]).view(4, 16, A),
         model.schedule, x_T, generator=gen, clip=0.5,
     )
     assert torch.allclose(out, naive, atol=1e-5)
@@ -181,7 +182,7 @@ def test_sample_shapes_range_and_equivalence_to_naive(score_net):
     a = model.sample(states, 3)
     L.seed_everything(5, verbose=False)
     assert torch.equal(a, model.sample(states, 3))
-    assert model.sample(states).shape == (4, 1, A)
+    assert model.sample(states).shape == (1, 4, 1, A)
 
 
 def test_validation_losses_fixed_and_side_effect_free():

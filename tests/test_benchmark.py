@@ -128,3 +128,25 @@ def test_only_runs_the_chosen_sections(tmp_path: Path) -> None:
     assert not any(n.startswith(("actor", "sampler", "joint", "peak")) for n in names), names
     bad = subprocess.run([sys.executable, "-m", "idql_pl.benchmark", "--only", "critc"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown section(s) critc" in bad.stderr
+
+
+@pytest.mark.timeout(120)
+def test_tiny_benchmark_many_agents_section(tmp_path: Path) -> None:
+    """``--agents 1,2 --only agents``: per-agent critic, actor and joint figures for each K against K = 1."""
+    out = tmp_path / "agents.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "idql_pl.benchmark", "--tiny", "--repeats", "1", "--threads", "1", "--agents", "1,2",
+         "--only", "agents", "--json", str(out)],
+        capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]
+    for kind in ("critic", "actor", "joint"):
+        base, two = figures[f"agents_{kind}_K1"], figures[f"agents_{kind}_K2"]
+        assert base["ratio"] == pytest.approx(1.0) and base["unit"] == "agent-steps/s"
+        assert _finite_positive(two["value"]) and _finite_positive(two["ratio"])
+        assert two["reference"] == pytest.approx(base["value"])
+    assert "critic_step" not in figures  # --only agents: just the section (after the ceiling and the dataset)
+    bad = subprocess.run([sys.executable, "-m", "idql_pl.benchmark", "--tiny", "--agents", "1,x"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--agents" in bad.stderr

@@ -96,3 +96,23 @@ def test_inductor_critic_update_matches_eager() -> None:
             m.update(_batch(32, step), *o)
     for (k, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), k
+
+
+@pytest.mark.parametrize("num_agents", [1, 3])
+def test_agent_batched_losses_trace_without_graph_breaks(num_agents) -> None:
+    """The training losses of K agents (what ``compile: true`` wraps) are one graph each, no graph break, at
+    K = 1 and K > 1 (torch._dynamo.explain). The whole update step is not: ``Optimizer.zero_grad`` and
+    ``Tensor.backward`` break the graph (torch 2.13)."""
+    from idql_pl.data.buffer import TransitionBuffer
+    from tests.helpers import random_transitions
+
+    buf = TransitionBuffer(random_transitions(100, obs_dim=S, action_dim=A), seed=0)
+    critic = ImplicitCritic(S, A, hidden_dims=[16, 16], num_agents=num_agents)
+    behavior = DiffusionBehavior(S, A, hidden_dim=16, ff_dim=32, num_agents=num_agents)
+    batch = buf.sample(8, num_agents)
+    for fn in (critic.v_loss, critic.q_loss, behavior.loss):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(batch)
+        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+        assert explained.graph_count == 1
+    torch._dynamo.reset()

@@ -40,8 +40,8 @@ def test_nan_rewards_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path, 
     original = TransitionBuffer.sample
     critic_batches = {"n": 0}
 
-    def poisoned(self, batch_size):
-        batch = original(self, batch_size)
+    def poisoned(self, batch_size, num_agents=None):
+        batch = original(self, batch_size, num_agents)
         if batch_size == 32:  # the critic's batch in TINY_IDQL
             critic_batches["n"] += 1
             if critic_batches["n"] >= 5:  # from critic step 5 on, a NaN reward

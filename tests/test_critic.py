@@ -97,8 +97,8 @@ class FixedQ(nn.Module):
         self.register_buffer("values", values)
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        q = self.values[actions[:, 0].round().long()]
-        return torch.stack([q, q + 1.0])
+        q = self.values[actions[..., 0].round().long()]  # [K, B]
+        return torch.stack([q, q + 1.0], dim=1)  # [K, 2, B]
 
 
 def _root(fn, lo: float, hi: float) -> float:
@@ -150,7 +150,11 @@ def test_accessors_and_weights():
     critic = small_critic()
     s, a = torch.randn(9, S), torch.randn(9, A)
     for out in (critic.q(s, a), critic.q_target(s, a), critic.v(s), critic.implicit_weights(s, a)):
-        assert out.shape == (9,)
+        assert out.shape == (1, 9)  # [agents, B]
+    three = small_critic(num_agents=3)
+    for out in (three.q(s, a), three.q_target(s, a), three.v(s), three.implicit_weights(s, a)):
+        assert out.shape == (3, 9)
+    assert not torch.equal(three.v(s)[0], three.v(s)[1])  # agents start apart (seed + k)
     assert torch.equal(critic.q(s, a), critic.q_target(s, a))  # the target starts as an exact copy
     assert (critic.implicit_weights(s, a) > 0).all()
     assert critic.loss_param == 0.7

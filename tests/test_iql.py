@@ -40,7 +40,8 @@ def test_awr_loss_weights_the_log_likelihood_and_trains_only_the_actor():
     batch = buf.sample(64)
     loss, weights, adv = awr_loss(actor, critic, batch, beta=3.0)
     with torch.no_grad():
-        adv_ref = critic.q_target_net(batch.observations, batch.actions).amin(0) - critic.v_net(batch.observations)[:, 0]
+        s, a = batch.observations[None], batch.actions[None]  # the critic's one agent
+        adv_ref = (critic.q_target_net(s, a).amin(1) - critic.v_net(s)[..., 0])[0]
         mean, log_std = actor(batch.observations)
         logp = torch.distributions.Normal(mean, log_std.exp()).log_prob(batch.actions).sum(-1)
     assert torch.allclose(adv, adv_ref, atol=1e-6)

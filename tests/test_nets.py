@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ from torch import nn
 from idql_pl.errors import ConfigError
 from idql_pl.nets import (
     MLP,
+    AgentLayerNorm,
+    AgentLinear,
+    AgentMLP,
     EnsembleMLP,
     FourierTimeEmbedding,
     LNResNet,
@@ -35,11 +39,11 @@ def test_twin_q_equals_two_separate_mlps():
             for e in range(2):
                 w[e].copy_(linears[e][layer].weight)
                 b[e].copy_(linears[e][layer].bias)
-    s, a = torch.randn(50, S), torch.randn(50, A)
+    s, a = torch.randn(1, 50, S), torch.randn(1, 50, A)  # one agent
     out = twin(s, a)
-    assert out.shape == (2, 50)
-    expected = torch.stack([m(torch.cat([s, a], 1)).squeeze(-1) for m in mlps])
-    assert torch.allclose(out, expected, atol=1e-6)
+    assert out.shape == (1, 2, 50)
+    expected = torch.stack([m(torch.cat([s[0], a[0]], 1)).squeeze(-1) for m in mlps])
+    assert torch.allclose(out[0], expected, atol=1e-6)
     # gradients flow to both members through the one batched op
     out.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in twin.parameters())
@@ -58,10 +62,10 @@ def test_ensemble_members_are_independent_and_accept_per_member_inputs():
 def test_fourier_time_embedding():
     torch.manual_seed(0)
     emb = FourierTimeEmbedding(64, 128)
-    assert emb.kernel.shape == (32, 1)
+    assert emb.kernel.shape == (1, 32, 1)  # [agents, fourier_dim / 2, 1]
     big = FourierTimeEmbedding(20_000, 8)
     assert big.kernel.std().item() == pytest.approx(0.2, rel=0.03)  # W ~ N(0, 0.2^2)
-    k = torch.tensor([0.0, 1.0, 4.0])
+    k = torch.tensor([[0.0, 1.0, 4.0]])
     features = {}
 
     def grab(module, inputs, output):
@@ -69,45 +73,49 @@ def test_fourier_time_embedding():
 
     emb.mlp.register_forward_hook(grab)
     out = emb(k)
-    assert out.shape == (3, 128)
-    f = 2 * math.pi * k[:, None] * emb.kernel[:, 0][None, :]
-    assert torch.allclose(features["x"], torch.cat([torch.cos(f), torch.sin(f)], 1))
-    assert emb(torch.zeros(2, 5)).shape == (2, 5, 128)
+    assert out.shape == (1, 3, 128)
+    f = 2 * math.pi * k[0, :, None] * emb.kernel[0, :, 0][None, :]
+    assert torch.allclose(features["x"][0], torch.cat([torch.cos(f), torch.sin(f)], 1))
+    assert emb(torch.zeros(1, 2, 5)).shape == (1, 2, 5, 128)
+    three = FourierTimeEmbedding(8, 16, num_agents=3)
+    assert three(torch.zeros(3, 4)).shape == (3, 4, 16) and not torch.equal(three.kernel[0], three.kernel[1])
     with pytest.raises(ConfigError):
         FourierTimeEmbedding(63)
 
 
 @pytest.mark.parametrize("cls", [LNResNet, MLPScoreNet])
 @pytest.mark.parametrize("num_timesteps", [None, 5])
-def test_score_net_projected_paths_equal_forward(cls, num_timesteps):
+@pytest.mark.parametrize("K", [1, 3])
+def test_score_net_projected_paths_equal_forward(cls, num_timesteps, K):
     torch.manual_seed(0)
-    net = cls(S, A, hidden_dim=32, num_timesteps=num_timesteps).eval()
-    x, s = torch.randn(20, A), torch.randn(20, S)
-    k = torch.randint(5, (20,))
+    net = cls(S, A, hidden_dim=32, num_timesteps=num_timesteps, num_agents=K).eval()
+    x, s = torch.randn(K, 20, A), torch.randn(K, 20, S)
+    k = torch.randint(5, (K, 20))
     ref = net(x, k, s)
-    assert ref.shape == (20, A)
+    assert ref.shape == (K, 20, A)
     assert torch.allclose(net.forward_parts(x, net.project_state(s), net.project_time(k)), ref, atol=1e-6)
     # float k (direct embedding) equals integer k (table lookup when num_timesteps is set)
     assert torch.allclose(net(x, k.float(), s), ref, atol=1e-5)
     # one state projection broadcast over N candidates equals repeating the state per candidate
-    states = torch.randn(4, S)
-    cand = torch.randn(4, 6, A)
-    sp = net.project_state(states).unsqueeze(1)
-    fast = net.forward_parts(cand, sp, net.project_time(3))
-    slow = net(cand.reshape(-1, A), torch.full((24,), 3), states.repeat_interleave(6, 0)).view(4, 6, A)
-    assert fast.shape == (4, 6, A) and torch.allclose(fast, slow, atol=1e-5)
+    states = torch.randn(K, 4, S)
+    cand = torch.randn(K, 4, 6, A)
+    sp = net.project_state(states).unsqueeze(2)
+    fast = net.forward_parts(cand, sp, net.project_time(3).view(K, 1, 1, -1))
+    slow = net(cand.reshape(K, -1, A), torch.full((K, 24), 3), states.repeat_interleave(6, 1)).view(K, 4, 6, A)
+    assert fast.shape == (K, 4, 6, A) and torch.allclose(fast, slow, atol=1e-5)
+    assert torch.allclose(net(cand, 3, states.unsqueeze(2).expand(K, 4, 6, S)), slow, atol=1e-5)  # int k
     if num_timesteps:
-        assert torch.allclose(net.time_table()[3], net.project_time(3), atol=1e-6)
+        assert torch.allclose(net.time_table()[:, 3], net.project_time(3), atol=1e-6)
 
 
 def test_first_dense_split_equals_dense_on_concat():
     """App. G: Dense(H) on concat[noisy action, state, time embedding]."""
     torch.manual_seed(0)
     net = LNResNet(S, A, hidden_dim=32, ff_dim=64).eval()
-    x, s, k = torch.randn(5, A), torch.randn(5, S), torch.tensor([0, 1, 2, 3, 4])
+    x, s, k = torch.randn(1, 5, A), torch.randn(1, 5, S), torch.tensor([[0, 1, 2, 3, 4]])
     temb = net.time_embedding(k.float())
-    w = torch.cat([net.in_action.weight, net.in_state.weight, net.in_time.weight], 1)
-    h = torch.cat([x, s, temb], 1) @ w.T + net.in_action.bias
+    w = torch.cat([net.in_action.weight[0], net.in_state.weight[0], net.in_time.weight[0]], 1)
+    h = torch.cat([x, s, temb], -1) @ w.T + net.in_action.bias[0]
     assert torch.allclose(net.trunk(h), net(x, k, s), atol=1e-6)
 
 
@@ -115,12 +123,12 @@ def test_ln_resnet_architecture_and_dropout():
     net = LNResNet(S, A)  # paper size
     assert len(net.blocks) == 3
     block = net.blocks[0]
-    assert (block.fc1.in_features, block.fc1.out_features, block.fc2.out_features) == (256, 1024, 256)
+    assert (block.fc1.in_dim, block.fc1.out_dim, block.fc2.out_dim) == (256, 1024, 256)
     assert isinstance(block.dropout, nn.Dropout) and block.dropout.p == 0.1
-    assert isinstance(block.act, Mish) and isinstance(block.norm, nn.LayerNorm)
-    assert net.out.out_features == A and net.in_time.in_features == 128
+    assert isinstance(block.act, Mish) and isinstance(block.norm, AgentLayerNorm) and block.norm.eps == 1e-6
+    assert net.out.out_dim == A and net.in_time.in_dim == 128
     assert isinstance(LNResNet(S, A, activation="swish").out_act, nn.SiLU)
-    x, s, k = torch.randn(64, A), torch.randn(64, S), torch.zeros(64, dtype=torch.long)
+    x, s, k = torch.randn(1, 64, A), torch.randn(1, 64, S), torch.zeros(1, 64, dtype=torch.long)
     net.train()
     assert not torch.allclose(net(x, k, s), net(x, k, s))  # dropout active in training
     net.eval()
@@ -173,3 +181,33 @@ def test_score_net_uses_standard_dropout_and_the_ema_copy_strips_it():
     stripped = strip_dropout_(net)
     assert not any(isinstance(m, nn.Dropout) for m in stripped.modules())
     assert sum(isinstance(m, nn.Identity) for m in stripped.modules()) == 3
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_agent_layers_equal_one_plain_layer_per_agent(K):
+    """AgentLinear / AgentLayerNorm / AgentMLP of K agents compute, agent by agent, nn.Linear / nn.LayerNorm /
+    MLP with that agent's parameters (K = 1 bit for bit: the same kernels)."""
+    torch.manual_seed(0)
+    lin = AgentLinear(K, 6, 4)
+    norm = AgentLayerNorm(K, 6)
+    mlp = AgentMLP(6, [8], 2, num_agents=K)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(K, 5, 3, 6)
+    for k in range(K):
+        plain = nn.Linear(6, 4)
+        plain_norm = nn.LayerNorm(6, eps=1e-6)
+        single = MLP(6, [8], 2)
+        with torch.no_grad():
+            plain.weight.copy_(lin.weight[k])
+            plain.bias.copy_(lin.bias[k])
+            plain_norm.weight.copy_(norm.weight[k])
+            plain_norm.bias.copy_(norm.bias[k])
+            for layer, agent_layer in zip(single.net[::2], mlp.net[::2]):
+                layer.weight.copy_(agent_layer.weight[k])
+                layer.bias.copy_(agent_layer.bias[k])
+        check = torch.equal if K == 1 else partial(torch.allclose, atol=1e-6)
+        assert check(lin(x)[k], plain(x[k]))
+        assert check(norm(x)[k], plain_norm(x[k]))
+        assert check(mlp(x)[k], single(x[k]))

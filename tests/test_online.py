@@ -117,13 +117,13 @@ def test_exploration_follows_implicit_weights_or_argmax(variant, monkeypatch):
     module = tiny_module(variant, obs_dim=2, action_dim=1, num_samples=4)
     candidates = torch.tensor([[-0.9], [-0.3], [0.2], [0.8]])
     state = torch.tensor([[0.1, -0.2]])
-    q = module.critic.q_target(state.expand(4, 2), candidates)
+    q = module.critic.q_target(state.expand(4, 2), candidates)[0]  # the one agent
     v_value = q.sort().values[1:3].mean()  # two candidates above V, two below: expectile weights tau and 1 - tau
     monkeypatch.setattr(module.behavior, "sample",
-                        lambda s, n, generator=None: candidates.T.expand(s.shape[0], n).unsqueeze(-1).clone())
-    monkeypatch.setattr(module.critic, "v", lambda s: torch.full((s.shape[0],), float(v_value)))
+                        lambda s, n, generator=None: candidates.T.expand(s.shape[-2], n).unsqueeze(-1)[None].clone())
+    monkeypatch.setattr(module.critic, "v", lambda s: torch.full(s.shape[:-1], float(v_value)))
     n = 20_000
-    actions = module.explore(state.expand(n, 2))
+    actions = module.explore(state.expand(n, 2))[0]
     index = (actions - candidates.T).abs().argmin(dim=1)
     freq = torch.bincount(index, minlength=4).double() / n
     if variant == "max":

@@ -15,7 +15,7 @@ class FixedCandidates:
     """A behavior model whose N candidates per state are fixed points 0..N-1 on the first action axis."""
 
     def sample(self, states, num_samples=1, generator=None):
-        cand = torch.zeros(states.shape[0], num_samples, 2)
+        cand = torch.zeros(1, states.shape[-2], num_samples, 2)  # one agent
         cand[..., 0] = torch.arange(num_samples, dtype=torch.float32) / num_samples
         return cand
 
@@ -24,17 +24,17 @@ class QuadraticCritic:
     """Q peaks at a = 0.5 on the first axis; V = 0."""
 
     def q_target(self, states, actions):
-        return -(actions[:, 0] - 0.5) ** 2
+        return -(actions[..., 0] - 0.5) ** 2
 
     def v(self, states):
-        return torch.full((states.shape[0],), -0.05)
+        return torch.full(states.shape[:-1], -0.05)
 
 
 def test_argmax_picks_the_best_candidate_for_every_state():
     states = torch.randn(7, 3)
     actions = extract_actions(FixedCandidates(), QuadraticCritic(), states, num_samples=10)
-    assert actions.shape == (7, 2) and actions.dtype == torch.float32
-    assert torch.all(actions[:, 0] == 0.5)
+    assert actions.shape == (1, 7, 2) and actions.dtype == torch.float32  # [agents, B, A]
+    assert torch.all(actions[..., 0] == 0.5)
 
 
 @pytest.mark.parametrize("kind, param", [("expectile", 0.9), ("quantile", 0.8), ("exponential", 2.0)])
@@ -44,7 +44,7 @@ def test_implicit_resampling_follows_the_normalized_weights(kind, param):
     gen = torch.Generator().manual_seed(0)
     actions = extract_actions(FixedCandidates(), QuadraticCritic(), states, num_samples=n, extraction="implicit",
                               value_loss=kind, loss_param=param, generator=gen)
-    picked = torch.round(actions[:, 0] * n).long()
+    picked = torch.round(actions[0, :, 0] * n).long()
     freq = torch.bincount(picked, minlength=n).float() / draws
     cand = torch.arange(n, dtype=torch.float32) / n
     u = -(cand - 0.5) ** 2 + 0.05

@@ -22,32 +22,53 @@ from idql_pl.sampler import Extraction, autocast_for, check_extraction
 Policy = Callable[[Tensor, torch.Generator], Tensor]
 
 
-def rollout(env: Any, policy: Policy, seeds: list[int], device: torch.device, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Run one episode per seed on a vector env, ``env.num_envs`` at a time; all live envs act in one batch.
+def rollout(env: Any, policy: Policy, seeds: list[int], device: torch.device, generator: torch.Generator,
+            num_agents: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Run one episode per seed and agent on a vector env of ``num_agents x n`` envs (agent-major: envs
+    ``k n .. k n + n - 1`` are agent ``k``'s), ``n`` episodes at a time; every agent plays the same seeds.
 
-    Returns per-episode undiscounted returns and lengths (in ``seeds`` order). Steps of finished envs
-    (auto-reset by the vector env) are ignored.
+    ``policy(states [K, c, S], generator) -> [K, c, A]`` gets, for each agent, the ``c`` env slots where any
+    agent's episode is still running (one batched call for all agents; a slot some agent has finished is
+    computed and its action ignored). Returns per-episode undiscounted returns and lengths, ``[K, len(seeds)]``
+    in ``seeds`` order. Steps of finished envs (auto-reset by the vector env) are ignored.
     """
-    n_envs = env.num_envs
+    if env.num_envs % num_agents:
+        raise ValueError(f"rollout: {env.num_envs} envs do not split into {num_agents} agents")
+    n_envs = env.num_envs // num_agents
     action_shape = env.single_action_space.shape
-    returns, lengths = np.zeros(len(seeds)), np.zeros(len(seeds), dtype=np.int64)
+    returns = np.zeros((num_agents, len(seeds)))
+    lengths = np.zeros((num_agents, len(seeds)), dtype=np.int64)
     for start in range(0, len(seeds), n_envs):
         chunk = seeds[start : start + n_envs]
         padded = chunk + [chunk[-1] + 1_000_003 + i for i in range(n_envs - len(chunk))]
-        obs, _ = env.reset(seed=padded)
-        active = np.arange(n_envs) < len(chunk)
-        ret, length = np.zeros(n_envs), np.zeros(n_envs, dtype=np.int64)
+        obs, _ = env.reset(seed=padded * num_agents)
+        active = np.tile(np.arange(n_envs) < len(chunk), (num_agents, 1))  # [K, n]
+        ret, length = np.zeros((num_agents, n_envs)), np.zeros((num_agents, n_envs), dtype=np.int64)
         while active.any():
-            actions = np.zeros((n_envs, *action_shape), dtype=np.float32)
-            states = torch.as_tensor(np.asarray(obs)[active], dtype=torch.float32, device=device)
-            actions[active] = policy(states, generator).cpu().numpy()
-            obs, reward, terminated, truncated, _ = env.step(actions)
+            slots = active.any(axis=0)
+            actions = np.zeros((num_agents, n_envs, *action_shape), dtype=np.float32)
+            grid = np.asarray(obs).reshape(num_agents, n_envs, *np.shape(obs)[1:])
+            states = torch.as_tensor(grid[:, slots], dtype=torch.float32, device=device)
+            actions[:, slots] = policy(states, generator).cpu().numpy()
+            actions[~active] = 0.0
+            obs, reward, terminated, truncated, _ = env.step(actions.reshape(num_agents * n_envs, *action_shape))
+            reward = np.asarray(reward).reshape(num_agents, n_envs)
             ret[active] += reward[active]
             length[active] += 1
-            active &= ~(terminated | truncated)
-        returns[start : start + len(chunk)] = ret[: len(chunk)]
-        lengths[start : start + len(chunk)] = length[: len(chunk)]
+            active &= ~(np.asarray(terminated) | np.asarray(truncated)).reshape(num_agents, n_envs)
+        returns[:, start : start + len(chunk)] = ret[:, : len(chunk)]
+        lengths[:, start : start + len(chunk)] = length[:, : len(chunk)]
     return returns, lengths
+
+
+def interquartile_mean(values: np.ndarray) -> float:
+    """Mean of the middle 50% (the IQM of Agarwal et al. 2021): sorted values with weight 1 inside the
+    quartiles and fractional weights at their edges, so it is defined for any number of values."""
+    x = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    n = len(x)
+    lo, hi = 0.25 * n, 0.75 * n
+    weights = np.clip(np.minimum(np.arange(1, n + 1), hi) - np.maximum(np.arange(n), lo), 0.0, 1.0)
+    return float((weights * x).sum() / weights.sum())
 
 
 def resident_memory_mb() -> float:
@@ -62,9 +83,9 @@ def resident_memory_mb() -> float:
 
 
 def autocast_sample(behavior: Any, states: Tensor, generator: torch.Generator, precision: str) -> Tensor:
-    """One behavior-policy sample per state (behavior cloning), float32 out."""
+    """One behavior-policy sample per state and agent (behavior cloning): ``[K, B, S] -> [K, B, A]``, float32."""
     with torch.no_grad(), autocast_for(states.device, precision):
-        return behavior.sample(states, 1, generator=generator)[:, 0].float()
+        return behavior.sample(states, 1, generator=generator)[..., 0, :].float()
 
 
 class PolicyEvaluation(L.Callback):
@@ -76,6 +97,12 @@ class PolicyEvaluation(L.Callback):
     ``num_episodes``. Logs ``eval/return``, ``eval/normalized_score`` (0-100, the dataset's reference
     scores), ``eval/episode_length``, ``perf/eval_env_steps_per_s``; writes ``eval_curve.png`` to the run dir (x axis:
     the module's ``step_unit``). ``at_start`` also evaluates the starting weights as step 0.
+
+    A model of K agents (``num_agents``) plays the same seeded episodes with every agent, all agents in one
+    batched policy call over ``K x num_envs`` envs. ``eval/normalized_score`` is then the mean over agents of
+    each agent's mean score, beside ``eval/agent{k}/normalized_score``, ``eval/normalized_score_agent_std``
+    (across agents) and ``eval/normalized_score_iqm`` (interquartile mean of the agents' scores);
+    ``eval_episodes.csv`` has an ``agent`` column and the curve shows every agent and the mean.
     """
 
     def __init__(
@@ -98,7 +125,8 @@ class PolicyEvaluation(L.Callback):
         self.every_n_steps, self.num_episodes, self.num_envs = every_n_steps, num_episodes, num_envs
         self.num_samples, self.extraction, self.precision = num_samples, extraction, precision
         self.seed, self.at_end, self.plot, self.at_start = seed, at_end, plot, at_start
-        self.history: list[tuple[int, float]] = []
+        self.history: list[tuple[int, float]] = []  # (step, score: the mean over agents)
+        self.agent_history: list[tuple[int, list[float]]] = []  # (step, each agent's score)
         self._env: Any = None
         self._last_step = -1
 
@@ -124,7 +152,7 @@ class PolicyEvaluation(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Create the envs up front, so a run that cannot be evaluated fails in seconds, not at its first eval."""
         if self.policy_for(pl_module) is not None and self._env is None:
-            self._env = trainer.datamodule.make_vector_env(self._envs_per_rank(trainer))
+            self._env = trainer.datamodule.make_vector_env(self._envs_per_rank(trainer) * num_agents_of(pl_module))
 
     def _envs_per_rank(self, trainer: L.Trainer) -> int:
         share = len(range(trainer.global_rank, self.num_episodes, trainer.world_size))
@@ -151,6 +179,7 @@ class PolicyEvaluation(L.Callback):
         if policy is None:
             rank_zero_info(f"[eval] skipped: {type(pl_module).__name__} has no policy to roll out")
             return None
+        agents = num_agents_of(pl_module)
         datamodule = trainer.datamodule
         device = pl_module.device
         rank, world = trainer.global_rank, trainer.world_size
@@ -161,32 +190,40 @@ class PolicyEvaluation(L.Callback):
         try:
             if seeds:
                 if self._env is None:
-                    self._env = datamodule.make_vector_env(self._envs_per_rank(trainer))
+                    self._env = datamodule.make_vector_env(self._envs_per_rank(trainer) * agents)
                 generator = torch.Generator(device=device).manual_seed(self.seed + trainer.global_step)
-                returns, lengths = rollout(self._env, policy, seeds, device, generator)
+                returns, lengths = rollout(self._env, policy, seeds, device, generator, agents)
             else:
-                returns, lengths = np.zeros(0), np.zeros(0)
+                returns, lengths = np.zeros((agents, 0)), np.zeros((agents, 0))
         finally:
             pl_module.train(was_training)
         elapsed = time.perf_counter() - start
-        all_returns = self._gather(returns, device)
-        all_lengths = self._gather(lengths.astype(np.float64), device)
+        # Gathered episode-major ([episodes, K]), so ranks' episodes concatenate; then [K, episodes].
+        all_returns = self._gather(returns.T, device).view(-1, agents).T.contiguous()
+        all_lengths = self._gather(lengths.T.astype(np.float64), device).view(-1, agents).T.contiguous()
         all_episodes = self._gather(np.asarray(seeds, dtype=np.float64) - self.seed, device)
         env_steps = float(all_lengths.sum())
         metrics = {
             "eval/return": float(all_returns.mean()),
             "eval/return_std": float(all_returns.std(unbiased=False)),
             "eval/episode_length": float(all_lengths.mean()),
-            "eval/num_episodes": float(all_returns.numel()),
+            "eval/num_episodes": float(all_returns.shape[1]),
             "perf/eval_env_steps_per_s": env_steps / max(elapsed, 1e-9),
             "perf/rss_mb": resident_memory_mb(),
         }
         info = datamodule.info
+        agent_scores: list[float] | None = None
         if info.ref_min_score is not None and info.ref_max_score is not None:
-            scores = datamodule.normalized_score(all_returns.double().cpu().numpy())
-            metrics["eval/normalized_score"] = float(np.mean(scores))
+            scores = np.asarray(datamodule.normalized_score(all_returns.double().cpu().numpy()))  # [K, episodes]
+            agent_scores = [float(np.mean(row)) for row in scores]
+            metrics["eval/normalized_score"] = float(np.mean(agent_scores))
             metrics["eval/normalized_score_std"] = float(np.std(scores))
-        self._report(trainer, pl_module, metrics, log_to_module)
+            if agents > 1:
+                for k, score in enumerate(agent_scores):
+                    metrics[f"eval/agent{k}/normalized_score"] = score
+                metrics["eval/normalized_score_agent_std"] = float(np.std(agent_scores))
+                metrics["eval/normalized_score_iqm"] = interquartile_mean(np.asarray(agent_scores))
+        self._report(trainer, pl_module, metrics, log_to_module, agent_scores)
         if trainer.is_global_zero:
             self._write_episodes(trainer, all_episodes, all_returns, all_lengths)
         return metrics
@@ -197,11 +234,13 @@ class PolicyEvaluation(L.Callback):
         metric.update(torch.as_tensor(values, dtype=torch.float64, device=device))
         return metric.compute().reshape(-1)
 
-    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float], log_to_module: bool) -> None:
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float], log_to_module: bool,
+                agent_scores: list[float] | None = None) -> None:
         step = trainer.global_step
         score = metrics.get("eval/normalized_score")
         if score is not None and (not self.history or self.history[-1][0] != step):
             self.history.append((step, score))
+            self.agent_history.append((step, list(agent_scores or [score])))
         if log_to_module:
             pl_module.log_dict(metrics, sync_dist=False)
         elif trainer.is_global_zero:
@@ -210,6 +249,8 @@ class PolicyEvaluation(L.Callback):
         text = f"return {metrics['eval/return']:.2f} ± {metrics['eval/return_std']:.2f}"
         if score is not None:
             text += f", normalized score {score:.1f} ± {metrics['eval/normalized_score_std']:.1f}"
+            if agent_scores is not None and len(agent_scores) > 1:
+                text += f" (agents: {', '.join(f'{a:.1f}' for a in agent_scores)})"
         rank_zero_info(
             f"[eval] step {step}: {text} over {int(metrics['eval/num_episodes'])} episodes"
             f" (length {metrics['eval/episode_length']:.0f}, {metrics['perf/eval_env_steps_per_s']:.0f} env steps/s)"
@@ -218,17 +259,20 @@ class PolicyEvaluation(L.Callback):
             self._plot(Path(trainer.default_root_dir) / "eval_curve.png", getattr(pl_module, "step_unit", "critic steps"))
 
     def _write_episodes(self, trainer: L.Trainer, episodes: Tensor, returns: Tensor, lengths: Tensor) -> None:
-        """Append one row per episode (all ranks' episodes) to ``eval_episodes.csv`` in the run folder."""
+        """Append one row per episode and agent (all ranks' episodes; ``returns``/``lengths`` ``[K, episodes]``)
+        to ``eval_episodes.csv`` in the run folder."""
         path = Path(trainer.default_root_dir) / "eval_episodes.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.is_file()
         order = torch.argsort(episodes)
         with open(path, "a") as f:
             if new:
-                f.write("stage,step,episode,seed,return,length\n")
+                f.write("stage,step,agent,episode,seed,return,length\n")
             stage = trainer.state.fn.value if trainer.state.fn else "fit"
-            for e, r, n in zip(episodes[order].tolist(), returns[order].tolist(), lengths[order].tolist()):
-                f.write(f"{stage},{trainer.global_step},{int(e)},{self.seed + int(e)},{r:.6f},{int(n)}\n")
+            for agent in range(returns.shape[0]):
+                rows = zip(episodes[order].tolist(), returns[agent][order].tolist(), lengths[agent][order].tolist())
+                for e, r, n in rows:
+                    f.write(f"{stage},{trainer.global_step},{agent},{int(e)},{self.seed + int(e)},{r:.6f},{int(n)}\n")
 
     def _plot(self, path: Path, unit: str = "critic steps") -> None:
         import matplotlib
@@ -238,7 +282,16 @@ class PolicyEvaluation(L.Callback):
 
         steps, scores = zip(*self.history)
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-        ax.plot(steps, scores, marker="o")
+        per_agent = [row for _, row in self.agent_history] if len(self.agent_history) == len(self.history) else []
+        if per_agent and len(per_agent[-1]) > 1:
+            agent_steps = [step for step, _ in self.agent_history]
+            for k in range(len(per_agent[-1])):
+                ax.plot(agent_steps, [row[k] if k < len(row) else np.nan for row in per_agent], lw=0.8, alpha=0.5,
+                        label=f"agent {k}")
+            ax.plot(steps, scores, marker="o", color="black", lw=2, label="mean")
+            ax.legend(fontsize=6, ncol=2)
+        else:
+            ax.plot(steps, scores, marker="o")
         ax.set_xlabel(f"{unit} (trainer.global_step)")
         ax.set_ylabel("eval/normalized_score")
         ax.grid(alpha=0.3)
@@ -251,7 +304,14 @@ class PolicyEvaluation(L.Callback):
 
     # -------------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [[int(s), float(v)] for s, v in self.history]}
+        return {"history": [[int(s), float(v)] for s, v in self.history],
+                "agent_history": [[int(s), [float(x) for x in v]] for s, v in self.agent_history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [(int(s), float(v)) for s, v in state_dict.get("history", [])]
+        self.agent_history = [(int(s), [float(x) for x in v]) for s, v in state_dict.get("agent_history", [])]
+
+
+def num_agents_of(pl_module: Any) -> int:
+    """The module's number of agents (1 for models without agents, e.g. IQL)."""
+    return int(getattr(pl_module, "num_agents", 1))

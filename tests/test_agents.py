@@ -1,0 +1,295 @@
+"""Many agents per process (``num_agents = K``): K = 1 is the single run bit for bit (against numbers recorded
+from the code before agents existed), agents are independent (own init, own batches, no gradient across
+agents), per-agent hyperparameters, evaluation of every agent, export of one agent, old checkpoints."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+
+from idql_pl import IDQL, DiffusionBehavior, ImplicitCritic
+from idql_pl.callbacks.evaluation import interquartile_mean
+from idql_pl.data.buffer import TransitionBuffer
+from idql_pl.diffusion import ddpm_loss
+from idql_pl.errors import ConfigError
+from idql_pl.losses import value_loss
+from tests.helpers import (
+    CONFIGS,
+    SMALL_MAZE,
+    TINY_IDQL,
+    TINY_TRAINER,
+    load_state,
+    random_transitions,
+    read_csv,
+    run_cli,
+)
+from tests.k1_reference import REFERENCE, record_bare_loop, record_fit
+
+S, A = 5, 3
+TINY_CRITIC = dict(hidden_dims=[32, 32], batch_size=24)
+TINY_BEHAVIOR = dict(hidden_dim=16, ff_dim=32, num_blocks=2, batch_size=24)
+
+
+def buffer(seed: int = 0) -> TransitionBuffer:
+    return TransitionBuffer(random_transitions(300, seed=1, obs_dim=S, action_dim=A, terminal_prob=0.1), seed=seed)
+
+
+def agent_slice(module: torch.nn.Module, k: int, num_agents: int) -> dict[str, torch.Tensor]:
+    """Agent ``k``'s block of every state tensor (1 row per agent, the twin Q's 2 members per agent)."""
+    out = {}
+    for key, value in module.state_dict().items():
+        rows = value.shape[0] // num_agents
+        out[key] = value[k * rows : (k + 1) * rows].clone()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ K = 1 = main
+def reference() -> dict:
+    return json.loads(REFERENCE.read_text())
+
+
+def test_one_agent_reproduces_the_single_agent_code_bit_for_bit():
+    """Init, batches, losses, parameters, Adam states and sampled actions of three Algorithm-1 iterations in a
+    bare loop equal, bit for bit, what the code before agents computed (tests/k1_reference.py)."""
+    want = reference()["bare_loop"]
+    got = record_bare_loop()
+    assert got["init"] == want["init"]
+    assert got["losses"] == want["losses"]
+    assert got["state"] == want["state"]
+    assert got["optimizers"] == want["optimizers"]
+    assert got["actions"] == want["actions"]
+
+
+def test_one_agent_fit_reproduces_the_single_agent_code_bit_for_bit(tmp_path):
+    """A tiny CLI ``fit`` (IDQL.training_step, evaluation callback, checkpoint) logs the same losses, plays the
+    same evaluation episodes with the same returns and saves the same weights and Adam states as before."""
+    want = reference()["fit"]
+    got = record_fit(tmp_path)
+    assert got["episodes"] == want["episodes"]
+    assert got["logged"] == want["logged"]
+    assert got["state"] == want["state"]
+    assert got["optimizers"] == want["optimizers"]
+    for key, shape in got["shapes"].items():  # the same names; the agent dimension of 1 is new
+        old = want["shapes"][key]
+        assert shape == old or shape == [1, *old], key
+    assert set(got["shapes"]) == set(want["shapes"])
+
+
+def test_single_agent_checkpoint_from_before_agents_loads_and_resumes(tmp_path):
+    """A checkpoint in the pre-agent layout (the shapes recorded from main) resumes at K = 1 exactly like the
+    checkpoint of the current layout: the missing agent dimension is unsqueezed at load time (weights and
+    Adam moments)."""
+    old_shapes = reference()["fit"]["shapes"]
+    common = ["fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
+              "--model.behavior.lr_decay_steps", "12", "--eval.at_end", "false", "--run_root", tmp_path,
+              "--run_name", "run"]
+    last = tmp_path / "run" / "last.ckpt"
+    assert run_cli(*common, "--trainer.max_steps", "3") == 0
+    ckpt = load_state(last)
+    old = dict(ckpt)
+    old["state_dict"] = {k: v.reshape(old_shapes[k]) for k, v in ckpt["state_dict"].items()}
+    squeezed = {tuple(v.shape) for k, v in ckpt["state_dict"].items() if list(v.shape) != old_shapes[k]}
+    assert squeezed  # the layouts do differ
+    old["optimizer_states"] = [
+        {**opt, "state": {i: {n: v.squeeze(0) if n != "step" and tuple(v.shape) in squeezed else v for n, v in st.items()}
+                          for i, st in opt["state"].items()}}
+        for opt in ckpt["optimizer_states"]
+    ]
+    results = []
+    for state in (ckpt, old):  # resume from step 3 to step 6, once from each layout
+        torch.save(state, last)
+        assert run_cli(*common, "--trainer.max_steps", "6", "--ckpt_path", "last") == 0
+        results.append(load_state(last))
+    new_run, old_run = results
+    assert new_run["global_step"] == old_run["global_step"] == 6
+    for key, value in new_run["state_dict"].items():
+        assert torch.equal(value, old_run["state_dict"][key]), key
+    for a, b in zip(new_run["optimizer_states"], old_run["optimizer_states"]):
+        for i, st in a["state"].items():
+            for name, value in st.items():
+                assert torch.equal(value, b["state"][i][name]), (i, name)
+
+
+# ------------------------------------------------------------------------------------------ independence
+def test_agent_k_of_four_critics_is_a_single_critic_seeded_k():
+    """The critic has no noise besides its batches: agent k of a K = 4 critic (seed s) starts as a K = 1 critic
+    seeded s + k (bit for bit), draws the same batches, and follows it over the first steps (float tolerance:
+    one batched matmul for 4 agents rounds like four plain ones only up to the last bits)."""
+    seed, K, steps = 3, 4, 4
+    L.seed_everything(seed, verbose=False)
+    many = ImplicitCritic(S, A, num_agents=K, **TINY_CRITIC)
+    buf = buffer(seed)
+    init = [agent_slice(many, k, K) for k in range(K)]
+    opts = many.configure_optimizers()
+    losses = []
+    for _ in range(steps):
+        batch = buf.sample(24, K)
+        losses.append(many.update(batch, *opts))
+    for k in range(K):
+        L.seed_everything(seed + k, verbose=False)
+        one = ImplicitCritic(S, A, **TINY_CRITIC)
+        for key, value in one.state_dict().items():
+            assert torch.equal(value, init[k][key]), key
+        own_buf, own_opts = buffer(seed + k), one.configure_optimizers()
+        ref_buf = buffer(seed)
+        for _ in range(steps):
+            own = own_buf.sample(24, 1)
+            shared = ref_buf.sample(24, K)
+            assert torch.equal(own.observations[0], shared.observations[k])  # agent k's own rows
+            one.update(own, *own_opts)
+        for key, value in one.state_dict().items():
+            torch.testing.assert_close(agent_slice(many, k, K)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_behavior_agent_init_is_a_single_run_seeded_k_and_the_forward_is_per_agent():
+    """Agent k of a K = 3 behavior model starts as a K = 1 model seeded s + k, and its score network computes
+    exactly agent k's single network on agent k's inputs (to float tolerance). Dropout and diffusion noise are
+    drawn as one [K, ...] tensor, so the training streams differ from single runs by construction."""
+    seed, K = 5, 3
+    L.seed_everything(seed, verbose=False)
+    many = DiffusionBehavior(S, A, num_agents=K, **TINY_BEHAVIOR)
+    x, k, s = torch.randn(K, 7, A), torch.randint(5, (K, 7)), torch.randn(K, 7, S)
+    out = many.net(x, k, s)
+    for j in range(K):
+        L.seed_everything(seed + j, verbose=False)
+        one = DiffusionBehavior(S, A, **TINY_BEHAVIOR)
+        for key, value in one.state_dict().items():
+            assert torch.equal(value, agent_slice(many, j, K)[key]), key
+        one.eval()
+        many.eval()
+        torch.testing.assert_close(many.net(x, k, s)[j], one.net(x[j : j + 1], k[j : j + 1], s[j : j + 1])[0])
+    many.train()
+    assert out.shape == (K, 7, A)
+
+
+@pytest.mark.parametrize("part", ["v", "q", "score"])
+def test_no_gradient_flows_between_agents(part):
+    """d(loss of agent j) / d(parameters of agent k) is exactly 0 for k != j, and nonzero for k = j."""
+    K, j = 3, 1
+    torch.manual_seed(0)
+    batch = buffer().sample(24, K)
+    if part == "score":
+        model = DiffusionBehavior(S, A, num_agents=K, **TINY_BEHAVIOR)
+        net = model.net
+        steps = torch.randint(5, (K, 24))
+        loss = net(batch.actions, steps, batch.observations)[j].square().sum()
+    else:
+        model = ImplicitCritic(S, A, num_agents=K, **TINY_CRITIC)
+        net = model.v_net if part == "v" else model.q_net
+        if part == "v":
+            _, u, _ = model.v_loss(batch)
+            loss = value_loss(u, "expectile", 0.7)[j].mean()
+        else:
+            loss = model.q_net(batch.observations, batch.actions)[j].square().mean()
+    params = dict(net.named_parameters())
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    for (name, p), g in zip(params.items(), grads):
+        rows = p.shape[0] // K
+        g = torch.zeros_like(p) if g is None else g
+        for k in range(K):
+            block = g[k * rows : (k + 1) * rows]
+            if k != j:
+                assert torch.count_nonzero(block) == 0, (name, k)
+        assert torch.count_nonzero(g[j * rows : (j + 1) * rows]) > 0 or "bias" in name or "in_time" in name, name
+
+
+def test_batches_of_agents_come_from_their_own_generators_and_resume():
+    buf = buffer(7)
+    first = buf.sample(16, 3)
+    assert first.observations.shape == (3, 16, S) and first.rewards.shape == (3, 16)
+    single = buffer(7).sample(16)  # agent 0 draws the single run's rows
+    assert torch.equal(first.observations[0], single.observations)
+    assert torch.equal(first.observations[2], buffer(9).sample(16).observations)  # agent 2: seed + 2
+    state = buf.state_dict()
+    nxt = buf.sample(16, 3)
+    fresh = buffer(7)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.sample(16, 3).observations, nxt.observations)
+    legacy = buffer(7)
+    legacy.load_state_dict({"generator": buffer(7).generator.get_state()})  # a state saved before agents
+    assert torch.equal(legacy.sample(16, 1).observations[0], single.observations)
+
+
+# ------------------------------------------------------------------------------------------ hyperparameters
+def test_per_agent_tau_and_a_clear_error_for_a_wrong_length():
+    taus = [0.6, 0.7, 0.9]
+    critic = ImplicitCritic(S, A, num_agents=3, tau=taus, **TINY_CRITIC)
+    batch = buffer().sample(24, 3)
+    loss, u, _ = critic.v_loss(batch)
+    want = sum(value_loss(u[k], "expectile", tau).mean() for k, tau in enumerate(taus))
+    torch.testing.assert_close(loss, want)
+    assert [critic.loss_param_of(k) for k in range(3)] == pytest.approx(taus)
+    model = IDQL(S, A, critic=partial(ImplicitCritic, tau=taus, **TINY_CRITIC),
+                 behavior=partial(DiffusionBehavior, **TINY_BEHAVIOR), num_samples=4, num_agents=3).eval()
+    acts = model.act(torch.randn(5, S), extraction="implicit", generator=torch.Generator().manual_seed(0))
+    assert acts.shape == (3, 5, A)  # each agent resamples with its own tau's weights
+    with pytest.raises(ConfigError, match="critic tau has 2 values but num_agents is 3"):
+        ImplicitCritic(S, A, num_agents=3, tau=[0.6, 0.7])
+    with pytest.raises(ConfigError, match="tau must lie in"):
+        ImplicitCritic(S, A, num_agents=2, tau=[0.6, 1.7])
+
+
+def test_idql_acts_for_every_agent_and_losses_sum_per_agent_means():
+    model = IDQL(S, A, critic=partial(ImplicitCritic, **TINY_CRITIC), behavior=partial(DiffusionBehavior, **TINY_BEHAVIOR),
+                 num_samples=4, num_agents=2)
+    model.eval()
+    for extraction in ("argmax", "implicit"):
+        actions = model.act(torch.randn(6, S), extraction=extraction, generator=torch.Generator().manual_seed(0))
+        assert actions.shape == (2, 6, A) and actions.abs().max() <= 1.0
+    batch = buffer().sample(24, 2)
+    torch.manual_seed(0)
+    total = ddpm_loss(lambda x, k: torch.zeros_like(x), model.behavior.schedule, batch.actions)
+    torch.manual_seed(0)
+    k = torch.randint(5, (2, 24))
+    noise = torch.randn(2, 24, A)
+    torch.testing.assert_close(total, noise.square().sum(-1).mean(-1).sum())
+    assert k.shape == (2, 24)
+
+
+def test_interquartile_mean():
+    assert interquartile_mean([1.0, 2.0, 3.0, 4.0]) == pytest.approx(2.5)
+    assert interquartile_mean([0.0, 10.0, 10.0, 100.0]) == pytest.approx(10.0)
+    assert interquartile_mean([5.0]) == pytest.approx(5.0)
+    assert interquartile_mean([1.0, 2.0, 3.0]) == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------------------------------ run, evaluate, export
+def test_many_agent_fit_evaluates_every_agent_and_exports_one(tmp_path):
+    """``--model.num_agents 2``: the evaluation plays the same episodes with both agents (CSV ``agent``
+    column, per-agent and across-agent metrics); ``export --agent 1`` writes an ordinary single-agent
+    checkpoint of agent 1's weights that ``validate`` evaluates."""
+    common = ["--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, "--run_root", tmp_path]
+    assert run_cli("fit", *common, *TINY_TRAINER, "--model.num_agents", "2", "--run_name", "two") == 0
+    run = tmp_path / "two"
+    rows = read_csv(run / "eval_episodes.csv")
+    assert {r["agent"] for r in rows} == {"0", "1"}
+    by_agent = {a: [(r["step"], r["episode"], r["seed"]) for r in rows if r["agent"] == a] for a in ("0", "1")}
+    assert by_agent["0"] == by_agent["1"]  # the same seeded episodes for both agents
+    metrics = read_csv(next(run.rglob("metrics.csv")))
+    names = set(metrics[0])
+    for name in ("eval/normalized_score", "eval/agent0/normalized_score", "eval/agent1/normalized_score",
+                 "eval/normalized_score_agent_std", "eval/normalized_score_iqm"):
+        assert name in names, name
+    last = [r for r in metrics if r.get("eval/agent1/normalized_score")][-1]
+    mean = (float(last["eval/agent0/normalized_score"]) + float(last["eval/agent1/normalized_score"])) / 2
+    assert float(last["eval/normalized_score"]) == pytest.approx(mean)
+    assert (run / "eval_curve.png").is_file()
+
+    ckpt = load_state(run / "last.ckpt")
+    out = tmp_path / "agent1.ckpt"
+    assert run_cli("export", "--ckpt_path", run / "last.ckpt", "--agent", "1", "--out", out) == 0
+    single = load_state(out)
+    assert single["hyper_parameters"]["num_agents"] == 1
+    for key, value in ckpt["state_dict"].items():
+        rows = value.shape[0] // 2
+        assert torch.equal(single["state_dict"][key], value[rows:]), key
+    assert run_cli("export", "--ckpt_path", run / "last.ckpt", "--agent", "2", "--out", out) == 2
+    assert run_cli("validate", *common, "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+                   "--eval.num_episodes", "2", "--eval.num_envs", "2", "--model.num_agents", "1",
+                   "--ckpt_path", out, "--run_name", "agent1") == 0
+    rows = read_csv(tmp_path / "eval_episodes.csv")  # validate writes beside the checkpoint it evaluates
+    assert {r["agent"] for r in rows} == {"0"} and {r["stage"] for r in rows} == {"validate"}
