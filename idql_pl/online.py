@@ -89,10 +89,9 @@ class OnlineIDQL(IDQLModule):
     checkpoint and the LR follows one cosine over all actor steps, pretraining's ``P`` then this run's ``U``
     (``(max_steps - warmup_steps) * actor_updates_per_step``): at finetuning update ``i`` the multiplier is
     ``0.5 (1 + cos(pi (P + i) / (P + U)))`` (``behavior.lr_decay_steps``, if set, replaces ``P + U`` as the whole
-    schedule's length). This is the reference code's finetuning: one agent, one optimizer and one actor schedule
-    whose ``decay_steps`` covers both phases (4M = 2M offline + 2M online actor steps for IDQL-Imp, against 2M
-    for offline-only runs), so the actor is finetuned on the tail of its cosine, never at the peak LR with new
-    moments. ``"restart"``: a fresh AdamW and a cosine from the peak LR to 0 over ``U`` (the project's earlier
+    schedule's length). This is the reference code's finetuning: one agent keeps its optimizers through both
+    phases, and its actor schedule's ``decay_steps`` is raised from 2M (the offline actor steps) to 4M for
+    IDQL-Imp, so the actor is finetuned on the tail of one cosine, never at the peak LR with new moments. ``"restart"``: a fresh AdamW and a cosine from the peak LR to 0 over ``U`` (the project's earlier
     behavior). A checkpoint without a behavior optimizer (its behavior model was frozen) restarts, with a
     warning. Evaluation
     (:class:`~idql_pl.callbacks.evaluation.PolicyEvaluation`) uses ``extraction`` (default argmax, deterministic
