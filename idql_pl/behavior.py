@@ -36,15 +36,16 @@ SCORE_NETS = ("ln_resnet", "mlp")
 
 
 class CosineDecay:
-    """LR multiplier ``0.5 (1 + cos(pi min(step, total) / total))``: cosine decay to 0 over ``total_steps``
-    (optax ``cosine_decay_schedule``, as the reference code; IDQL_SPEC Sec. 3). A callable object, so
-    ``LambdaLR.state_dict`` stores ``total_steps`` (an int) and a resumed run keeps its decay length."""
+    """LR multiplier ``0.5 (1 + cos(pi min(start + step, total) / total))``: cosine decay to 0 over
+    ``total_steps`` (optax ``cosine_decay_schedule``, as the reference code; IDQL_SPEC Sec. 3). ``start``: the
+    steps already taken on the same schedule (online finetuning continues the pretraining's cosine). A callable
+    object, so ``LambdaLR.state_dict`` stores ``total_steps`` and ``start`` (ints) and a resumed run keeps them."""
 
-    def __init__(self, total_steps: int):
-        self.total_steps = int(total_steps)
+    def __init__(self, total_steps: int, start: int = 0):
+        self.total_steps, self.start = int(total_steps), int(start)
 
     def __call__(self, step: int) -> float:
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * min(self.start + step, self.total_steps) / self.total_steps))
 
 
 class DiffusionBehavior(IDQLModule):
@@ -172,16 +173,23 @@ class DiffusionBehavior(IDQLModule):
         """``ema <- (1 - ema_rate) ema + ema_rate online`` for all parameters in one foreach op."""
         ema_update_(self.ema_net.parameters(), self.net.parameters(), self.hparams.ema_rate)
 
-    def make_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    def make_optimizer(self, total_steps: int, start_step: int = 0,
+                       state: dict[str, Any] | None = None) -> tuple[torch.optim.Optimizer, LambdaLR]:
         """AdamW (weight decay set explicitly: PyTorch's default is 0.01) and cosine decay to 0 over
-        ``total_steps`` actor steps (IDQL_SPEC Sec. 3)."""
+        ``total_steps`` actor steps (IDQL_SPEC Sec. 3), the first ``start_step`` of which are already done.
+        ``state``: an AdamW ``state_dict`` of this network to continue from (its moments and step counts; the
+        learning rate and other hyperparameters stay this model's)."""
         if total_steps is None or int(total_steps) < 1:
             raise ConfigError(
                 f"the behavior LR schedule needs a length (got {total_steps}): set trainer.max_steps or"
                 " model.lr_decay_steps"
             )
         opt = make_adam(list(self.net.parameters()), self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        return opt, LambdaLR(opt, CosineDecay(int(total_steps)))
+        if state is not None:
+            groups = [{**own, "params": saved["params"]}
+                      for own, saved in zip(opt.state_dict()["param_groups"], state["param_groups"], strict=True)]
+            opt.load_state_dict({"state": state["state"], "param_groups": groups})
+        return opt, LambdaLR(opt, CosineDecay(int(total_steps), start=int(start_step)))
 
     def updates_per_step(self) -> dict[str, int]:
         """One actor update per ``training_step`` (for ``perf/actor_steps_per_s``)."""

@@ -23,6 +23,8 @@ from idql_pl.sampler import Extraction, check_extraction
 
 Variant = Literal["max", "imp"]
 VARIANTS = ("max", "imp")
+BehaviorOptimizer = Literal["continue", "restart"]
+BEHAVIOR_OPTIMIZERS = ("continue", "restart")
 EXPLORATION: dict[str, Extraction] = {"max": "argmax", "imp": "implicit"}
 
 
@@ -52,6 +54,21 @@ def read_pretrained(path: str, obs_dim: int, action_dim: int) -> dict[str, Any]:
     return ckpt
 
 
+def pretrained_behavior_optimizer(ckpt: dict[str, Any], behavior: DiffusionBehavior) -> tuple[dict[str, Any], int] | None:
+    """The behavior model's AdamW state in a pretrained checkpoint and the actor steps it has taken (its step
+    count), or None when the checkpoint holds none (e.g. its behavior model was frozen). Found by shape: the one
+    optimizer state whose moments match ``behavior.net``'s parameters, in order."""
+    shapes = [p.shape for p in behavior.net.parameters()]
+    for state in ckpt.get("optimizer_states") or []:
+        groups, moments = state.get("param_groups") or [], state.get("state") or {}
+        if len(groups) != 1 or len(groups[0]["params"]) != len(shapes):
+            continue
+        rows = [moments.get(i) for i in groups[0]["params"]]
+        if all(r is not None and "exp_avg" in r and tuple(r["exp_avg"].shape) == tuple(sh) for r, sh in zip(rows, shapes, strict=True)):
+            return state, int(torch.as_tensor(rows[0]["step"]).item())
+    return None
+
+
 class OnlineIDQL(IDQLModule):
     """Online finetuning of a pretrained IDQL (critic + diffusion behavior model). One ``training_step`` is one
     **environment step**, so ``trainer.global_step`` and ``trainer.max_steps`` count environment steps:
@@ -66,8 +83,17 @@ class OnlineIDQL(IDQLModule):
        sampling). ``"max"`` keeps the behavior model (and its EMA copy) frozen.
 
     ``pretrained``: a joint IDQL checkpoint (critic and behavior; the model sizes in the config must match it),
-    checked against the dataset's dimensions here and against the dataset name at ``setup``. Optimizers start
-    fresh; the behavior LR (``"imp"``) decays by cosine to 0 over the updates of the run. Evaluation
+    checked against the dataset's dimensions here and against the dataset name at ``setup``. The critic's Adam
+    optimizers start fresh (constant LR). The behavior optimizer (``"imp"``), with ``behavior_optimizer=
+    "continue"`` (default), continues the pretraining's: its AdamW moments and step count are loaded from the
+    checkpoint and the LR follows one cosine over all actor steps, pretraining's ``P`` then this run's ``U``
+    (``(max_steps - warmup_steps) * actor_updates_per_step``): at finetuning update ``i`` the multiplier is
+    ``0.5 (1 + cos(pi (P + i) / (P + U)))`` (``behavior.lr_decay_steps``, if set, replaces ``P + U`` as the whole
+    schedule's length). This is the reference code's finetuning: one agent keeps its optimizers through both
+    phases, and its actor schedule's ``decay_steps`` is raised from 2M (the offline actor steps) to 4M for
+    IDQL-Imp, so the actor is finetuned on the tail of one cosine, never at the peak LR with new moments. ``"restart"``: a fresh AdamW and a cosine from the peak LR to 0 over ``U`` (the project's earlier
+    behavior). A checkpoint without a behavior optimizer (its behavior model was frozen) restarts, with a
+    warning. Evaluation
     (:class:`~idql_pl.callbacks.evaluation.PolicyEvaluation`) uses ``extraction`` (default argmax, deterministic
     seeded episodes). The replay buffer (all ``max_steps`` transitions unless ``replay_capacity``) is saved beside
     each checkpoint; a resumed run restarts the episode that was in progress (its stored transitions are kept).
@@ -90,12 +116,16 @@ class OnlineIDQL(IDQLModule):
         actor_updates_per_step: int = 2,
         num_samples: int = 128,
         extraction: Extraction = "argmax",
+        behavior_optimizer: BehaviorOptimizer = "continue",
         compile: bool = False,  # noqa: A002 - the option's name on the command line
     ):
         super().__init__()
         check_extraction(extraction, num_samples)
         if variant not in VARIANTS:
             raise ConfigError(f"unknown variant {variant!r}: use max (IDQL-Max) or imp (IDQL-Imp)")
+        if behavior_optimizer not in BEHAVIOR_OPTIMIZERS:
+            raise ConfigError(f"unknown behavior_optimizer {behavior_optimizer!r}: use continue (the pretraining's"
+                              " AdamW state and cosine, as the reference code) or restart")
         if warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0 (got {warmup_steps}); the paper uses 5000")
         if not 0.0 <= online_fraction <= 1.0:
@@ -111,12 +141,18 @@ class OnlineIDQL(IDQLModule):
         if self.critic.num_agents != 1 or self.behavior.num_agents != 1:
             raise ConfigError("online finetuning trains one agent: drop num_agents from the critic and behavior")
         self._pretrained_dataset: str | None = None
+        self.train_behavior = variant == "imp"
+        self._pretrained_actor: tuple[dict[str, Any], int] | None = None  # (AdamW state, actor steps taken)
         if pretrained:
             ckpt = read_pretrained(pretrained, obs_dim, action_dim)
             self._pretrained_dataset = (ckpt.get("datamodule_hyper_parameters") or {}).get("dataset")
             load_submodule_state(self.critic, pretrained, prefix="critic.")
             load_submodule_state(self.behavior, pretrained, prefix="behavior.")
-        self.train_behavior = variant == "imp"
+            if self.train_behavior and behavior_optimizer == "continue":
+                self._pretrained_actor = pretrained_behavior_optimizer(ckpt, self.behavior)
+                if self._pretrained_actor is None:
+                    rank_zero_warn(f"--model.pretrained {pretrained} holds no behavior optimizer state (was its"
+                                   " behavior model frozen?): the behavior optimizer restarts at the peak LR")
         self.behavior.requires_grad_(self.train_behavior)
         self.exploration: Extraction = EXPLORATION[variant]
         # the environment side (set in setup, or by attach_env outside a Trainer)
@@ -227,7 +263,12 @@ class OnlineIDQL(IDQLModule):
         optimizers, schedulers = [], []
         if self.train_behavior:
             updates = max(1, self.trainer.max_steps - self.hparams.warmup_steps) * self.hparams.actor_updates_per_step
-            opt, sched = self.behavior.make_optimizer(self.behavior.hparams.lr_decay_steps or updates)
+            decay = self.behavior.hparams.lr_decay_steps
+            if self._pretrained_actor is not None:  # continue pretraining's AdamW and cosine (reference code)
+                state, done = self._pretrained_actor
+                opt, sched = self.behavior.make_optimizer(decay or done + updates, start_step=done, state=state)
+            else:
+                opt, sched = self.behavior.make_optimizer(decay or updates)
             optimizers.append(opt)
             schedulers.append({"scheduler": sched, "interval": "step"})
         optimizers.extend(self.critic.configure_optimizers())

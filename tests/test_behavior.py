@@ -90,7 +90,7 @@ def test_make_optimizer_adamw_and_cosine_decay():
     assert lrs[0] == pytest.approx(1e-3) and lrs[50] == pytest.approx(5e-4) and opt.param_groups[0]["lr"] == 0.0
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     assert CosineDecay(10)(25) == 0.0
-    assert sched.state_dict()["lr_lambdas"][0] == {"total_steps": 100}  # plain types in checkpoints
+    assert sched.state_dict()["lr_lambdas"][0] == {"total_steps": 100, "start": 0}  # plain types in checkpoints
     with pytest.raises(ConfigError, match="max_steps"):
         model.make_optimizer(0)
     model._trainer = types.SimpleNamespace(max_steps=-1)

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from idql_pl.behavior import DiffusionBehavior
+from idql_pl.behavior import CosineDecay, DiffusionBehavior
 from idql_pl.critic import ImplicitCritic
-from idql_pl.data.buffer import TransitionBuffer
+from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.data.preprocess import RewardTransform
 from idql_pl.data.replay import ReplayBuffer, mixed_batch
 from idql_pl.envs.bandit import bandit_reward
 from idql_pl.losses import implicit_weights
-from idql_pl.online import OnlineIDQL
+from idql_pl.online import OnlineIDQL, pretrained_behavior_optimizer
 from tests.helpers import CONFIGS, TINY_IDQL, load_state, random_transitions, run_cli
 
 BANDIT = ["--data.dataset", "local/bandit", "--data.dataset_size", "2000"]
@@ -191,14 +191,52 @@ def test_warmup_then_updates_max_freezes_behavior(pretrained, tmp_path):
     assert all(int(s["step"]) == 3 for opt in ckpt["optimizer_states"] for s in opt["state"].values())
 
 
-def test_imp_trains_behavior_twice_per_env_step(pretrained, tmp_path):
-    start = load_state(pretrained["joint"])["state_dict"]
-    assert _finetune(pretrained, tmp_path, "imp", "imp", 7, "--model.warmup_steps", "4") == 0
+@pytest.mark.parametrize("behavior_optimizer", ["continue", "restart"])
+def test_imp_trains_behavior_twice_per_env_step(pretrained, tmp_path, behavior_optimizer):
+    joint = load_state(pretrained["joint"])
+    start = joint["state_dict"]
+    done = {int(s["step"]) for s in joint["optimizer_states"][0]["state"].values()}.pop()  # pretraining's actor steps
+    assert done == 6 and joint["lr_schedulers"][0]["_last_lr"] == [0.0]  # 3 joint steps, cosine decayed to 0
+    assert _finetune(pretrained, tmp_path, "imp", "imp", 7, "--model.warmup_steps", "4",
+                     "--model.behavior_optimizer", behavior_optimizer) == 0
     ckpt = load_state(tmp_path / "imp" / "last.ckpt")
     actor, v_opt, q_opt = ckpt["optimizer_states"]
-    assert {int(s["step"]) for s in actor["state"].values()} == {6}  # 2 per env step after the warm-up
-    assert {int(s["step"]) for o in (v_opt, q_opt) for s in o["state"].values()} == {3}
+    (schedule,) = ckpt["lr_schedulers"]
+    # 2 behavior steps per env step after the warm-up: 6; "continue" adds them to pretraining's AdamW step count
+    # and schedule (one cosine over 6 + 6 actor steps), "restart" starts a fresh AdamW and cosine over 6
+    offset = done if behavior_optimizer == "continue" else 0
+    assert {int(s["step"]) for s in actor["state"].values()} == {offset + 6}
+    assert schedule["lr_lambdas"] == [{"total_steps": offset + 6, "start": offset}]
+    assert {int(s["step"]) for o in (v_opt, q_opt) for s in o["state"].values()} == {3}  # the critic's start fresh
     assert any(not torch.equal(ckpt["state_dict"][k], v) for k, v in _half(start, "behavior.ema_net.").items())
+
+
+def test_continued_behavior_optimizer_keeps_moments_and_cosine():
+    """The pretraining's AdamW moments and step count are loaded, the LR is the cosine's value at step P of
+    P + U, and a checkpoint without a behavior optimizer (frozen behavior model, or IDQL-Max) gives None."""
+    source = tiny_module("imp")
+    opt, _ = source.behavior.make_optimizer(10)
+    for _ in range(4):  # 4 pretraining steps
+        source.behavior.update(random_batch(), opt, None)
+    ckpt = {"optimizer_states": [tiny_module().critic.configure_optimizers()[0].state_dict(), opt.state_dict()]}
+    model = tiny_module("imp")
+    state, done = pretrained_behavior_optimizer(ckpt, model.behavior)
+    assert done == 4
+    new_opt, sched = model.behavior.make_optimizer(done + 6, start_step=done, state=state)
+    assert new_opt.param_groups[0]["lr"] == pytest.approx(3e-4 * CosineDecay(10)(4))  # not the peak LR
+    for p_src, p_new in zip(source.behavior.net.parameters(), model.behavior.net.parameters(), strict=True):
+        assert torch.equal(opt.state[p_src]["exp_avg_sq"], new_opt.state[p_new]["exp_avg_sq"])
+    model.behavior.update(random_batch(), new_opt, sched)
+    assert new_opt.param_groups[0]["lr"] == pytest.approx(3e-4 * CosineDecay(10)(5))
+    assert int(new_opt.state[next(model.behavior.net.parameters())]["step"]) == 5
+    assert pretrained_behavior_optimizer({"optimizer_states": ckpt["optimizer_states"][:1]}, model.behavior) is None
+    assert CosineDecay(10, start=4)(0) == CosineDecay(10)(4) and CosineDecay(10, start=4)(9) == 0.0
+
+
+def random_batch(n: int = 16) -> Batch:
+    g = torch.Generator().manual_seed(n)
+    return Batch(torch.randn(n, 2, generator=g), torch.rand(n, 1, generator=g) * 2 - 1, torch.zeros(n),
+                 torch.randn(n, 2, generator=g), torch.ones(n))
 
 
 def test_resumed_finetuning_equals_uninterrupted(pretrained, tmp_path):
@@ -244,6 +282,7 @@ def _assert_same(a, b, path=""):
         ("missing", [], "does not exist"),
         ("joint", ["--model.variant", "best"], "variant"),
         ("joint", ["--model.warmup_steps", "-1"], "warmup_steps must be >= 0"),
+        ("joint", ["--model.behavior_optimizer", "reset"], "behavior_optimizer"),
     ],
 )
 def test_bad_finetuning_inputs(pretrained, tmp_path, capsys, which, extra, message):
