@@ -112,7 +112,7 @@ class IDQLCLI(LightningCLI):
             raise located from None
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
-        self.threads = threads.apply_threads(cfg.get("threads"))
+        self.threads, self.thread_source = threads.apply_threads(cfg.get("threads"))
         ckpt = cfg.get("ckpt_path")
         if sub in ("validate", "test") and not ckpt:
             raise ConfigError(
@@ -186,7 +186,7 @@ class IDQLCLI(LightningCLI):
         callbacks = sub_init.get("trainer", {}).get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         ours: list[Any] = [GracefulStop(resume_hint=self.resume_hint)]
-        if threads.intra_op_threads(cfg.get("threads"))[1] == "CPU affinity":
+        if self.thread_source == "CPU affinity":
             ours.append(ShareCpus(self.threads))
         if cfg.trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             ours.append(StepProgressBar())
@@ -237,7 +237,7 @@ class IDQLCLI(LightningCLI):
         self._resolve_ckpt_path()
         rank_zero_info(self.datamodule.summary())
         rank_zero_info(f"[idql_pl] run folder: {self.run_dir}")
-        _, source = threads.intra_op_threads(self._sub().get("threads"))
+        source = self.thread_source
         wait = threads.wait_policy_text()
         hint = "" if source == "--threads" else "; --threads N to change"
         if source == "CPU affinity":

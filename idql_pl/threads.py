@@ -116,10 +116,10 @@ def intra_op_threads(requested: int | None = None, environ: dict[str, str] | Non
     return available_cpus(), "CPU affinity"
 
 
-def apply_threads(requested: int | None = None) -> int:
+def apply_threads(requested: int | None = None) -> tuple[int, str]:
     """Set torch's intra-op threads (see :func:`intra_op_threads`). An explicit ``--threads`` is also exported
     as ``OMP_NUM_THREADS``, so processes started from this one (DDP ranks) keep it; otherwise Lightning's DDP
-    launcher divides the CPUs among the ranks itself."""
+    launcher divides the CPUs among the ranks itself. Returns the count and its source, as :func:`intra_op_threads`."""
     import torch
 
     n, source = intra_op_threads(requested)
@@ -127,7 +127,7 @@ def apply_threads(requested: int | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(n)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-    return n
+    return n, source
 
 
 __all__ = ["CpuShare", "apply_threads", "available_cpus", "intra_op_threads", "passive_openmp_wait", "shared_threads",
