@@ -159,11 +159,12 @@ class DiffusionBehavior(IDQLModule):
     def _compile_losses(self) -> None:
         self.train_loss = torch.compile(self.loss)
 
-    def update(self, batch: Batch, opt: torch.optim.Optimizer, scheduler: LambdaLR | None) -> dict[str, Tensor]:
+    def update(self, batch: Batch, opt: torch.optim.Optimizer, scheduler: LambdaLR | None,
+               lr: Tensor | None = None) -> dict[str, Tensor]:
         """One behavior step of Algorithm 1: an AdamW step on the Eq. 4 loss (dropout active under ``fit``), the
-        cosine LR step, the EMA update. Returns detached scalars, no host sync: ``{"loss"}`` (mean over agents)."""
-        loss = self.train_loss(batch)
-        self.step_optimizer(opt, loss)
+        cosine LR step, the EMA update. Returns detached scalars, no host sync: ``{"loss"}`` (mean over agents).
+        ``lr`` (``compile: step``): this step's learning rate, the caller then steps the schedule."""
+        loss = self.gradient_step(opt, self.train_loss, batch, lr=lr)
         if scheduler is not None:
             scheduler.step()
         self.ema_update()

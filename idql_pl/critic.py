@@ -161,15 +161,11 @@ class ImplicitCritic(IDQLModule):
     # ----------------------------------------------------------------------- Algorithm 1's critic updates
     def value_step(self, batch: Batch, v_opt: torch.optim.Optimizer) -> tuple[Tensor, Tensor, Tensor]:
         """One Adam step of V on the value loss; returns (loss, u, V(s))."""
-        loss, u, v = self.v_loss(batch)
-        self.step_optimizer(v_opt, loss)
-        return loss, u, v
+        return self.gradient_step(v_opt, self.v_loss, batch)
 
     def q_step(self, batch: Batch, q_opt: torch.optim.Optimizer) -> tuple[Tensor, Tensor]:
         """One Adam step of both Q nets on the Q loss (its target uses the V just updated); returns (loss, Qs)."""
-        loss, qs = self.q_loss(batch)
-        self.step_optimizer(q_opt, loss)
-        return loss, qs
+        return self.gradient_step(q_opt, self.q_loss, batch)
 
     def target_update(self) -> None:
         """Polyak update ``Q_target <- (1 - rate) Q_target + rate Q`` (IDQL_SPEC Sec. 1), one foreach op."""

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
 
 from idql_pl.behavior import DiffusionBehavior
 from idql_pl.checkpointing import load_submodule_state
 from idql_pl.critic import ImplicitCritic
-from idql_pl.data.buffer import TransitionBuffer
+from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
+from idql_pl.functional_step import init_adam_state
 from idql_pl.module import IDQLModule
 from idql_pl.sampler import Extraction, check_extraction, extract_actions
 
@@ -32,8 +35,10 @@ class IDQL(IDQLModule):
     ``critic``/``behavior`` are injected from the config (``class_path`` + ``init_args``, without the
     dimensions, which come from the data). ``behavior_ckpt``/``critic_ckpt`` load a pretrained half (from a
     standalone or a joint checkpoint); ``freeze_*`` then stops training it, so a sweep over tau reuses one
-    diffusion model. ``compile`` (or either half's own ``compile``) runs the training losses through
-    ``torch.compile`` under ``fit``.
+    diffusion model. ``compile: true`` (or ``losses``, or either half's own ``compile``) runs the training
+    losses through ``torch.compile`` under ``fit``; ``compile: step`` compiles the whole iteration (every
+    behavior step and the critic step) into one graph (:meth:`compile_iteration`), with ``compile_mode`` passed
+    to ``torch.compile`` ("reduce-overhead": CUDA graphs on a GPU).
 
     ``num_agents`` (K, default 1): K independent IDQL agents trained as one model (``--model.num_agents 3``
     trains seeds ``seed .. seed + 2`` in one process). It is passed to both halves (a half's own
@@ -55,11 +60,14 @@ class IDQL(IDQLModule):
         freeze_behavior: bool = False,
         critic_ckpt: str | None = None,
         freeze_critic: bool = False,
-        compile: bool = False,  # noqa: A002 - the option's name on the command line
+        compile: bool | Literal["losses", "step"] = False,  # noqa: A002 - the option's name on the command line
+        compile_mode: str | None = None,
         num_agents: int = 1,
     ):
         super().__init__()
         check_extraction(extraction, num_samples)
+        if compile not in (False, True, "losses", "step"):
+            raise ConfigError(f"compile must be false, true (= losses) or step (got {compile!r})")
         if not isinstance(num_agents, int) or num_agents < 1:
             raise ConfigError(f"num_agents must be an integer >= 1 (got {num_agents!r})")
         if actor_updates_per_step < 0:
@@ -77,13 +85,33 @@ class IDQL(IDQLModule):
         self.train_critic = not freeze_critic
         for module, trained in ((self.behavior, self.train_behavior), (self.critic, self.train_critic)):
             module.requires_grad_(trained)
+        self._compiled_iteration: Callable[..., dict[str, Tensor]] | None = None
+        self._lrs: Tensor | None = None  # compile: step's behavior LRs of one iteration
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.compile == "step":
+            self.compile_iteration()
+            return
         super().setup(stage)  # IDQL's compile: true compiles both halves; each half's own option, that half
         if stage == "fit":
             for half in (self.critic, self.behavior):
                 if half.hparams.get("compile", False):
                     half.compile_losses()
+
+    def compile_iteration(self) -> None:
+        """``compile: step``: the whole :meth:`iteration` (all behavior steps and the critic step, every agent)
+        as one ``torch.compile(fullgraph=True)`` graph: gradients by ``torch.func``, Adam by its functional form
+        on the optimizers' own state (:mod:`idql_pl.functional_step`). Idempotent."""
+        if self._compiled_iteration is not None:
+            return
+        self.critic.use_functional_steps("v_loss", "q_loss")
+        self.behavior.use_functional_steps("loss")
+        self._compiled_iteration = torch.compile(self.iteration, fullgraph=True, mode=self.hparams.compile_mode)
+
+    def on_train_start(self) -> None:
+        if self._compiled_iteration is not None:  # the functional Adam writes into existing state
+            for opt in self.plain_optimizers():
+                init_adam_state(opt)
 
     def _compile_losses(self) -> None:
         self.critic.compile_losses()
@@ -110,23 +138,55 @@ class IDQL(IDQLModule):
 
     # -------------------------------------------------------------------------------------- training
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
-        """One iteration of Algorithm 1 for every agent: the behavior steps (Eq. 4), then the critic step (V, Q,
-        target), each on a ``[K, B, ...]`` batch."""
+        """One iteration of Algorithm 1 for every agent (:meth:`iteration`) on fresh ``[K, B, ...]`` batches,
+        drawn by index outside the (possibly compiled) iteration."""
+        agents, hp = self.num_agents, self.hparams
+        actor_batches = [buffer.sample(self.behavior.hparams.batch_size, agents)
+                         for _ in range(hp.actor_updates_per_step if self.train_behavior else 0)]
+        critic_batch = buffer.sample(self.critic.hparams.batch_size, agents) if self.train_critic else None
         opts = self.plain_optimizers()
-        metrics: dict[str, Tensor] = {}
-        agents = self.num_agents
-        if self.train_behavior:
-            actor_opt, scheduler = opts.pop(0), self.lr_schedulers()
-            for _ in range(self.hparams.actor_updates_per_step):
-                batch = buffer.sample(self.behavior.hparams.batch_size, agents)
-                out = self.behavior.update(batch, actor_opt, scheduler)
-            metrics.update({f"train/behavior/{k}": v for k, v in out.items()})
-        if self.train_critic:
-            v_opt, q_opt = opts
-            out = self.critic.update(buffer.sample(self.critic.hparams.batch_size, agents), v_opt, q_opt)
-            metrics.update({f"train/critic/{k}": v for k, v in out.items()})
+        scheduler = self.lr_schedulers() if self.train_behavior else None
+        if self._compiled_iteration is None:
+            metrics = self.iteration(actor_batches, critic_batch, opts, scheduler)
+        else:  # the LR schedule steps outside the graph; its values enter as a tensor
+            metrics = self._compiled_iteration(actor_batches, critic_batch, opts, None, self._actor_lrs(scheduler))
+            with warnings.catch_warnings():  # the functional Adam stepped; the scheduler cannot see it
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                for _ in actor_batches:
+                    scheduler.step()
         self.track_losses(metrics)
         self.count_step()
+
+    def iteration(self, actor_batches: list[Batch], critic_batch: Batch | None, opts: list[torch.optim.Optimizer],
+                  scheduler: LambdaLR | None = None, actor_lrs: Tensor | None = None) -> dict[str, Tensor]:
+        """Algorithm 1, one iteration: a behavior step (Eq. 4, then the EMA) per actor batch, then the critic
+        step (V, then Q with the new V, then the target) on ``critic_batch``. ``opts``: the behavior optimizer
+        (when it trains), then V's and Q's. ``actor_lrs`` (``compile: step``): the behavior steps' learning
+        rates, in place of ``scheduler``. Returns the detached metrics (no host sync)."""
+        opts = list(opts)
+        metrics: dict[str, Tensor] = {}
+        if actor_batches:
+            actor_opt = opts.pop(0)
+            for i, batch in enumerate(actor_batches):
+                out = self.behavior.update(batch, actor_opt, scheduler, lr=None if actor_lrs is None else actor_lrs[i])
+            metrics.update({f"train/behavior/{k}": v for k, v in out.items()})
+        if critic_batch is not None:
+            out = self.critic.update(critic_batch, *opts)
+            metrics.update({f"train/critic/{k}": v for k, v in out.items()})
+        return metrics
+
+    def _actor_lrs(self, scheduler: LambdaLR | None) -> Tensor | None:
+        """The LRs of this iteration's behavior steps (the schedule's next values), written into one tensor on
+        the model's device with ``fill_`` (a kernel each, no host sync)."""
+        if scheduler is None:
+            return None
+        if self._lrs is None:  # float64 on CPU: the fused CPU Adam then rounds as with the eager float LR
+            dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+            self._lrs = torch.zeros(self.hparams.actor_updates_per_step, device=self.device, dtype=dtype)
+        (base,), (multiplier,) = scheduler.base_lrs, scheduler.lr_lambdas
+        for i in range(self.hparams.actor_updates_per_step):
+            self._lrs[i].fill_(base * multiplier(scheduler.last_epoch + i))
+        return self._lrs
 
     def validation_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         """Held-out (or training-set) losses on a fixed batch; nothing is updated."""

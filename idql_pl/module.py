@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from idql_pl.errors import CheckpointError, NonFiniteLossError
+from idql_pl.functional_step import LossCaller, functional_step_
 from idql_pl.nets import add_agent_dim, lacks_agent_dim
 from idql_pl.rng import (
     capture_rng_state,
@@ -67,6 +68,7 @@ class IDQLModule(L.LightningModule):
         self._last_log: tuple[int, float] | None = None  # (global_step, time) at the previous logging step
         self._rng_restored = False
         self._compiled = False
+        self._loss_callers: dict[str, LossCaller] = {}  # use_functional_steps (compile: step)
 
     def save_init_args(self, init_locals: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> None:
         """Save this class's own ``__init__`` arguments (from ``locals()``) as ``hparams``.
@@ -104,6 +106,23 @@ class IDQLModule(L.LightningModule):
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def gradient_step(self, opt: torch.optim.Optimizer, loss_fn: Callable[..., Any], *args: Any,
+                      lr: Tensor | None = None) -> Any:
+        """One step of ``opt`` on the loss ``loss_fn(*args)`` (its first output if it returns a tuple); returns
+        ``loss_fn``'s output. Eager: backward and ``opt.step()`` (:meth:`step_optimizer`). After
+        :meth:`use_functional_steps` (``compile: step``): the same step as a function of tensors
+        (:func:`~idql_pl.functional_step.functional_step_`, bit for bit the eager one), which ``torch.compile``
+        traces without a graph break; ``lr`` then overrides the optimizer's."""
+        if self._loss_callers:
+            return functional_step_(opt, self._loss_callers[loss_fn.__func__.__name__], args, lr)
+        out = loss_fn(*args)
+        self.step_optimizer(opt, out[0] if isinstance(out, tuple) else out)
+        return out
+
+    def use_functional_steps(self, *loss_names: str) -> None:
+        """Take :meth:`gradient_step`'s functional form for the losses ``loss_names`` (methods of this module)."""
+        self._loss_callers = {name: LossCaller(self, name) for name in loss_names}
 
     def count_step(self) -> None:
         """Count one training step in Lightning (``global_step``, ``max_steps``, checkpoint and log cadence):

@@ -28,3 +28,20 @@ def _isolated_dataset_dirs(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def aot_eager(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``torch.compile`` with the ``aot_eager`` backend (traced forward and backward, no C++ build; other options,
+    e.g. ``fullgraph``, kept); returns the names of the functions it wrapped."""
+    real, wrapped = torch.compile, []
+
+    def compile_(fn, *args, **kwargs):
+        wrapped.append(getattr(fn, "__qualname__", repr(fn)))
+        options = {k: v for k, v in kwargs.items() if k != "mode"}
+        return real(fn, **options, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    yield wrapped
+    torch._dynamo.reset()

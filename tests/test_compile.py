@@ -15,21 +15,6 @@ from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, run_cli
 S, A = 5, 3
 
 
-@pytest.fixture
-def aot_eager(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """``torch.compile`` with the ``aot_eager`` backend; returns the names of the functions it wrapped."""
-    real, wrapped = torch.compile, []
-
-    def compile_(fn, *args, **kwargs):
-        wrapped.append(getattr(fn, "__qualname__", repr(fn)))
-        return real(fn, backend="aot_eager")
-
-    monkeypatch.setattr(torch, "compile", compile_)
-    torch._dynamo.reset()
-    yield wrapped
-    torch._dynamo.reset()
-
-
 def _batch(n: int, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     return Batch(torch.randn(n, S, generator=g), torch.rand(n, A, generator=g) * 2 - 1, torch.randn(n, generator=g),
@@ -116,3 +101,122 @@ def test_agent_batched_losses_trace_without_graph_breaks(num_agents) -> None:
         assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
         assert explained.graph_count == 1
     torch._dynamo.reset()
+
+
+def _tiny_idql(num_agents: int, dropout: float = 0.1):
+    from functools import partial
+
+    from idql_pl.idql import IDQL
+
+    torch.manual_seed(0)
+    model = IDQL(S, A, critic=partial(ImplicitCritic, hidden_dims=[16, 16], batch_size=8),
+                 behavior=partial(DiffusionBehavior, hidden_dim=16, ff_dim=32, batch_size=8, dropout=dropout),
+                 num_agents=num_agents)
+    actor_opt, scheduler = model.behavior.make_optimizer(50)
+    return model, [actor_opt, *model.critic.configure_optimizers()], scheduler
+
+
+def _iterations(num_agents: int, functional: bool, steps: int = 3, backend: str | None = None):
+    """``steps`` iterations of Algorithm 1 (IDQL.iteration) outside a Trainer; eager, or in the functional form
+    of ``compile: step`` (compiled with ``backend`` if given); returns (model, optimizers, metrics)."""
+    from idql_pl.data.buffer import TransitionBuffer
+    from idql_pl.functional_step import init_adam_state
+    from tests.helpers import random_transitions
+
+    model, opts, scheduler = _tiny_idql(num_agents)
+    buf = TransitionBuffer(random_transitions(500, obs_dim=S, action_dim=A), seed=0)
+    run = model.iteration
+    if functional:
+        model.critic.use_functional_steps("v_loss", "q_loss")
+        model.behavior.use_functional_steps("loss")
+        for opt in opts:
+            init_adam_state(opt)
+        if backend:
+            run = torch.compile(model.iteration, fullgraph=True, backend=backend)
+    metrics = []
+    for step in range(steps):
+        torch.manual_seed(100 + step)  # dropout and diffusion noise
+        batches = [buf.sample(8, num_agents) for _ in range(3)]
+        if functional:
+            out = run(batches[:2], batches[2], opts, None, model._actor_lrs(scheduler))
+            scheduler.step()
+            scheduler.step()
+        else:
+            out = run(batches[:2], batches[2], opts, scheduler)
+        metrics.append(out)
+    return model, opts, metrics
+
+
+@pytest.mark.parametrize("num_agents", [1, 3])
+def test_functional_iteration_is_the_eager_one_bit_for_bit(num_agents) -> None:
+    """``compile: step``'s functional form (torch.func gradients, the functional fused Adam on the optimizers'
+    own state, the LRs as a tensor) computes exactly the eager iteration: weights, EMA, target, Adam state."""
+    eager, eager_opts, eager_out = _iterations(num_agents, functional=False)
+    func, func_opts, func_out = _iterations(num_agents, functional=True)
+    for a, b in zip(eager_out, func_out):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for (name, a), b in zip(eager.state_dict().items(), func.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(eager_opts, func_opts):
+        for sa, sb in zip(a.state.values(), b.state.values()):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("num_agents", [1, 3])
+def test_whole_iteration_compiles_to_one_graph_without_breaks(num_agents) -> None:
+    """2 behavior steps + 1 critic step (V, Q, target), for K agents: one graph, no graph break (so no host
+    sync either: an ``.item()``/``bool(tensor)`` would break the graph), and it trains what eager trains."""
+    from idql_pl.data.buffer import TransitionBuffer
+    from idql_pl.functional_step import init_adam_state
+    from tests.helpers import random_transitions
+
+    model, opts, scheduler = _tiny_idql(num_agents)
+    model.critic.use_functional_steps("v_loss", "q_loss")
+    model.behavior.use_functional_steps("loss")
+    for opt in opts:
+        init_adam_state(opt)
+    buf = TransitionBuffer(random_transitions(500, obs_dim=S, action_dim=A), seed=0)
+    batches = [buf.sample(8, num_agents) for _ in range(3)]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.iteration)(batches[:2], batches[2], opts, None, model._actor_lrs(scheduler))
+    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+    eager, _, eager_out = _iterations(num_agents, functional=False)
+    compiled, _, compiled_out = _iterations(num_agents, functional=True, backend="aot_eager")
+    for a, b in zip(eager_out, compiled_out):
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    torch._dynamo.reset()
+
+
+def test_eager_iteration_makes_no_host_sync(monkeypatch) -> None:
+    """The eager iteration (the default path) never reads a tensor on the host: every host-sync entry point of
+    ``Tensor`` raises while it runs."""
+    model, opts, scheduler = _tiny_idql(2)
+    from idql_pl.data.buffer import TransitionBuffer
+    from tests.helpers import random_transitions
+
+    buf = TransitionBuffer(random_transitions(500, obs_dim=S, action_dim=A), seed=0)
+    batches = [buf.sample(8, 2) for _ in range(3)]
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync inside the training iteration")
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    out = model.iteration(batches[:2], batches[2], opts, scheduler)
+    monkeypatch.undo()
+    assert set(out) >= {"train/behavior/loss", "train/critic/q_loss", "train/critic/v_loss"}
+
+
+def test_compile_step_under_fit_compiles_the_iteration(aot_eager, tmp_path) -> None:
+    code = run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
+                   "--model.compile", "step", "--run_root", tmp_path, "--run_name", "s")
+    assert code == 0
+    assert aot_eager == ["IDQL.iteration"]
+    state = torch.load(tmp_path / "s" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+    assert state["optimizer_states"][0]["state"][0]["step"] == 12  # 2 behavior steps per iteration

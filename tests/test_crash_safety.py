@@ -36,7 +36,10 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left behind
 
 
-def test_nan_rewards_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("compile_", ["false", "step"])
+def test_nan_rewards_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys, compile_, request):
+    if compile_ == "step":  # the whole iteration compiled (aot_eager backend): the guard reads its metrics
+        request.getfixturevalue("aot_eager")
     original = TransitionBuffer.sample
     critic_batches = {"n": 0}
 
@@ -52,7 +55,8 @@ def test_nan_rewards_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path, 
     monkeypatch.setattr(TransitionBuffer, "sample", poisoned)
     code = run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
                    "--trainer.max_steps", "10", "--trainer.log_every_n_steps", "1000",
-                   "--checkpoint.every_n_train_steps", "2", "--run_root", tmp_path, "--run_name", "nan")
+                   "--checkpoint.every_n_train_steps", "2", "--model.compile", compile_, "--run_root", tmp_path,
+                   "--run_name", "nan")
     err = capsys.readouterr().err
     assert code == 2
     line = next(ln for ln in err.splitlines() if ln.startswith("error:"))

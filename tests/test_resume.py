@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, load_state, run_cli
@@ -33,12 +34,17 @@ def _assert_same(a, b, path=""):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path):
-    assert run_cli(*COMMON, "--trainer.max_steps", 2 * K, "--run_root", tmp_path, "--run_name", "straight") == 0
-    assert run_cli(*COMMON, "--trainer.max_steps", K, "--run_root", tmp_path, "--run_name", "split") == 0
+@pytest.mark.parametrize("compile_", ["false", "step"])
+def test_resumed_run_equals_uninterrupted(tmp_path, compile_, request):
+    """Eager, and with the whole iteration compiled (``compile: step``, aot_eager backend)."""
+    if compile_ == "step":
+        request.getfixturevalue("aot_eager")
+    common = [*COMMON, "--model.compile", compile_]
+    assert run_cli(*common, "--trainer.max_steps", 2 * K, "--run_root", tmp_path, "--run_name", "straight") == 0
+    assert run_cli(*common, "--trainer.max_steps", K, "--run_root", tmp_path, "--run_name", "split") == 0
     halfway = load_state(tmp_path / "split" / "last.ckpt")
     assert halfway["global_step"] == K
-    assert run_cli(*COMMON, "--trainer.max_steps", 2 * K, "--run_root", tmp_path, "--run_name", "split",
+    assert run_cli(*common, "--trainer.max_steps", 2 * K, "--run_root", tmp_path, "--run_name", "split",
                    "--ckpt_path", "last") == 0
     straight = load_state(tmp_path / "straight" / "last.ckpt")
     split = load_state(tmp_path / "split" / "last.ckpt")
