@@ -12,7 +12,8 @@ One run measures (warm-up, then the median over ``--repeats`` timed blocks, comp
 - the extraction sampler (10 states x N=128 x T=5) vs the ceiling, and under bf16 (``--eval.precision bf16``);
 - evaluation env-steps/s (10 vector envs, the IDQL policy) vs the sampler-bound rate;
 - peak RSS when loading a 1M-transition dataset into the buffer (in a fresh subprocess);
-- with ``--compile``: ``compile: true`` (the losses through ``torch.compile``) against eager, actor and critic;
+- with ``--compile``: ``compile: true`` (the losses through ``torch.compile``) against eager, actor and critic,
+  and ``compile: step`` (the whole joint step one graph) against eager for each K of ``--agents`` (default 1);
 - with ``--agents 1,8``: per-agent throughput of the critic, actor and joint steps of ``num_agents = K`` models
   (K agents per step, paper-size networks, each agent on its own batch) against the first K, interleaved.
 
@@ -367,13 +368,9 @@ class Bench:
             model = make_idql(self.obs_dim, self.action_dim, s).to(self.device).train()
             actor_opt, sched = model.behavior.make_optimizer(10**7)
             v_opt, q_opt = model.critic.configure_optimizers()
-            behavior, critic = model.behavior, model.critic
 
-            def bare_step(behavior: Any = behavior, critic: Any = critic, actor_opt: Any = actor_opt,
-                          sched: Any = sched, v_opt: Any = v_opt, q_opt: Any = q_opt) -> None:
-                for _ in range(2):
-                    behavior.update(buf.sample(s.actor_batch), actor_opt, sched)
-                critic.update(buf.sample(s.critic_batch), v_opt, q_opt)
+            def bare_step(model: Any = model, opts: Any = (actor_opt, v_opt, q_opt), sched: Any = sched) -> None:
+                model.train_iteration(buf, list(opts), sched)
 
             for _ in range(w):
                 bare_step()
@@ -408,14 +405,17 @@ class Bench:
         self._joint_step_s = statistics.median(bare_s)
 
     # ---------------------------------------------------------------- many agents per process
-    def agent_step(self, kind: str, num_agents: int) -> Callable[[], Any]:
-        """One ``kind`` step ("critic", "actor", "joint": 2 actor + 1 critic, as ``IDQL.training_step``) of a
-        model of ``num_agents`` agents, each agent on its own batch (``sample(B, K)``)."""
+    def agent_step(self, kind: str, num_agents: int, compile_step: bool = False) -> Callable[[], Any]:
+        """One ``kind`` step ("critic", "actor", "joint": 2 actor + 1 critic, ``IDQL.train_iteration`` as
+        ``training_step`` runs it) of a model of ``num_agents`` agents, each agent on its own batch
+        (``sample(B, K)``); ``compile_step``: the joint step as ``compile: step`` compiles it."""
         s, buf, k = self.s, self.dm.train_buffer, num_agents
         model = make_idql(self.obs_dim, self.action_dim, s, num_agents=k).to(self.device).train()
         behavior, critic = model.behavior, model.critic
         actor_opt, sched = behavior.make_optimizer(10**7)
         v_opt, q_opt = critic.configure_optimizers()
+        if compile_step:
+            model.compile_iteration()
 
         def critic_step() -> None:
             critic.update(buf.sample(s.critic_batch, k), v_opt, q_opt)
@@ -424,9 +424,7 @@ class Bench:
             behavior.update(buf.sample(s.actor_batch, k), actor_opt, sched)
 
         def joint_step() -> None:
-            actor_step()
-            actor_step()
-            critic_step()
+            model.train_iteration(buf, [actor_opt, v_opt, q_opt], sched)
 
         return {"critic": critic_step, "actor": actor_step, "joint": joint_step}[kind]
 
@@ -450,6 +448,30 @@ class Bench:
                                 f">= {target}x K=1" if target else "",
                                 None if target is None else statistics.median(per_block) >= target,
                                 samples=per_block))
+
+    def compiled_joint(self) -> None:
+        """The joint step with ``compile: step`` (the whole iteration one graph) against eager, for each ``K``
+        in ``--agents`` (default 1), timed interleaved; the first two compiled calls (the compile) untimed."""
+        flops = 2 * actor_step_flops(self.obs_dim, self.action_dim, self.s) + critic_step_flops(
+            self.obs_dim, self.action_dim, self.s.critic_hidden, self.s.critic_batch)
+        for k in self.agent_counts or [1]:
+            name, label = f"joint_step_compile_step_K{k}", f"joint step, compile: step, K={k}"
+            try:
+                eager, compiled = self.agent_step("joint", k), self.agent_step("joint", k, compile_step=True)
+                t0 = time.perf_counter()
+                compiled()
+                compiled()
+                compile_s = time.perf_counter() - t0
+                eager_s, comp_s = time_interleaved([eager, compiled], self.repeats, self.s.block_s, self.device,
+                                                   self.s.warmup)
+            except Exception as e:  # report, don't abort the benchmark
+                msg = " ".join(str(e).split())[:200]
+                self.add(Figure(name, label, float("nan"), "steps/s", note=f"compile failed: {type(e).__name__}: {msg}"))
+                continue
+            rate, eager_rate = median_rate(comp_s), median_rate(eager_s)
+            verdict = "faster" if rate > eager_rate else "slower: keep eager"
+            self.add(Figure(name, label, rate, "steps/s", eager_rate, f"eager joint step, K={k}", rate / eager_rate,
+                            k * flops, note=f"compile {compile_s:.0f} s; {verdict}", samples=[1 / x for x in comp_s]))
 
     # ---------------------------------------------------------------- batch sampling
     def sampling(self) -> None:
@@ -687,6 +709,7 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = Fal
         steps.append(("many agents per process", bench.agents))
     if do_compile:
         steps.append(("torch.compile", bench.compiled))
+        steps.append(("torch.compile, whole joint step", bench.compiled_joint))
     contention: dict[str, float] = {}
     for title, step in steps:
         log(f"[bench] {title}")

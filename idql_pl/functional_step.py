@@ -29,9 +29,17 @@ class LossCaller(nn.Module):
         return getattr(self.owner, self.name)(*args)
 
 
-def init_adam_state(opt: torch.optim.Optimizer) -> None:
-    """Create the state ``Optimizer.step`` would create on its first call (zero moments, step count 0), for
-    parameters that have none yet, so the functional update can write into it."""
+def lr_tensor(value: float | Tensor, device: torch.device) -> Tensor:
+    """A learning rate as a 0-d tensor on ``device``: float64 on CPU (the fused CPU Adam then rounds as with a
+    Python float), float32 elsewhere (what the fused CUDA kernel reads)."""
+    return torch.as_tensor(value, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+
+
+def prepare_functional_adam(opt: torch.optim.Optimizer) -> None:
+    """Ready ``opt`` for :func:`adam_update_` inside a compiled graph: create the state ``Optimizer.step``
+    creates on its first call (zero moments, step count 0) for parameters that have none yet, and hold each
+    group's LR as a tensor (a scheduler then updates it in place, and ``torch.compile`` guards on no LR value,
+    which would recompile at every step: PyTorch's advice for compiled optimizers with LR schedulers)."""
     for group in opt.param_groups:
         on_device = group.get("fused") or group.get("capturable")
         for p in group["params"]:
@@ -41,6 +49,8 @@ def init_adam_state(opt: torch.optim.Optimizer) -> None:
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
                 }
+        if group["params"] and not isinstance(group["lr"], Tensor):
+            group["lr"] = lr_tensor(group["lr"], group["params"][0].device)
 
 
 def adam_update_(opt: torch.optim.Optimizer, grads: list[Tensor], lr: Tensor | float | None = None) -> None:

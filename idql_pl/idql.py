@@ -15,7 +15,7 @@ from idql_pl.checkpointing import load_submodule_state
 from idql_pl.critic import ImplicitCritic
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
-from idql_pl.functional_step import init_adam_state
+from idql_pl.functional_step import lr_tensor, prepare_functional_adam
 from idql_pl.module import IDQLModule
 from idql_pl.sampler import Extraction, check_extraction, extract_actions
 
@@ -87,6 +87,7 @@ class IDQL(IDQLModule):
             module.requires_grad_(trained)
         self._compiled_iteration: Callable[..., dict[str, Tensor]] | None = None
         self._lrs: Tensor | None = None  # compile: step's behavior LRs of one iteration
+        self._adam_state_ready = False
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.compile == "step":
@@ -106,12 +107,8 @@ class IDQL(IDQLModule):
             return
         self.critic.use_functional_steps("v_loss", "q_loss")
         self.behavior.use_functional_steps("loss")
-        self._compiled_iteration = torch.compile(self.iteration, fullgraph=True, mode=self.hparams.compile_mode)
-
-    def on_train_start(self) -> None:
-        if self._compiled_iteration is not None:  # the functional Adam writes into existing state
-            for opt in self.plain_optimizers():
-                init_adam_state(opt)
+        self._compiled_iteration = torch.compile(self.iteration, fullgraph=True, dynamic=False,  # shapes are fixed
+                                                 mode=self.hparams.compile_mode)
 
     def _compile_losses(self) -> None:
         self.critic.compile_losses()
@@ -138,24 +135,31 @@ class IDQL(IDQLModule):
 
     # -------------------------------------------------------------------------------------- training
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
-        """One iteration of Algorithm 1 for every agent (:meth:`iteration`) on fresh ``[K, B, ...]`` batches,
-        drawn by index outside the (possibly compiled) iteration."""
+        """One iteration of Algorithm 1 for every agent (:meth:`train_iteration`), its losses tracked."""
+        opts = self.plain_optimizers()
+        self.track_losses(self.train_iteration(buffer, opts, self.lr_schedulers() if self.train_behavior else None))
+        self.count_step()
+
+    def train_iteration(self, buffer: TransitionBuffer, opts: list[torch.optim.Optimizer],
+                        scheduler: LambdaLR | None) -> dict[str, Tensor]:
+        """Draw this iteration's ``[K, B, ...]`` batches by index, then run :meth:`iteration` on them, compiled
+        after :meth:`compile_iteration`, eager otherwise. Returns the detached metrics."""
         agents, hp = self.num_agents, self.hparams
         actor_batches = [buffer.sample(self.behavior.hparams.batch_size, agents)
                          for _ in range(hp.actor_updates_per_step if self.train_behavior else 0)]
         critic_batch = buffer.sample(self.critic.hparams.batch_size, agents) if self.train_critic else None
-        opts = self.plain_optimizers()
-        scheduler = self.lr_schedulers() if self.train_behavior else None
         if self._compiled_iteration is None:
-            metrics = self.iteration(actor_batches, critic_batch, opts, scheduler)
-        else:  # the LR schedule steps outside the graph; its values enter as a tensor
-            metrics = self._compiled_iteration(actor_batches, critic_batch, opts, None, self._actor_lrs(scheduler))
-            with warnings.catch_warnings():  # the functional Adam stepped; the scheduler cannot see it
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-                for _ in actor_batches:
-                    scheduler.step()
-        self.track_losses(metrics)
-        self.count_step()
+            return self.iteration(actor_batches, critic_batch, opts, scheduler)
+        if not self._adam_state_ready:  # once, after a resumed run's optimizer states are loaded
+            for opt in opts:
+                prepare_functional_adam(opt)
+            self._adam_state_ready = True
+        metrics = self._compiled_iteration(actor_batches, critic_batch, opts, None, self._actor_lrs(scheduler))
+        with warnings.catch_warnings():  # the functional Adam stepped; the scheduler cannot see it
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            for _ in actor_batches:
+                scheduler.step()
+        return metrics
 
     def iteration(self, actor_batches: list[Batch], critic_batch: Batch | None, opts: list[torch.optim.Optimizer],
                   scheduler: LambdaLR | None = None, actor_lrs: Tensor | None = None) -> dict[str, Tensor]:
@@ -180,9 +184,8 @@ class IDQL(IDQLModule):
         the model's device with ``fill_`` (a kernel each, no host sync)."""
         if scheduler is None:
             return None
-        if self._lrs is None:  # float64 on CPU: the fused CPU Adam then rounds as with the eager float LR
-            dtype = torch.float64 if self.device.type == "cpu" else torch.float32
-            self._lrs = torch.zeros(self.hparams.actor_updates_per_step, device=self.device, dtype=dtype)
+        if self._lrs is None:
+            self._lrs = lr_tensor([0.0] * self.hparams.actor_updates_per_step, self.device)
         (base,), (multiplier,) = scheduler.base_lrs, scheduler.lr_lambdas
         for i in range(self.hparams.actor_updates_per_step):
             self._lrs[i].fill_(base * multiplier(scheduler.last_epoch + i))

@@ -116,11 +116,11 @@ def _tiny_idql(num_agents: int, dropout: float = 0.1):
     return model, [actor_opt, *model.critic.configure_optimizers()], scheduler
 
 
-def _iterations(num_agents: int, functional: bool, steps: int = 3, backend: str | None = None):
+def _iterations(num_agents: int, functional: bool, steps: int = 3, backend=None):
     """``steps`` iterations of Algorithm 1 (IDQL.iteration) outside a Trainer; eager, or in the functional form
     of ``compile: step`` (compiled with ``backend`` if given); returns (model, optimizers, metrics)."""
     from idql_pl.data.buffer import TransitionBuffer
-    from idql_pl.functional_step import init_adam_state
+    from idql_pl.functional_step import prepare_functional_adam
     from tests.helpers import random_transitions
 
     model, opts, scheduler = _tiny_idql(num_agents)
@@ -130,7 +130,7 @@ def _iterations(num_agents: int, functional: bool, steps: int = 3, backend: str 
         model.critic.use_functional_steps("v_loss", "q_loss")
         model.behavior.use_functional_steps("loss")
         for opt in opts:
-            init_adam_state(opt)
+            prepare_functional_adam(opt)
         if backend:
             run = torch.compile(model.iteration, fullgraph=True, backend=backend)
     metrics = []
@@ -167,14 +167,14 @@ def test_whole_iteration_compiles_to_one_graph_without_breaks(num_agents) -> Non
     """2 behavior steps + 1 critic step (V, Q, target), for K agents: one graph, no graph break (so no host
     sync either: an ``.item()``/``bool(tensor)`` would break the graph), and it trains what eager trains."""
     from idql_pl.data.buffer import TransitionBuffer
-    from idql_pl.functional_step import init_adam_state
+    from idql_pl.functional_step import prepare_functional_adam
     from tests.helpers import random_transitions
 
     model, opts, scheduler = _tiny_idql(num_agents)
     model.critic.use_functional_steps("v_loss", "q_loss")
     model.behavior.use_functional_steps("loss")
     for opt in opts:
-        init_adam_state(opt)
+        prepare_functional_adam(opt)
     buf = TransitionBuffer(random_transitions(500, obs_dim=S, action_dim=A), seed=0)
     batches = [buf.sample(8, num_agents) for _ in range(3)]
     torch._dynamo.reset()
@@ -183,7 +183,18 @@ def test_whole_iteration_compiles_to_one_graph_without_breaks(num_agents) -> Non
     assert explained.graph_count == 1
     torch._dynamo.reset()
     eager, _, eager_out = _iterations(num_agents, functional=False)
-    compiled, _, compiled_out = _iterations(num_agents, functional=True, backend="aot_eager")
+    graphs: list[int] = []
+
+    def counting_aot_eager(gm, example_inputs):  # counts compilations: one, not one per step (no recompile)
+        graphs.append(len(gm.graph.nodes))
+        return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
+
+    _iterations(num_agents, functional=True, steps=1, backend=counting_aot_eager)
+    first_call = len(graphs)
+    torch._dynamo.reset()
+    graphs.clear()
+    compiled, _, compiled_out = _iterations(num_agents, functional=True, backend=counting_aot_eager)
+    assert len(graphs) == first_call, graphs  # 3 iterations, LRs changing each: compiled in the first only
     for a, b in zip(eager_out, compiled_out):
         for k in a:
             assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
