@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench soak clean
+.PHONY: install demo test test-all lint bench soak gpu-check gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,19 @@ lint: install
 
 bench: install
 	$(BIN)/python -m idql_pl.benchmark --json benchmark.json
+
+# On a CUDA machine (torch + Lightning present, maybe no simulators/W&B, no internet): CUDA tests, a 2-minute
+# fit, the benchmark at K = 1 and 10 with compile on/off; missing packages come from wheels/ (make gpu-wheels).
+gpu-check:
+	$(PY) -m idql_pl.gpu_check --out gpu_check --wheels wheels
+
+# On a networked machine: the wheels of everything but torch/lightning, for a GPU machine's Python (GPU_PY).
+GPU_PY ?= 3.11
+gpu-wheels:
+	$(PY) -m pip download -q -d wheels --only-binary=:all: --python-version $(GPU_PY) --platform manylinux2014_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+		gymnasium gymnasium-robotics minari mujoco wandb "jsonargparse[signatures]" h5py matplotlib torchmetrics \
+		pytest pytest-timeout PyYAML
 
 soak: install
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow -q -s tests/test_soak.py

@@ -229,5 +229,7 @@ def export_agent(path: str | os.PathLike, agent: int, out: str | os.PathLike) ->
     exported = {k: v for k, v in checkpoint.items() if k not in ("optimizer_states", "lr_schedulers", "state_dict")}
     exported["state_dict"] = state
     exported["hyper_parameters"] = {**hparams, "num_agents": 1}
+    if isinstance(hparams.get("num_samples"), list | tuple):  # one candidate count per agent: this agent's
+        exported["hyper_parameters"]["num_samples"] = int(hparams["num_samples"][agent])
     exported["idql_exported_agent"] = {"source": str(path), "agent": agent, "num_agents": agents}
     _atomic_save(exported, Path(out))

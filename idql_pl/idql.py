@@ -54,7 +54,7 @@ class IDQL(IDQLModule):
         critic: CriticFactory = ImplicitCritic,
         behavior: BehaviorFactory = DiffusionBehavior,
         actor_updates_per_step: int = 2,
-        num_samples: int = 128,
+        num_samples: int | list[int] = 128,
         extraction: Extraction = "argmax",
         behavior_ckpt: str | None = None,
         freeze_behavior: bool = False,
@@ -65,7 +65,7 @@ class IDQL(IDQLModule):
         num_agents: int = 1,
     ):
         super().__init__()
-        check_extraction(extraction, num_samples)
+        check_extraction(extraction, num_samples, num_agents)
         if compile not in (False, True, "losses", "step"):
             raise ConfigError(f"compile must be false, true (= losses) or step (got {compile!r})")
         if not isinstance(num_agents, int) or num_agents < 1:
@@ -203,7 +203,7 @@ class IDQL(IDQLModule):
     def act(
         self,
         states: Tensor,
-        num_samples: int | None = None,
+        num_samples: int | list[int] | None = None,
         extraction: Extraction | None = None,
         generator: torch.Generator | None = None,
         precision: str = "auto",

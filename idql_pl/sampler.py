@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Literal, Protocol
 
@@ -24,11 +25,16 @@ class Critic(Protocol):
     def v(self, states: Tensor) -> Tensor: ...
 
 
-def check_extraction(extraction: str, num_samples: int) -> None:
+def check_extraction(extraction: str, num_samples: int | Sequence[int], num_agents: int | None = None) -> None:
+    """A one-line error for an unknown extraction, or a candidate count (one, or one per agent) below 1."""
     if extraction not in EXTRACTIONS:
         raise ConfigError(f"unknown extraction {extraction!r}: use one of {', '.join(EXTRACTIONS)}")
-    if num_samples < 1:
+    counts = [num_samples] if isinstance(num_samples, int) else list(num_samples)
+    if not counts or min(counts) < 1:
         raise ConfigError(f"num_samples must be >= 1 (got {num_samples}): the paper uses 32-128 (IDQL_SPEC Sec. 4)")
+    if not isinstance(num_samples, int) and num_agents is not None and len(counts) != num_agents:
+        raise ConfigError(f"num_samples has {len(counts)} values but num_agents is {num_agents}: give one value, or"
+                          " one per agent")
 
 
 def autocast_for(device: torch.device, precision: str) -> torch.autocast | nullcontext:
@@ -45,7 +51,7 @@ def extract_actions(
     behavior: BehaviorSampler,
     critic: Critic,
     states: Tensor,
-    num_samples: int,
+    num_samples: int | Sequence[int],
     extraction: Extraction = "argmax",
     value_loss: str = "expectile",
     loss_param: float | Tensor = 0.7,
@@ -61,8 +67,17 @@ def extract_actions(
     ``[K, B, N, A]``, each agent's own Q and V score its own candidates, output ``[K, B, A]``; ``loss_param`` a
     float or per-agent ``[K, 1]`` values. All agents x states x N candidates x T diffusion steps run as one
     batch; the output is float32.
+
+    ``num_samples`` may be one count per agent (a sweep over N, paper App. D.2): all agents then draw
+    ``max(N)`` candidates and agent ``k`` extracts from its first ``N_k`` (the others are masked out).
     """
     check_extraction(extraction, num_samples)
+    own_counts = None
+    if not isinstance(num_samples, int):
+        counts = [int(n) for n in num_samples]
+        num_samples = max(counts)
+        if min(counts) < num_samples:  # [K, 1, N]: which of the max(N) candidates each agent keeps
+            own_counts = torch.tensor(counts, device=states.device).view(-1, 1, 1)
     with autocast_for(states.device, precision):
         candidates = behavior.sample(states, num_samples, generator=generator)  # [K, B, N, A]
         agents, batch, _, action_dim = candidates.shape
@@ -71,12 +86,15 @@ def extract_actions(
         flat_states = states.unsqueeze(2).expand(agents, batch, num_samples, obs_dim).reshape(agents, -1, obs_dim)
         q = critic.q_target(flat_states, candidates.reshape(agents, -1, action_dim)).float()
         q = q.view(agents, batch, num_samples)
+        dropped = None if own_counts is None else torch.arange(num_samples, device=states.device) >= own_counts
         if extraction == "argmax":
-            index = q.argmax(dim=-1)
+            index = (q if dropped is None else q.masked_fill(dropped, -torch.inf)).argmax(dim=-1)
         else:
             u = q - critic.v(states).float().unsqueeze(-1)
             param = loss_param.view(-1, 1, 1) if isinstance(loss_param, Tensor) else loss_param
-            probs = torch.softmax(implicit_log_weights(u, value_loss, param), dim=-1)  # w / sum(w), no overflow
+            log_w = implicit_log_weights(u, value_loss, param)
+            log_w = log_w if dropped is None else log_w.masked_fill(dropped, -torch.inf)
+            probs = torch.softmax(log_w, dim=-1)  # w / sum(w), no overflow
             index = torch.multinomial(probs.view(-1, num_samples), 1, generator=generator).view(agents, batch)
     rows = candidates.reshape(agents * batch, num_samples, action_dim)
     picked = rows[torch.arange(agents * batch, device=states.device), index.reshape(-1)]
