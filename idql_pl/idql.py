@@ -91,6 +91,10 @@ class IDQL(IDQLModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.compile == "step":
+            if self.attached and (self.trainer.world_size > 1 or str(self.trainer.precision) == "16-mixed"):
+                raise ConfigError("compile: step takes its gradients outside Lightning's backward, so it runs on one"
+                                  " device in float32 or bf16-mixed: drop --model.compile step, or use 1 device and"
+                                  " --trainer.precision 32-true / bf16-mixed")
             self.compile_iteration()
             return
         super().setup(stage)  # IDQL's compile: true compiles both halves; each half's own option, that half
