@@ -455,23 +455,30 @@ class Bench:
         flops = 2 * actor_step_flops(self.obs_dim, self.action_dim, self.s) + critic_step_flops(
             self.obs_dim, self.action_dim, self.s.critic_hidden, self.s.critic_batch)
         for k in self.agent_counts or [1]:
-            name, label = f"joint_step_compile_step_K{k}", f"joint step, compile: step, K={k}"
-            try:
-                eager, compiled = self.agent_step("joint", k), self.agent_step("joint", k, compile_step=True)
-                t0 = time.perf_counter()
-                compiled()
-                compiled()
-                compile_s = time.perf_counter() - t0
-                eager_s, comp_s = time_interleaved([eager, compiled], self.repeats, self.s.block_s, self.device,
-                                                   self.s.warmup)
-            except Exception as e:  # report, don't abort the benchmark
-                msg = " ".join(str(e).split())[:200]
-                self.add(Figure(name, label, float("nan"), "steps/s", note=f"compile failed: {type(e).__name__}: {msg}"))
-                continue
-            rate, eager_rate = median_rate(comp_s), median_rate(eager_s)
-            verdict = "faster" if rate > eager_rate else "slower: keep eager"
-            self.add(Figure(name, label, rate, "steps/s", eager_rate, f"eager joint step, K={k}", rate / eager_rate,
-                            k * flops, note=f"compile {compile_s:.0f} s; {verdict}", samples=[1 / x for x in comp_s]))
+            self.compile_figure(f"joint_step_compile_step_K{k}", f"joint step, compile: step, K={k}",
+                                lambda k=k: (self.agent_step("joint", k), self.agent_step("joint", k, compile_step=True)),
+                                k * flops, f"eager joint step, K={k}")
+
+    def compile_figure(self, name: str, label: str, make: Callable[[], tuple[Callable[[], Any], Callable[[], Any]]],
+                       flops: float, reference: str) -> None:
+        """Time the compiled step of ``make()`` (eager, compiled) against the eager one, interleaved; the first
+        two compiled calls (the compile) are timed apart. A failed compile is reported, not raised."""
+        try:
+            eager, compiled = make()
+            t0 = time.perf_counter()
+            compiled()
+            compiled()
+            compile_s = time.perf_counter() - t0
+            eager_s, comp_s = time_interleaved([eager, compiled], self.repeats, self.s.block_s, self.device,
+                                               self.s.warmup)
+        except Exception as e:  # report, don't abort the benchmark
+            msg = " ".join(str(e).split())[:200]
+            self.add(Figure(name, label, float("nan"), "steps/s", note=f"compile failed: {type(e).__name__}: {msg}"))
+            return
+        rate, eager_rate = median_rate(comp_s), median_rate(eager_s)
+        verdict = "faster" if rate > eager_rate else "slower: keep eager"
+        self.add(Figure(name, label, rate, "steps/s", eager_rate, reference, rate / eager_rate, flops,
+                        note=f"compile {compile_s:.0f} s; {verdict}", samples=[1 / x for x in comp_s]))
 
     # ---------------------------------------------------------------- batch sampling
     def sampling(self) -> None:
@@ -573,24 +580,10 @@ class Bench:
             return fn
 
         for kind in ("actor", "critic"):
-            name, label = f"{kind}_step_compiled", f"{kind} step, compile: true"
             flops = (actor_step_flops(self.obs_dim, self.action_dim, s) if kind == "actor" else
                      critic_step_flops(self.obs_dim, self.action_dim, s.critic_hidden, s.critic_batch))
-            try:
-                eager, compiled = stepper(kind, False), stepper(kind, True)
-                t0 = time.perf_counter()
-                compiled()
-                compiled()
-                compile_s = time.perf_counter() - t0
-                eager_s, comp_s = time_interleaved([eager, compiled], self.repeats, s.block_s, self.device, s.warmup)
-            except Exception as e:  # report, don't abort the benchmark
-                msg = " ".join(str(e).split())[:200]
-                self.add(Figure(name, label, float("nan"), "steps/s", note=f"compile failed: {type(e).__name__}: {msg}"))
-                continue
-            rate, eager_rate = median_rate(comp_s), median_rate(eager_s)
-            verdict = "faster" if rate > eager_rate else "slower: keep eager"
-            self.add(Figure(name, label, rate, "steps/s", eager_rate, "eager step", rate / eager_rate, flops,
-                            note=f"compile {compile_s:.0f} s; {verdict}", samples=[1 / x for x in comp_s]))
+            self.compile_figure(f"{kind}_step_compiled", f"{kind} step, compile: true",
+                                lambda kind=kind: (stepper(kind, False), stepper(kind, True)), flops, "eager step")
 
 
 # ------------------------------------------------------------------------------------------ memory probe
