@@ -29,9 +29,9 @@ class LossCaller(nn.Module):
         return getattr(self.owner, self.name)(*args)
 
 
-def lr_tensor(value: float | Tensor, device: torch.device) -> Tensor:
-    """A learning rate as a 0-d tensor on ``device``: float64 on CPU (the fused CPU Adam then rounds as with a
-    Python float), float32 elsewhere (what the fused CUDA kernel reads)."""
+def lr_tensor(value: float | list[float] | Tensor, device: torch.device) -> Tensor:
+    """Learning rate(s) as a tensor on ``device``: float64 on CPU (the fused CPU Adam then rounds as with a
+    Python float, bit for bit: ``tests/test_compile.py``), float32 on other devices (the parameters' dtype)."""
     return torch.as_tensor(value, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
 
 
