@@ -1,6 +1,8 @@
 """``compile: true`` (``--model.compile true``): the training losses run through ``torch.compile`` under
-``fit`` and compute what the eager ones compute. The fast tests use dynamo's ``aot_eager`` backend (traced
-forward and backward, no C++ build); the slow one the default inductor backend."""
+``fit`` and compute what the eager ones compute. ``compile: step``: the whole iteration of Algorithm 1 is one
+graph with no break, its functional form is the eager step bit for bit, and the eager step makes no host
+sync. The fast tests use dynamo's ``aot_eager`` backend (traced forward and backward, no C++ build); the slow
+one the default inductor backend."""
 
 from __future__ import annotations
 
