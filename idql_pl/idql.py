@@ -23,6 +23,27 @@ CriticFactory = Callable[[int, int], ImplicitCritic]
 BehaviorFactory = Callable[[int, int], DiffusionBehavior]
 
 
+def algorithm1_iteration(behavior: DiffusionBehavior, critic: ImplicitCritic, actor_batches: list[Batch],
+                         critic_batch: Batch | None, opts: list[torch.optim.Optimizer],
+                         scheduler: LambdaLR | None = None, actor_lrs: Tensor | None = None) -> dict[str, Tensor]:
+    """Algorithm 1, one iteration: a behavior step (Eq. 4, then the EMA) per actor batch, then the critic step
+    (V, then Q with the new V, then the target) on ``critic_batch`` (IDQL_SPEC Sec. 1, 3, 6). ``opts``: the
+    behavior optimizer (when ``actor_batches``), then V's and Q's. ``actor_lrs`` (``compile: step``): the
+    behavior steps' learning rates, in place of ``scheduler``. Offline IDQL and online finetuning both run it.
+    Returns the detached metrics (no host sync)."""
+    opts = list(opts)
+    metrics: dict[str, Tensor] = {}
+    if actor_batches:
+        actor_opt = opts.pop(0)
+        for i, batch in enumerate(actor_batches):
+            out = behavior.update(batch, actor_opt, scheduler, lr=None if actor_lrs is None else actor_lrs[i])
+        metrics.update({f"train/behavior/{k}": v for k, v in out.items()})
+    if critic_batch is not None:
+        out = critic.update(critic_batch, *opts)
+        metrics.update({f"train/critic/{k}": v for k, v in out.items()})
+    return metrics
+
+
 class IDQL(IDQLModule):
     """IDQL (paper Alg. 1 for training, Alg. 2 for acting). One ``training_step`` is one iteration of
     Algorithm 1: ``actor_updates_per_step`` behavior steps (batch 1024 each), then one critic step (batch 256:
@@ -167,21 +188,8 @@ class IDQL(IDQLModule):
 
     def iteration(self, actor_batches: list[Batch], critic_batch: Batch | None, opts: list[torch.optim.Optimizer],
                   scheduler: LambdaLR | None = None, actor_lrs: Tensor | None = None) -> dict[str, Tensor]:
-        """Algorithm 1, one iteration: a behavior step (Eq. 4, then the EMA) per actor batch, then the critic
-        step (V, then Q with the new V, then the target) on ``critic_batch``. ``opts``: the behavior optimizer
-        (when it trains), then V's and Q's. ``actor_lrs`` (``compile: step``): the behavior steps' learning
-        rates, in place of ``scheduler``. Returns the detached metrics (no host sync)."""
-        opts = list(opts)
-        metrics: dict[str, Tensor] = {}
-        if actor_batches:
-            actor_opt = opts.pop(0)
-            for i, batch in enumerate(actor_batches):
-                out = self.behavior.update(batch, actor_opt, scheduler, lr=None if actor_lrs is None else actor_lrs[i])
-            metrics.update({f"train/behavior/{k}": v for k, v in out.items()})
-        if critic_batch is not None:
-            out = self.critic.update(critic_batch, *opts)
-            metrics.update({f"train/critic/{k}": v for k, v in out.items()})
-        return metrics
+        """:func:`algorithm1_iteration` on this model's halves (what ``compile: step`` compiles)."""
+        return algorithm1_iteration(self.behavior, self.critic, actor_batches, critic_batch, opts, scheduler, actor_lrs)
 
     def _actor_lrs(self, scheduler: LambdaLR | None) -> Tensor | None:
         """The LRs of this iteration's behavior steps (the schedule's next values), written into one tensor on

@@ -17,7 +17,7 @@ from idql_pl.critic import ImplicitCritic
 from idql_pl.data.buffer import TransitionBuffer
 from idql_pl.data.replay import ReplayBuffer, mixed_batch
 from idql_pl.errors import CheckpointError, ConfigError
-from idql_pl.idql import IDQL, BehaviorFactory, CriticFactory
+from idql_pl.idql import IDQL, BehaviorFactory, CriticFactory, algorithm1_iteration
 from idql_pl.module import IDQLModule
 from idql_pl.sampler import Extraction, check_extraction
 
@@ -281,19 +281,13 @@ class OnlineIDQL(IDQLModule):
             for logger in self.trainer.loggers:
                 logger.log_metrics(episode, step=int(self.global_step) + 1)
         frac = self.hparams.online_fraction
-        metrics: dict[str, Tensor] = {}
-        if self.updating:
-            opts = self.plain_optimizers()
-            if self.train_behavior:
-                actor_opt, scheduler = opts.pop(0), self.lr_schedulers()
-                for _ in range(self.hparams.actor_updates_per_step):
-                    batch = mixed_batch(self.replay, offline, self.behavior.hparams.batch_size, frac)
-                    out = self.behavior.update(batch, actor_opt, scheduler)
-                metrics.update({f"train/behavior/{k}": v for k, v in out.items()})
-            v_opt, q_opt = opts
-            out = self.critic.update(mixed_batch(self.replay, offline, self.critic.hparams.batch_size, frac), v_opt, q_opt)
-            metrics.update({f"train/critic/{k}": v for k, v in out.items()})
-            self.track_losses(metrics)
+        if self.updating:  # batches from their own generators, so drawing them first changes no stream
+            actor_batches = [mixed_batch(self.replay, offline, self.behavior.hparams.batch_size, frac)
+                             for _ in range(self.hparams.actor_updates_per_step if self.train_behavior else 0)]
+            critic_batch = mixed_batch(self.replay, offline, self.critic.hparams.batch_size, frac)
+            scheduler = self.lr_schedulers() if self.train_behavior else None
+            self.track_losses(algorithm1_iteration(self.behavior, self.critic, actor_batches, critic_batch,
+                                                   self.plain_optimizers(), scheduler))
         if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
             self.log_dict(self._online_progress())
         self.count_step()
