@@ -13,18 +13,7 @@ from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
 from idql_pl.losses import ValueLossKind, check_value_loss, implicit_weights, value_loss
 from idql_pl.module import IDQLModule, make_adam
-from idql_pl.nets import AgentMLP, TwinQ, build_agents, ema_update_
-
-
-def per_agent(value: float | Sequence[float], num_agents: int, name: str) -> list[float]:
-    """A hyperparameter given once (shared) or as a list of one value per agent, as ``num_agents`` floats."""
-    if isinstance(value, int | float):
-        return [float(value)] * num_agents
-    values = [float(v) for v in value]
-    if len(values) != num_agents:
-        raise ConfigError(f"{name} has {len(values)} values but num_agents is {num_agents}: give one value, or one per"
-                          " agent")
-    return values
+from idql_pl.nets import AgentMLP, TwinQ, build_agents, ema_update_, per_agent
 
 
 class ImplicitCritic(IDQLModule):
@@ -69,7 +58,8 @@ class ImplicitCritic(IDQLModule):
         if not isinstance(num_agents, int) or num_agents < 1:
             raise ConfigError(f"num_agents must be an integer >= 1 (got {num_agents!r})")
         name = "alpha" if value_loss == "exponential" else "tau"
-        for param in per_agent(alpha if value_loss == "exponential" else tau, num_agents, f"critic {name}"):
+        params = per_agent(alpha if value_loss == "exponential" else tau, num_agents, f"critic {name}")
+        for param in params:
             check_value_loss(value_loss, param, exp_clip)
         if not 0.0 <= discount <= 1.0:
             raise ConfigError(f"discount must lie in [0, 1] (got {discount}); the paper uses 0.99")
@@ -90,7 +80,6 @@ class ImplicitCritic(IDQLModule):
         self.q_net = nets["q"]
         self.q_target_net = copy.deepcopy(self.q_net).requires_grad_(False)
         self.v_net = nets["v"]
-        params = per_agent(self.hparams.alpha if value_loss == "exponential" else self.hparams.tau, num_agents, name)
         # One value shared by all agents stays a Python float (the single run's arithmetic); K values a [K, 1]
         # column that broadcasts over each agent's rows (a buffer, derived from hparams, so not saved).
         self._shared_param: float | None = params[0] if len(set(params)) == 1 else None

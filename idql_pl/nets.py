@@ -110,6 +110,17 @@ def build_agents(build: Callable[[int], Net], num_agents: int, seed: int | None 
     return net
 
 
+def per_agent(value: float | Sequence[float], num_agents: int, name: str) -> list[float]:
+    """A hyperparameter given once (shared) or as a list of one value per agent, as ``num_agents`` floats."""
+    if isinstance(value, int | float):
+        return [float(value)] * num_agents
+    values = [float(v) for v in value]
+    if len(values) != num_agents:
+        raise ConfigError(f"{name} has {len(values)} values but num_agents is {num_agents}: give one value, or one per"
+                          " agent")
+    return values
+
+
 def add_agent_dim(state: dict[str, Tensor], model_state: dict[str, Tensor]) -> bool:
     """In place: unsqueeze a leading agent dimension of 1 into every tensor of a single-agent checkpoint's
     ``state`` (written before networks had one) whose shape lacks it in ``model_state``. Returns whether any
@@ -452,6 +463,7 @@ __all__ = [
     "ema_update_",
     "lecun_linear",
     "make_activation",
+    "per_agent",
     "strip_dropout_",
     "xavier_linear",
 ]

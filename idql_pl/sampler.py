@@ -11,6 +11,7 @@ from torch import Tensor
 
 from idql_pl.errors import ConfigError
 from idql_pl.losses import implicit_log_weights
+from idql_pl.nets import per_agent
 
 Extraction = Literal["argmax", "implicit"]
 EXTRACTIONS = ("argmax", "implicit")
@@ -32,9 +33,8 @@ def check_extraction(extraction: str, num_samples: int | Sequence[int], num_agen
     counts = [num_samples] if isinstance(num_samples, int) else list(num_samples)
     if not counts or min(counts) < 1:
         raise ConfigError(f"num_samples must be >= 1 (got {num_samples}): the paper uses 32-128 (IDQL_SPEC Sec. 4)")
-    if not isinstance(num_samples, int) and num_agents is not None and len(counts) != num_agents:
-        raise ConfigError(f"num_samples has {len(counts)} values but num_agents is {num_agents}: give one value, or"
-                          " one per agent")
+    if not isinstance(num_samples, int) and num_agents is not None:
+        per_agent(counts, num_agents, "num_samples")
 
 
 def autocast_for(device: torch.device, precision: str) -> torch.autocast | nullcontext:
