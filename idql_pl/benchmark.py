@@ -15,9 +15,12 @@ One run measures (warm-up, then the median over ``--repeats`` timed blocks, comp
 - with ``--compile``: ``compile: true`` (the losses through ``torch.compile``) against eager, actor and critic,
   and ``compile: step`` (the whole joint step one graph) against eager for each K of ``--agents`` (default 1);
 - with ``--agents 1,8``: per-agent throughput of the critic, actor and joint steps of ``num_agents = K`` models
-  (K agents per step, paper-size networks, each agent on its own batch) against the first K, interleaved.
+  (K agents per step, paper-size networks, each agent on its own batch) against the first K, interleaved, in
+  float32 and under bf16 autocast, each beside the most batching agents can give (the K = 1 step's fixed cost,
+  bounded by the step at batch 2, amortized to nothing).
 
-Every figure runs the project's own functions; there is no second implementation to compare against.
+Every figure runs the project's own functions; there is no second implementation to compare against. Large
+tensors come from glibc's reused heap, as in the CLI's runs (``idql_pl/allocator.py``).
 ``--only critic,actor,...`` runs just those sections (after the ceiling and the dataset); ``--only agents``
 just the many-agents section.
 
@@ -42,12 +45,13 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from idql_pl.allocator import reuse_large_blocks
 from idql_pl.sampler import autocast_for
 
 DATASET = "local/pointmaze-umaze"
@@ -109,6 +113,10 @@ class Figure:
 
 
 # --------------------------------------------------------------------------------------------- timing
+def _unchanged(fn: Callable[[], Any]) -> Callable[[], Any]:
+    return fn
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -405,11 +413,13 @@ class Bench:
         self._joint_step_s = statistics.median(bare_s)
 
     # ---------------------------------------------------------------- many agents per process
-    def agent_step(self, kind: str, num_agents: int, compile_step: bool = False) -> Callable[[], Any]:
+    def agent_step(self, kind: str, num_agents: int, compile_step: bool = False,
+                   sizes: Sizes | None = None) -> Callable[[], Any]:
         """One ``kind`` step ("critic", "actor", "joint": 2 actor + 1 critic, ``IDQL.train_iteration`` as
         ``training_step`` runs it) of a model of ``num_agents`` agents, each agent on its own batch
-        (``sample(B, K)``); ``compile_step``: the joint step as ``compile: step`` compiles it."""
-        s, buf, k = self.s, self.dm.train_buffer, num_agents
+        (``sample(B, K)``); ``compile_step``: the joint step as ``compile: step`` compiles it; ``sizes``: other
+        batch sizes (default: the run's)."""
+        s, buf, k = sizes or self.s, self.dm.train_buffer, num_agents
         model = make_idql(self.obs_dim, self.action_dim, s, num_agents=k).to(self.device).train()
         behavior, critic = model.behavior, model.critic
         actor_opt, sched = behavior.make_optimizer(10**7)
@@ -429,35 +439,59 @@ class Bench:
         return {"critic": critic_step, "actor": actor_step, "joint": joint_step}[kind]
 
     def agents(self) -> None:
-        """Per-agent steps/s (``K x`` steps/s) of each ``K`` in ``--agents`` against the first ``K``, the
-        ``K`` variants of each step interleaved (same machine load)."""
+        """Per-agent steps/s (``K x`` steps/s) of each ``K`` in ``--agents`` against the first ``K``, in float32
+        and under bf16 autocast, the ``K`` variants of each step interleaved (same machine load).
+
+        Beside them, the most any ``K`` can give per agent (``agents_<step>_bound``): batching agents shares a
+        step's fixed cost (Python, dispatch, thread wake-ups), while FLOPs, activation memory traffic and the
+        optimizer's per-parameter work grow with ``K``. The K = 1 step at batch 2 pays every fixed cost (and
+        its optimizer, which is not fixed), so with ``t`` the step and ``t_2`` the batch-2 step, per-agent
+        throughput at any ``K`` is at most ``t / (t - t_2)`` times K = 1's."""
         counts = self.agent_counts
         base = counts[0]
+        batch2 = replace(self.s, critic_batch=2, actor_batch=2)
         labels = {"critic": f"critic step (B={self.s.critic_batch})", "actor": f"actor step (B={self.s.actor_batch})",
                   "joint": "joint step (2 actor + 1 critic)"}
         for kind in ("critic", "actor", "joint"):
-            fns = [self.agent_step(kind, k) for k in counts]
-            secs = time_interleaved(fns, self.repeats, self.s.block_s, self.device, self.s.warmup)
-            base_rate = base * median_rate(secs[0])
-            for k, sec in zip(counts, secs):
-                rate = k * median_rate(sec)
-                per_block = [(k / a) / (base / b) for a, b in zip(sec, secs[0])]
-                target = AGENT_TARGETS[kind] if (base, k) == (1, 8) else None
-                self.add(Figure(f"agents_{kind}_K{k}", f"{labels[kind]}, K={k}, per agent", rate, "agent-steps/s",
-                                base_rate, f"K={base} per agent", statistics.median(per_block), None,
-                                f">= {target}x K=1" if target else "",
-                                None if target is None else statistics.median(per_block) >= target,
-                                samples=per_block))
+            target = AGENT_TARGETS[kind] if base == 1 else None  # DESIGN.md's, for K = 8 against K = 1
+            for precision, wrap, suffix in (("f32", _unchanged, ""), ("bf16 autocast", self.bf16, "_bf16")):
+                fns = [wrap(self.agent_step(kind, k)) for k in counts]
+                fns.append(wrap(self.agent_step(kind, 1, sizes=batch2)))
+                *secs, fixed = time_interleaved(fns, self.repeats, self.s.block_s, self.device, self.s.warmup)
+                base_rate = base * median_rate(secs[0])
+                for k, sec in zip(counts, secs):
+                    rate = k * median_rate(sec)
+                    per_block = [(k / a) / (base / b) for a, b in zip(sec, secs[0])]
+                    ratio = statistics.median(per_block)
+                    aim = target if k == 8 else None
+                    self.add(Figure(f"agents_{kind}_K{k}{suffix}", f"{labels[kind]}, K={k}, per agent, {precision}",
+                                    rate, "agent-steps/s", base_rate, f"K={base} per agent", ratio, None,
+                                    f">= {aim}x K=1" if aim else "", None if aim is None else ratio >= aim,
+                                    samples=per_block))
+                if base == 1:
+                    t, t2 = statistics.median(secs[0]), statistics.median(fixed)
+                    bounds = [a / (a - b) if a > b else math.inf for a, b in zip(secs[0], fixed)]
+                    bound = statistics.median(bounds)
+                    self.add(Figure(f"agents_{kind}_bound{suffix}", f"{labels[kind]}, most any K gives per agent, "
+                                    f"{precision}", bound, "x K=1", None, "", None, None,
+                                    f"target {target}x within reach" if target else "",
+                                    None if target is None else bound >= target,
+                                    note=f"K=1 step {t * 1e3:.2f} ms, of which at most {t2 * 1e3:.2f} ms fixed "
+                                         "(the step at batch 2)", samples=bounds))
 
     def compiled_joint(self) -> None:
         """The joint step with ``compile: step`` (the whole iteration one graph) against eager, for each ``K``
-        in ``--agents`` (default 1), timed interleaved; the first two compiled calls (the compile) untimed."""
+        in ``--agents`` (default 1), in float32 and under bf16 autocast (``--trainer.precision bf16-mixed``),
+        timed interleaved; the first two compiled calls (the compile) untimed."""
         flops = 2 * actor_step_flops(self.obs_dim, self.action_dim, self.s) + critic_step_flops(
             self.obs_dim, self.action_dim, self.s.critic_hidden, self.s.critic_batch)
         for k in self.agent_counts or [1]:
-            self.compile_figure(f"joint_step_compile_step_K{k}", f"joint step, compile: step, K={k}",
-                                lambda k=k: (self.agent_step("joint", k), self.agent_step("joint", k, compile_step=True)),
-                                k * flops, f"eager joint step, K={k}")
+            for precision, wrap, suffix in (("f32", _unchanged, ""), ("bf16 autocast", self.bf16, "_bf16")):
+                self.compile_figure(
+                    f"joint_step_compile_step_K{k}{suffix}", f"joint step, compile: step, K={k}, {precision}",
+                    lambda k=k, wrap=wrap: (wrap(self.agent_step("joint", k)),
+                                            wrap(self.agent_step("joint", k, compile_step=True))),
+                    k * flops, f"eager joint step, K={k}, {precision}")
 
     def compile_figure(self, name: str, label: str, make: Callable[[], tuple[Callable[[], Any], Callable[[], Any]]],
                        flops: float, reference: str) -> None:
@@ -685,6 +719,8 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = Fal
     dataset, which the others need; ``agents``: also the many-agents section for these K); returns the
     JSON-able report."""
     torch.manual_seed(0)
+    malloc = reuse_large_blocks()  # as the CLI's runs do (idql_pl/allocator.py)
+    log(f"[bench] memory: {malloc}")
     bench = Bench(sizes, repeats, device, log)
     if agents:
         bench.agent_counts = list(agents)
@@ -715,6 +751,7 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = Fal
     machine = machine_info(device)
     machine["loadavg_1m_before"], machine["loadavg_1m_after"] = load_before, _loadavg()
     machine["other_processes_cpu_cores"] = contention
+    machine["malloc"] = malloc
     busiest = max(contention, key=contention.get)
     table = format_table(figures)
     if contention[busiest] > 0.1:

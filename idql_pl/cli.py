@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from idql_pl import quiet, run_folder, threads
+from idql_pl.callbacks.allocator import ReuseLargeBlocks
 from idql_pl.callbacks.evaluation import PolicyEvaluation
 from idql_pl.callbacks.progress import StepProgressBar
 from idql_pl.callbacks.stop import GracefulStop, Stopped
@@ -185,7 +186,7 @@ class IDQLCLI(LightningCLI):
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
         callbacks = sub_init.get("trainer", {}).get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        ours: list[Any] = [GracefulStop(resume_hint=self.resume_hint)]
+        ours: list[Any] = [GracefulStop(resume_hint=self.resume_hint), ReuseLargeBlocks()]
         if self.thread_source == "CPU affinity":
             ours.append(ShareCpus(self.threads))
         if cfg.trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):

@@ -132,7 +132,9 @@ def test_only_runs_the_chosen_sections(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_tiny_benchmark_many_agents_section(tmp_path: Path) -> None:
-    """``--agents 1,2 --only agents``: per-agent critic, actor and joint figures for each K against K = 1."""
+    """``--agents 1,2 --only agents``: per-agent critic, actor and joint figures for each K against K = 1, in
+    float32 and bf16 autocast, each with the batching bound (``t / (t - t_2)``, above 1 since the batch-2 step
+    costs less than the full one but not nothing)."""
     out = tmp_path / "agents.json"
     proc = subprocess.run(
         [sys.executable, "-m", "idql_pl.benchmark", "--tiny", "--repeats", "1", "--threads", "1", "--agents", "1,2",
@@ -142,10 +144,16 @@ def test_tiny_benchmark_many_agents_section(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(out.read_text())["figures"]
     for kind in ("critic", "actor", "joint"):
-        base, two = figures[f"agents_{kind}_K1"], figures[f"agents_{kind}_K2"]
-        assert base["ratio"] == pytest.approx(1.0) and base["unit"] == "agent-steps/s"
-        assert _finite_positive(two["value"]) and _finite_positive(two["ratio"])
-        assert two["reference"] == pytest.approx(base["value"])
+        for suffix in ("", "_bf16"):
+            base, two = figures[f"agents_{kind}_K1{suffix}"], figures[f"agents_{kind}_K2{suffix}"]
+            assert base["ratio"] == pytest.approx(1.0) and base["unit"] == "agent-steps/s"
+            assert _finite_positive(two["value"]) and _finite_positive(two["ratio"])
+            assert two["reference"] == pytest.approx(base["value"])
+            bound = figures[f"agents_{kind}_bound{suffix}"]
+            # None: JSON's inf, when at these tiny sizes the batch-2 step timed as long as the full one
+            assert (bound["value"] is None or bound["value"] > 1) and "fixed (the step at batch 2)" in bound["note"]
+            assert bound["target"] == f"target {bench.AGENT_TARGETS[kind]}x within reach"
+    assert json.loads(out.read_text())["machine"]["malloc"]
     assert "critic_step" not in figures  # --only agents: just the section (after the ceiling and the dataset)
     bad = subprocess.run([sys.executable, "-m", "idql_pl.benchmark", "--tiny", "--agents", "1,x"],
                          capture_output=True, text=True, timeout=60)

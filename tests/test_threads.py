@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from idql_pl import threads
+from idql_pl import allocator, threads
 from idql_pl.errors import ConfigError
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, run_cli
 
@@ -138,6 +138,8 @@ def test_cli_process_uses_its_affinity_mask_and_passive_openmp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("[idql_pl] 1 CPU thread (from CPU affinity; --threads N to change; fewer while other processes use the"
             " cores), OpenMP wait policy PASSIVE, GOMP_SPINCOUNT=10000") in proc.stderr
+    if allocator._glibc_mallopt() is not None:  # see tests/test_allocator.py
+        assert "[idql_pl] memory: glibc malloc: large blocks from the heap, reused" in proc.stderr
 
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,57 @@
+"""The training process's large CPU tensors come from glibc's reused heap (``idql_pl.allocator``): the effect on
+a real allocation in a fresh process, the user's own glibc settings kept, and the CLI applying it. No timings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from idql_pl import allocator
+
+GLIBC = allocator._glibc_mallopt() is not None
+
+# a fresh process: glibc's count of mmapped blocks (mallinfo2().hblks) while a 64 MiB tensor is alive, with
+# glibc's defaults and after reuse_large_blocks
+PROBE = """
+import ctypes, torch
+from idql_pl.allocator import reuse_large_blocks
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def mmapped_while_alive():
+    x = torch.empty(16 * 2**20)  # 64 MiB of float32
+    n = libc.mallinfo2().hblks
+    del x
+    return n
+before = mmapped_while_alive()
+said = reuse_large_blocks({})
+print(before, mmapped_while_alive(), said)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
+def test_large_tensors_come_from_the_heap_after_reuse_large_blocks():
+    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after, *said = proc.stdout.split()
+    assert int(before) >= 1  # glibc's default: the 64 MiB block is a fresh mmap
+    assert int(after) == int(before) - 1  # now it is heap memory, reused after the free
+    assert " ".join(said) == "glibc malloc: large blocks from the heap, reused"
+
+
+def test_the_users_own_glibc_settings_are_kept(monkeypatch):
+    calls = []
+    monkeypatch.setattr(allocator, "_glibc_mallopt", lambda: lambda *a: calls.append(a) or 1)
+    assert allocator.reuse_large_blocks({"MALLOC_MMAP_MAX_": "65536"}) == "glibc malloc as set by MALLOC_MMAP_MAX_"
+    assert calls == []
+    assert allocator.reuse_large_blocks({}) == "glibc malloc: large blocks from the heap, reused"
+    assert calls == [(allocator.M_MMAP_MAX, 0), (allocator.M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD)]
+
+
+def test_without_glibc_nothing_changes(monkeypatch):
+    monkeypatch.setattr(allocator, "_glibc_mallopt", lambda: None)
+    assert allocator.reuse_large_blocks({}) == "the platform's malloc (not glibc)"
