@@ -1,5 +1,6 @@
 """The training process's large CPU tensors come from glibc's reused heap (``idql_pl.allocator``): the effect on
-a real allocation in a fresh process, the user's own glibc settings kept, and the CLI applying it. No timings."""
+a real allocation in a fresh process, and the user's own glibc settings kept (the CLI's ``[idql_pl] memory:``
+line: ``tests/test_threads.py``). No timings."""
 
 from __future__ import annotations
 
