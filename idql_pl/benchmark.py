@@ -113,10 +113,6 @@ class Figure:
 
 
 # --------------------------------------------------------------------------------------------- timing
-def _unchanged(fn: Callable[[], Any]) -> Callable[[], Any]:
-    return fn
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -316,6 +312,10 @@ class Bench:
 
         return run
 
+    def precisions(self) -> list[tuple[str, Callable[[Callable[[], Any]], Callable[[], Any]], str]]:
+        """(label, wrapper, figure-name suffix) of float32 (``fn`` as it is) and bf16 autocast (:meth:`bf16`)."""
+        return [("f32", lambda fn: fn, ""), ("bf16 autocast", self.bf16, "_bf16")]
+
     def step_figures(self, name: str, label: str, step: Callable[[], Any], flops: float, per_call: int = 1,
                      unit: str = "steps/s") -> float:
         """Time ``step`` in float32 and under bf16 autocast, interleaved with the ceiling; add both figures and
@@ -454,7 +454,7 @@ class Bench:
                   "joint": "joint step (2 actor + 1 critic)"}
         for kind in ("critic", "actor", "joint"):
             target = AGENT_TARGETS[kind] if base == 1 else None  # DESIGN.md's, for K = 8 against K = 1
-            for precision, wrap, suffix in (("f32", _unchanged, ""), ("bf16 autocast", self.bf16, "_bf16")):
+            for precision, wrap, suffix in self.precisions():
                 fns = [wrap(self.agent_step(kind, k)) for k in counts]
                 fns.append(wrap(self.agent_step(kind, 1, sizes=batch2)))
                 *secs, fixed = time_interleaved(fns, self.repeats, self.s.block_s, self.device, self.s.warmup)
@@ -486,7 +486,7 @@ class Bench:
         flops = 2 * actor_step_flops(self.obs_dim, self.action_dim, self.s) + critic_step_flops(
             self.obs_dim, self.action_dim, self.s.critic_hidden, self.s.critic_batch)
         for k in self.agent_counts or [1]:
-            for precision, wrap, suffix in (("f32", _unchanged, ""), ("bf16 autocast", self.bf16, "_bf16")):
+            for precision, wrap, suffix in self.precisions():
                 self.compile_figure(
                     f"joint_step_compile_step_K{k}{suffix}", f"joint step, compile: step, K={k}, {precision}",
                     lambda k=k, wrap=wrap: (wrap(self.agent_step("joint", k)),
