@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from idql_pl.data.buffer import BufferStream, TransitionBuffer
-from idql_pl.data.preprocess import DEFAULT_ACTION_CLIP, DatasetInfo, RewardTransform, SourceData, finalize
+from idql_pl.data.preprocess import (
+    DEFAULT_ACTION_CLIP,
+    DatasetInfo,
+    RewardTransform,
+    SourceData,
+    finalize,
+    log,
+)
 from idql_pl.data.registry import D4RL_DATASETS, FAMILIES, LOCAL_RECIPES, check_env_id, get_d4rl_spec, suggest
 from idql_pl.envs import env_error
 from idql_pl.errors import DatasetError, EvalEnvError
@@ -66,22 +73,28 @@ def load_dataset(
 
     name = str(name).strip()
     given = _check_overrides(eval_env, eval_env_kwargs, ref_scores, family, max_episode_steps)
-    if dataset_size is not None and not name.startswith("local/"):
-        raise DatasetError(f"dataset_size only applies to local recipes ({', '.join(LOCAL_RECIPES)}), not '{name}'; drop it")
     if name.startswith("local/"):
         if name not in local.RECIPES:
             raise DatasetError(f"unknown local recipe '{name}'; available: {', '.join(local.RECIPES)}")
-        src = local.load_local(name, dataset_size)
+        kind = "local"
     elif name in D4RL_DATASETS or d4rl.is_hdf5_path(name):
-        src = d4rl.load_d4rl(name, max_episode_steps=max_episode_steps)
+        kind = "d4rl"
     elif minari_source.is_minari_id(name):
-        src = minari_source.load_minari(name)
+        kind = "minari"
     else:
         raise DatasetError(
             f"unknown dataset '{name}'.{suggest(name)} Use a D4RL name (e.g. hopper-medium-v2, antmaze-umaze-v2, "
             "maze2d-umaze-v1), a path to a D4RL .hdf5 file, a Minari id (e.g. D4RL/antmaze/umaze-v1) or "
             f"a local recipe ({', '.join(LOCAL_RECIPES)})"
         )
+    if dataset_size is not None and kind != "local":  # e.g. the quickstart config with another --data.dataset
+        log(f"dataset_size {dataset_size} applies to local recipes only: ignored for '{name}'")
+    if kind == "local":
+        src = local.load_local(name, dataset_size)
+    elif kind == "d4rl":
+        src = d4rl.load_d4rl(name, max_episode_steps=max_episode_steps)
+    else:
+        src = minari_source.load_minari(name)
     _apply_overrides(src, name, given)
     arrays, reward_fn = finalize(src, reward_transform, action_clip)
     return OfflineDataset(arrays, src.info, reward_fn, src.env_factory)
