@@ -33,6 +33,7 @@ from idql_pl.checkpointing import AtomicCheckpointIO, safe_load
 from idql_pl.data import OfflineDataModule
 from idql_pl.errors import CheckpointError, ConfigError, IDQLError
 from idql_pl.module import dims_mismatch
+from idql_pl.precision import precision_error, slow_bf16_note
 
 RUN_ID_FILE = "wandb_run_id.txt"
 RUN_DIR_ENV = "IDQL_PL_RUN_DIR"  # rank 0's claimed run folder, for the DDP ranks it launches
@@ -122,6 +123,8 @@ class IDQLCLI(LightningCLI):
             )
         if ckpt and ckpt not in NAMED_CKPTS:
             safe_load(ckpt)
+        if sub == "fit":
+            check_fit_trainer(cfg.trainer)
 
     # ------------------------------------------------------------------------------------ run folder
     def _sub(self) -> Any:
@@ -236,6 +239,7 @@ class IDQLCLI(LightningCLI):
     # ------------------------------------------------------------------------------------- subcommands
     def before_fit(self) -> None:
         self._resolve_ckpt_path()
+        self._note_slow_bf16()
         rank_zero_info(self.datamodule.summary())
         rank_zero_info(f"[idql_pl] run folder: {self.run_dir}")
         source = self.thread_source
@@ -254,6 +258,18 @@ class IDQLCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path()
+        self._note_slow_bf16()
+
+    def _note_slow_bf16(self) -> None:
+        """One line at start when this run computes in bf16 on a CPU without native bf16."""
+        if self.trainer.strategy.root_device.type != "cpu":
+            return
+        asked = [f"--trainer.precision {self.trainer.precision}"] if str(self.trainer.precision).startswith("bf16") else []
+        asked += [f"--eval.precision {cb.precision}" for cb in self.trainer.callbacks
+                  if isinstance(cb, PolicyEvaluation) and cb.precision == "bf16"]
+        note = slow_bf16_note(" and ".join(asked)) if asked else None
+        if note:
+            rank_zero_info(note)
 
     def before_test(self) -> None:
         self._resolve_ckpt_path()
@@ -291,6 +307,18 @@ class IDQLCLI(LightningCLI):
                 kept += 1
         logger.save()
         rank_zero_info(f"[idql_pl] kept {kept} rows of {path} up to step {resumed_step}")
+
+
+def check_fit_trainer(trainer: Any) -> None:
+    """Refuse up front, in one line, a step count or a precision that ``fit`` cannot run."""
+    max_steps = trainer.get("max_steps")
+    if max_steps is None or int(max_steps) < 1:
+        raise ConfigError(f"--trainer.max_steps must be a positive number of training steps (got {max_steps}): it"
+                          " sets the length of the run and of its LR schedule (IDQL counts critic steps; the paper"
+                          " trains 1000000)")
+    error = precision_error(trainer.get("precision") or "32-true")
+    if error:
+        raise ConfigError(error)
 
 
 def _chain(err: BaseException) -> list[BaseException]:

@@ -36,21 +36,34 @@ def lr_tensor(value: float | list[float] | Tensor, device: torch.device) -> Tens
 
 
 def prepare_functional_adam(opt: torch.optim.Optimizer) -> None:
-    """Ready ``opt`` for :func:`adam_update_` inside a compiled graph: create the state ``Optimizer.step``
-    creates on its first call (zero moments, step count 0) for parameters that have none yet, and hold each
-    group's LR as a tensor (a scheduler then updates it in place, and ``torch.compile`` guards on no LR value,
-    which would recompile at every step: PyTorch's advice for compiled optimizers with LR schedulers)."""
+    """Ready ``opt`` for :func:`adam_update_` inside a compiled graph, once before the first compiled step
+    (after a resume too, since loading a checkpoint replaces the state tensors):
+
+    - create the state ``Optimizer.step`` creates on its first call (zero moments, step count 0) for parameters
+      that have none yet, every tensor on the parameters' device (a step count on the CPU would be a host read
+      in every replay of a CUDA graph);
+    - hold each group's LR as a tensor on that device (a scheduler then updates it in place, and
+      ``torch.compile`` guards on no LR value, which would recompile at every step: PyTorch's advice for compiled
+      optimizers with LR schedulers); a resumed LR comes back from the checkpoint as a CPU tensor;
+    - mark every tensor the step mutates (moments, step counts, LRs) as a static input
+      (``torch._dynamo.mark_static_address``), as ``torch.compile`` does for an optimizer it traces itself, so
+      CUDA graphs (``mode="reduce-overhead"``) capture the step instead of skipping it for "mutated inputs"."""
     for group in opt.param_groups:
-        on_device = group.get("fused") or group.get("capturable")
+        if not group["params"]:
+            continue
+        device = group["params"][0].device
         for p in group["params"]:
-            if not opt.state[p]:
-                opt.state[p] = {
-                    "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
-        if group["params"] and not isinstance(group["lr"], Tensor):
-            group["lr"] = lr_tensor(group["lr"], group["params"][0].device)
+            state = opt.state[p]
+            if not state:
+                state.update(step=torch.zeros((), dtype=torch.float32, device=device),
+                             exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                             exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+            state["step"] = state["step"].to(device)
+            for value in state.values():
+                torch._dynamo.mark_static_address(value)
+        lr = group["lr"]
+        group["lr"] = lr_tensor(float(lr), device) if not isinstance(lr, Tensor) or lr.device != device else lr
+        torch._dynamo.mark_static_address(group["lr"])
 
 
 def adam_update_(opt: torch.optim.Optimizer, grads: list[Tensor], lr: Tensor | float | None = None) -> None:

@@ -111,18 +111,18 @@ class IDQL(IDQLModule):
         self._adam_state_ready = False
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.compile == "step":
-            if self.attached and (self.trainer.world_size > 1 or str(self.trainer.precision) == "16-mixed"):
+        super().setup(stage)  # the precision check; IDQL's compile: true (= losses) compiles both halves' losses
+        if stage != "fit":
+            return
+        if self.hparams.compile == "step":
+            if self.attached and self.trainer.world_size > 1:
                 raise ConfigError("compile: step takes its gradients outside Lightning's backward, so it runs on one"
-                                  " device in float32 or bf16-mixed: drop --model.compile step, or use 1 device and"
-                                  " --trainer.precision 32-true / bf16-mixed")
+                                  " device: drop --model.compile step, or use --trainer.devices 1")
             self.compile_iteration()
             return
-        super().setup(stage)  # IDQL's compile: true compiles both halves; each half's own option, that half
-        if stage == "fit":
-            for half in (self.critic, self.behavior):
-                if half.hparams.get("compile", False):
-                    half.compile_losses()
+        for half in (self.critic, self.behavior):  # each half's own compile option, that half
+            if half.hparams.get("compile", False):
+                half.compile_losses()
 
     def compile_iteration(self) -> None:
         """``compile: step``: the whole :meth:`iteration` (all behavior steps and the critic step, every agent)
@@ -198,6 +198,7 @@ class IDQL(IDQLModule):
             return None
         if self._lrs is None:
             self._lrs = lr_tensor([0.0] * self.hparams.actor_updates_per_step, self.device)
+            torch._dynamo.mark_static_address(self._lrs)  # one address for CUDA graphs to capture
         (base,), (multiplier,) = scheduler.base_lrs, scheduler.lr_lambdas
         for i in range(self.hparams.actor_updates_per_step):
             self._lrs[i].fill_(base * multiplier(scheduler.last_epoch + i))

@@ -12,9 +12,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from idql_pl.errors import CheckpointError, NonFiniteLossError
+from idql_pl.errors import CheckpointError, ConfigError, NonFiniteLossError
 from idql_pl.functional_step import LossCaller, functional_step_
 from idql_pl.nets import add_agent_dim, lacks_agent_dim
+from idql_pl.precision import precision_error
 from idql_pl.rng import (
     capture_rng_state,
     distributed_world,
@@ -142,7 +143,11 @@ class IDQLModule(L.LightningModule):
         raise NotImplementedError
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.get("compile", False):
+        if stage == "fit" and self.attached:
+            error = precision_error(self.trainer.precision)  # e.g. 16-mixed on a GPU (the CLI refuses it earlier)
+            if error:
+                raise ConfigError(error)
+        if stage == "fit" and self.hparams.get("compile", False) in (True, "losses"):
             self.compile_losses()
 
     def on_fit_start(self) -> None:

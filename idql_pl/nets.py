@@ -94,7 +94,8 @@ def build_agents(build: Callable[[int], Net], num_agents: int, seed: int | None 
     One agent: ``build(1)``, drawn from the global RNG as it stands (the ordinary single run). ``K > 1``: agent
     ``k``'s parameters are the ones ``build(1)`` draws right after ``torch.manual_seed(seed + k)`` (``seed``:
     ``torch.initial_seed()``, i.e. ``seed_everything``'s seed), so agent ``k`` starts exactly where a single run
-    seeded ``seed + k`` starts; the global RNG is left untouched. Every tensor of the state dict is the
+    seeded ``seed + k`` starts (networks are built on the CPU, from its generator); every generator, the CPU's
+    and each GPU's, is left untouched. Every tensor of the state dict is the
     concatenation of the agents' along dim 0 (agent-major: the twin Q's ``2K`` members are ``[K, 2]``).
     """
     if num_agents == 1:
@@ -104,7 +105,7 @@ def build_agents(build: Callable[[int], Net], num_agents: int, seed: int | None 
         net = build(num_agents)
         singles = []
         for k in range(num_agents):
-            torch.manual_seed(seed + k)
+            torch.default_generator.manual_seed(seed + k)  # not torch.manual_seed: it reseeds every GPU too
             singles.append(build(1).state_dict())
     net.load_state_dict({key: torch.cat([single[key] for single in singles]) for key in singles[0]})
     return net

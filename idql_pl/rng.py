@@ -30,12 +30,16 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
+    """Inverse of :func:`capture_rng_state`, restoring only what exists here: the saved CUDA generators of the
+    devices this process sees (a checkpoint from an 8-GPU node resumes on a 1-GPU machine, a CUDA one on a
+    CPU). Tensors may come on any device (``map_location``); generator states are read from CPU copies."""
     random.setstate((3, tuple(int(x) for x in state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(("MT19937", state["numpy"].cpu().numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"].cpu())
+    saved = state.get("cuda") or []
+    if saved and torch.cuda.is_available():
+        for device in range(min(len(saved), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(saved[device].cpu(), device)
 
 
 def distributed_world() -> tuple[int, int]:

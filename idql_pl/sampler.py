@@ -66,7 +66,8 @@ def extract_actions(
     Agent-batched: ``states [K, B, S]`` (or ``[B, S]``, the same states for every agent), candidates
     ``[K, B, N, A]``, each agent's own Q and V score its own candidates, output ``[K, B, A]``; ``loss_param`` a
     float or per-agent ``[K, 1]`` values. All agents x states x N candidates x T diffusion steps run as one
-    batch; the output is float32.
+    batch, under ``precision``'s autocast (bf16 on CUDA by default); the candidates are scored, and returned,
+    in float32.
 
     ``num_samples`` may be one count per agent (a sweep over N, paper App. D.2): all agents then draw
     ``max(N)`` candidates and agent ``k`` extracts from its first ``N_k`` (the others are masked out).
@@ -78,24 +79,24 @@ def extract_actions(
         num_samples = max(counts)
         if min(counts) < num_samples:  # [K, 1, N]: which of the max(N) candidates each agent keeps
             own_counts = torch.tensor(counts, device=states.device).view(-1, 1, 1)
-    with autocast_for(states.device, precision):
-        candidates = behavior.sample(states, num_samples, generator=generator)  # [K, B, N, A]
-        agents, batch, _, action_dim = candidates.shape
-        obs_dim = states.shape[-1]
-        states = states.expand(agents, batch, obs_dim)
-        flat_states = states.unsqueeze(2).expand(agents, batch, num_samples, obs_dim).reshape(agents, -1, obs_dim)
-        q = critic.q_target(flat_states, candidates.reshape(agents, -1, action_dim)).float()
-        q = q.view(agents, batch, num_samples)
-        dropped = None if own_counts is None else torch.arange(num_samples, device=states.device) >= own_counts
-        if extraction == "argmax":
-            index = (q if dropped is None else q.masked_fill(dropped, -torch.inf)).argmax(dim=-1)
-        else:
-            u = q - critic.v(states).float().unsqueeze(-1)
-            param = loss_param.view(-1, 1, 1) if isinstance(loss_param, Tensor) else loss_param
-            log_w = implicit_log_weights(u, value_loss, param)
-            log_w = log_w if dropped is None else log_w.masked_fill(dropped, -torch.inf)
-            probs = torch.softmax(log_w, dim=-1)  # w / sum(w), no overflow
-            index = torch.multinomial(probs.view(-1, num_samples), 1, generator=generator).view(agents, batch)
+    with autocast_for(states.device, precision):  # bf16 (on CUDA by default) for the T denoising passes only
+        candidates = behavior.sample(states, num_samples, generator=generator).float()  # [K, B, N, A]
+    # Candidates are scored in float32: at Q ~ 60 a bf16 step is 0.25-0.5, enough to change the argmax.
+    agents, batch, _, action_dim = candidates.shape
+    obs_dim = states.shape[-1]
+    states = states.expand(agents, batch, obs_dim)
+    flat_states = states.unsqueeze(2).expand(agents, batch, num_samples, obs_dim).reshape(agents, -1, obs_dim)
+    q = critic.q_target(flat_states, candidates.reshape(agents, -1, action_dim)).view(agents, batch, num_samples)
+    dropped = None if own_counts is None else torch.arange(num_samples, device=states.device) >= own_counts
+    if extraction == "argmax":
+        index = (q if dropped is None else q.masked_fill(dropped, -torch.inf)).argmax(dim=-1)
+    else:
+        u = q - critic.v(states).unsqueeze(-1)
+        param = loss_param.view(-1, 1, 1) if isinstance(loss_param, Tensor) else loss_param
+        log_w = implicit_log_weights(u, value_loss, param)
+        log_w = log_w if dropped is None else log_w.masked_fill(dropped, -torch.inf)
+        probs = torch.softmax(log_w, dim=-1)  # w / sum(w), no overflow
+        index = torch.multinomial(probs.view(-1, num_samples), 1, generator=generator).view(agents, batch)
     rows = candidates.reshape(agents * batch, num_samples, action_dim)
     picked = rows[torch.arange(agents * batch, device=states.device), index.reshape(-1)]
-    return picked.view(agents, batch, action_dim).float()
+    return picked.view(agents, batch, action_dim)

@@ -69,6 +69,11 @@ def test_unknown_dataset(capsys, run_root):
     _fails(capsys, run_root, *FIT_D4RL, "--data.dataset", "hopper-medum-v2", expect=("hopper-medum-v2",))
 
 
+def test_unknown_dataset_with_the_quickstart_config(capsys, run_root):
+    """The quickstart config sets dataset_size (a local-recipe option): the misspelt name is what the line says."""
+    _fails(capsys, run_root, *FIT, "--data.dataset", "no-such-dataset-v9", expect=("unknown dataset", "no-such-dataset-v9"))
+
+
 def test_dataset_unreachable_offline(capsys, run_root, monkeypatch):
     spec = registry.D4RL_DATASETS["hopper-medium-v2"]
     monkeypatch.setitem(registry.D4RL_DATASETS, "hopper-medium-v2",
@@ -122,6 +127,9 @@ def test_config_typo(capsys, run_root):
         (("--model.critic.batch_size", "-4"), ("batch_size", ">= 1")),
         (("--model.behavior.batch_size", "-1"), ("batch_size", ">= 1")),
         (("--eval.num_episodes", "0"), ("num_episodes", ">= 1")),
+        (("--trainer.max_steps", "-5"), ("max_steps", "positive")),
+        (("--trainer.precision", "16-mixed"), ("16-mixed", "bf16-mixed")),
+        (("--trainer.precision", "bf16-true"), ("bf16-true", "bf16-mixed")),
     ],
 )
 def test_invalid_hyperparameters(capsys, run_root, override, words):

@@ -233,3 +233,35 @@ def test_compile_step_under_fit_compiles_the_iteration(aot_eager, tmp_path) -> N
     state = torch.load(tmp_path / "s" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
     assert state["optimizer_states"][0]["state"][0]["step"] == 12  # 2 behavior steps per iteration
+
+
+def _static(t: torch.Tensor) -> bool:
+    return getattr(t, "_dynamo_static_input_type", None) is not None
+
+
+def test_compiled_optimizer_state_is_static_and_on_the_parameters_device() -> None:
+    """What CUDA graphs (``compile_mode: reduce-overhead``) need to capture the step instead of skipping it for
+    "mutated inputs": every tensor the functional Adam mutates (moments, step counts, LRs) and the behavior LRs
+    of an iteration are static inputs on the parameters' device, also after a resume, whose checkpoint brings
+    the LRs back as CPU tensors and the moments as new tensors. The "meta" device stands in for a GPU here."""
+    from idql_pl.functional_step import prepare_functional_adam
+
+    model, opts, scheduler = _tiny_idql(2)
+    for opt in opts:
+        prepare_functional_adam(opt)
+    lrs = model._actor_lrs(scheduler)
+    assert _static(lrs)
+    for opt in opts:
+        (group,) = opt.param_groups
+        assert _static(group["lr"]) and all(_static(t) for state in opt.state.values() for t in state.values())
+    saved = opts[1].state_dict()  # as a checkpoint holds it: the LR a tensor
+    assert isinstance(saved["param_groups"][0]["lr"], torch.Tensor)
+    on_meta = [p.detach().to("meta").requires_grad_() for p in opts[1].param_groups[0]["params"]]
+    resumed = torch.optim.Adam(on_meta, lr=1.0)
+    resumed.load_state_dict(saved)  # moments move to the parameters' device; the LR stays on the CPU
+    assert resumed.param_groups[0]["lr"].device.type == "cpu"
+    prepare_functional_adam(resumed)
+    (group,) = resumed.param_groups
+    assert group["lr"].device.type == "meta" and _static(group["lr"])
+    for state in resumed.state.values():
+        assert all(t.device.type == "meta" and _static(t) for t in state.values())

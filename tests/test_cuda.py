@@ -26,10 +26,20 @@ def _model_on(device: str, num_agents: int, compile_step: bool = False, mode: st
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_compiled_iteration_on_cuda_makes_no_host_sync(mode) -> None:
+def test_compiled_iteration_on_cuda_makes_no_host_sync(mode, monkeypatch) -> None:
     """After warm-up (compile, CUDA-graph capture), iterations run with ``torch.cuda.set_sync_debug_mode
-    ("error")``: any host sync inside the step (``.item()``, a blocking copy) raises."""
+    ("error")``: any host sync inside the step (``.item()``, a blocking copy) raises. With "reduce-overhead"
+    CUDA graphs are really captured and none is skipped (a skip raises: ``cudagraph_or_error``), also after the
+    optimizer states are reloaded from a CPU checkpoint, as a resume does."""
+    import io
+
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+    from torch._inductor import cudagraph_trees
+
     torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(inductor_config.triton, "cudagraph_or_error", True)
     model, opts, scheduler, buf = _model_on("cuda", 3, compile_step=True, mode=mode)
     for _ in range(3):
         model.train_iteration(buf, opts, scheduler)
@@ -41,6 +51,20 @@ def test_compiled_iteration_on_cuda_makes_no_host_sync(mode) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(v).all() for v in out.values())
+    for opt in opts:  # a resume: the states come back from a checkpoint loaded onto the CPU
+        saved = io.BytesIO()
+        torch.save(opt.state_dict(), saved)
+        saved.seek(0)
+        opt.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
+    model._adam_state_ready = False  # as in a fresh process: prepared again before the first compiled step
+    for _ in range(3):
+        out = model.train_iteration(buf, opts, scheduler)
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(v).all() for v in out.values())
+    if mode == "reduce-overhead":
+        manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+        assert manager is not None and sum(len(nodes) for nodes in manager.roots.values()) >= 1  # recorded
+        assert counters["inductor"]["cudagraph_skips"] == 0
     torch._dynamo.reset()
 
 
@@ -66,6 +90,16 @@ def test_cuda_critic_matches_cpu() -> None:
         gpu.critic.update(type(batch)(*(t.cuda() for t in batch)), *gpu_opts[1:])
     for (name, a), b in zip(cpu.critic.state_dict().items(), gpu.critic.state_dict().values()):
         assert torch.allclose(a, b.cpu(), rtol=1e-4, atol=1e-5), name
+
+
+def test_16_mixed_is_refused_on_cuda(tmp_path, capsys) -> None:
+    """float16 with loss scaling cannot run the plain optimizer steps of Algorithm 1: one line naming
+    bf16-mixed, exit 2, instead of "No inf checks were recorded" after the first step."""
+    code = run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
+                   "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "16-mixed",
+                   "--run_root", tmp_path, "--run_name", "fp16")
+    assert code == 2
+    assert "bf16-mixed" in capsys.readouterr().err
 
 
 def test_fit_on_cuda_with_compiled_step(tmp_path) -> None:

@@ -83,9 +83,23 @@ def test_malformed_minari_id():
         load_dataset("foo/bar")
 
 
-def test_dataset_size_only_for_local_recipes():
-    with pytest.raises(DatasetError, match="dataset_size only applies to local recipes"):
+def test_dataset_size_does_not_block_other_datasets(capsys, monkeypatch):
+    """A recipe-only option (the quickstart config sets dataset_size) is ignored, with a note, for a D4RL file:
+    the run goes on to load that file, here the canonical one, which is absent and unreachable offline."""
+    from idql_pl.data import d4rl
+
+    def no_download(*args, **kwargs):
+        raise DatasetError("offline")
+
+    monkeypatch.setattr(d4rl, "load_d4rl", no_download)
+    with pytest.raises(DatasetError, match="offline"):
         load_dataset("hopper-medium-v2", dataset_size=10)
+    assert "dataset_size 10 applies to local recipes only: ignored for 'hopper-medium-v2'" in capsys.readouterr().err
+
+
+def test_unknown_dataset_is_named_before_recipe_options():
+    with pytest.raises(DatasetError, match="unknown dataset 'no-such-dataset-v9'"):
+        load_dataset("no-such-dataset-v9", dataset_size=200_000)
 
 
 def test_missing_local_file(tmp_path):

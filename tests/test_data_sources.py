@@ -219,7 +219,8 @@ def test_state_dict_roundtrip_before_and_after_setup():
     dm.setup()
     dm.train_buffer.sample(3)
     state = dm.state_dict()
-    assert set(state) == {"train_generator", "train_seed"} and isinstance(state["train_generator"], torch.Tensor)
+    assert set(state) == {"train_buffer", "train_seed"}
+    assert isinstance(state["train_buffer"]["generator"], torch.Tensor)
     first = dm.train_buffer.sample(16).observations
     dm.load_state_dict(state)
     torch.testing.assert_close(dm.train_buffer.sample(16).observations, first)
@@ -290,7 +291,7 @@ def test_lightning_fit_validate_and_resume_draws(tmp_path):
     ckpt = tmp_path / "half.ckpt"
     trainer.save_checkpoint(ckpt)
     loaded = torch.load(ckpt, weights_only=True)
-    assert isinstance(loaded["OfflineDataModule"]["train_generator"], torch.Tensor)
+    assert isinstance(loaded["OfflineDataModule"]["train_buffer"]["generator"], torch.Tensor)
     resumed = _DrawModel()
     _trainer(tmp_path, 4).fit(
         resumed, datamodule=OfflineDataModule("local/pointmaze-umaze", dataset_size=POINTMAZE_SIZE, seed=11), ckpt_path=ckpt

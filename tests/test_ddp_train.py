@@ -44,5 +44,5 @@ def test_two_process_ddp_fit_resumes_exactly(tmp_path):
     rng = full["idql_rng_per_rank"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     data_state = next(v for k, v in full.items() if k.startswith("OfflineDataModule") or k == "datamodule_state_dict")
-    batches = data_state["train_generator_per_rank"]
+    batches = [rank["generator"] for rank in data_state["train_buffer_per_rank"]]
     assert len(batches) == 2 and not torch.equal(batches[0], batches[1])

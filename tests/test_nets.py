@@ -21,6 +21,7 @@ from idql_pl.nets import (
     Mish,
     MLPScoreNet,
     TwinQ,
+    build_agents,
     ema_update_,
     make_activation,
     strip_dropout_,
@@ -211,3 +212,22 @@ def test_agent_layers_equal_one_plain_layer_per_agent(K):
         assert check(lin(x)[k], plain(x[k]))
         assert check(norm(x)[k], plain_norm(x[k]))
         assert check(mlp(x)[k], single(x[k]))
+
+
+def test_build_agents_leaves_the_gpu_generators_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agent k's initialization draws from the CPU generator seeded ``seed + k``; the GPUs' generators (which
+    ``torch.manual_seed`` would reseed, and ``fork_rng(devices=[])`` would not restore) are not touched, and the
+    CPU generator is as before."""
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    torch.manual_seed(7)
+    reseeded.clear()
+    before = torch.get_rng_state()
+    net = build_agents(lambda k: AgentLinear(k, 3, 2), 2, seed=7)
+    assert reseeded == []
+    assert torch.equal(torch.get_rng_state(), before)
+    for k in range(2):
+        torch.manual_seed(7 + k)
+        single = AgentLinear(1, 3, 2)
+        assert torch.equal(net.weight[k], single.weight[0])

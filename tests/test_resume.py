@@ -34,12 +34,13 @@ def _assert_same(a, b, path=""):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize("compile_", ["false", "step"])
-def test_resumed_run_equals_uninterrupted(tmp_path, compile_, request):
-    """Eager, and with the whole iteration compiled (``compile: step``, aot_eager backend)."""
+@pytest.mark.parametrize(("compile_", "agents"), [("false", 1), ("step", 1), ("false", 2)])
+def test_resumed_run_equals_uninterrupted(tmp_path, compile_, agents, request):
+    """Eager, with the whole iteration compiled (``compile: step``, aot_eager backend), and with two agents
+    (each draws its batches from its own generator: all of them are restored)."""
     if compile_ == "step":
         request.getfixturevalue("aot_eager")
-    common = [*COMMON, "--model.compile", compile_]
+    common = [*COMMON, "--model.compile", compile_, "--model.num_agents", agents]
     assert run_cli(*common, "--trainer.max_steps", 2 * K, "--run_root", tmp_path, "--run_name", "straight") == 0
     assert run_cli(*common, "--trainer.max_steps", K, "--run_root", tmp_path, "--run_name", "split") == 0
     halfway = load_state(tmp_path / "split" / "last.ckpt")

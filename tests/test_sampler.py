@@ -57,3 +57,39 @@ def test_invalid_extraction_is_a_config_error():
         extract_actions(FixedCandidates(), QuadraticCritic(), torch.zeros(1, 1), 4, extraction="softmax")
     with pytest.raises(ConfigError, match="num_samples"):
         extract_actions(FixedCandidates(), QuadraticCritic(), torch.zeros(1, 1), 0)
+
+
+class NearSixty:
+    """Four candidates per state whose Q values, ``60 + a_0``, lie 0.07-0.2 apart: closer than bf16's
+    resolution at 60 (0.25), where Q values of locomotion critics live."""
+
+    CANDIDATES = (0.30, 0.20, 0.37, 0.10)  # the best: index 2 (Q 60.37)
+
+    def __init__(self) -> None:
+        self.q = torch.nn.Linear(2, 1)
+        with torch.no_grad():
+            self.q.weight.copy_(torch.tensor([[1.0, 0.0]]))
+            self.q.bias.fill_(60.0)
+
+    def sample(self, states, num_samples=4, generator=None):
+        cand = torch.zeros(1, states.shape[-2], num_samples, 2)
+        cand[..., 0] = torch.tensor(self.CANDIDATES)
+        return cand
+
+    def q_target(self, states, actions):
+        return self.q(actions).squeeze(-1)
+
+    def v(self, states):
+        return torch.full(states.shape[:-1], 60.0)
+
+
+def test_candidates_are_scored_in_float32_under_bf16_sampling():
+    """bf16 is for the behavior sampler only: Q values are computed in float32, so the argmax picks what it
+    picks in float32 (under bf16 scoring, 60.20 / 60.30 / 60.37 all round to 60.25 and index 0 would win)."""
+    model = NearSixty()
+    states = torch.zeros(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what bf16 scoring would compute
+        assert model.q_target(states, model.sample(states)).argmax(-1).unique().tolist() == [0]
+    for precision in ("32", "bf16"):
+        actions = extract_actions(model, model, states, num_samples=4, precision=precision)
+        assert torch.all(actions[..., 0] == torch.tensor(0.37)), precision

@@ -21,11 +21,18 @@ import numpy as np
 import torch
 
 from idql_pl.data.buffer import BufferStream, TransitionBuffer
-from idql_pl.data.preprocess import DEFAULT_ACTION_CLIP, DatasetInfo, RewardTransform, SourceData, finalize
+from idql_pl.data.preprocess import (
+    DEFAULT_ACTION_CLIP,
+    DatasetInfo,
+    RewardTransform,
+    SourceData,
+    finalize,
+    log,
+)
 from idql_pl.data.registry import D4RL_DATASETS, FAMILIES, LOCAL_RECIPES, check_env_id, get_d4rl_spec, suggest
 from idql_pl.envs import env_error
 from idql_pl.errors import DatasetError, EvalEnvError
-from idql_pl.rng import distributed_world, gather_from_ranks, own_rank_entry
+from idql_pl.rng import RANK_SEED_STRIDE, distributed_world, gather_from_ranks, own_rank_entry
 
 T = TypeVar("T")
 
@@ -66,22 +73,28 @@ def load_dataset(
 
     name = str(name).strip()
     given = _check_overrides(eval_env, eval_env_kwargs, ref_scores, family, max_episode_steps)
-    if dataset_size is not None and not name.startswith("local/"):
-        raise DatasetError(f"dataset_size only applies to local recipes ({', '.join(LOCAL_RECIPES)}), not '{name}'; drop it")
     if name.startswith("local/"):
         if name not in local.RECIPES:
             raise DatasetError(f"unknown local recipe '{name}'; available: {', '.join(local.RECIPES)}")
-        src = local.load_local(name, dataset_size)
+        kind = "local"
     elif name in D4RL_DATASETS or d4rl.is_hdf5_path(name):
-        src = d4rl.load_d4rl(name, max_episode_steps=max_episode_steps)
+        kind = "d4rl"
     elif minari_source.is_minari_id(name):
-        src = minari_source.load_minari(name)
+        kind = "minari"
     else:
         raise DatasetError(
             f"unknown dataset '{name}'.{suggest(name)} Use a D4RL name (e.g. hopper-medium-v2, antmaze-umaze-v2, "
             "maze2d-umaze-v1), a path to a D4RL .hdf5 file, a Minari id (e.g. D4RL/antmaze/umaze-v1) or "
             f"a local recipe ({', '.join(LOCAL_RECIPES)})"
         )
+    if dataset_size is not None and kind != "local":  # e.g. the quickstart config with another --data.dataset
+        log(f"dataset_size {dataset_size} applies to local recipes only: ignored for '{name}'")
+    if kind == "local":
+        src = local.load_local(name, dataset_size)
+    elif kind == "d4rl":
+        src = d4rl.load_d4rl(name, max_episode_steps=max_episode_steps)
+    else:
+        src = minari_source.load_minari(name)
     _apply_overrides(src, name, given)
     arrays, reward_fn = finalize(src, reward_transform, action_clip)
     return OfflineDataset(arrays, src.info, reward_fn, src.env_factory)
@@ -237,8 +250,8 @@ class OfflineDataModule(L.LightningDataModule):
         action_clip: actions are clipped to ``+-action_clip`` (IDQL_SPEC Sec. 5).
         val_fraction: fraction of transitions held out (random split by ``seed``); 0 trains on everything.
         dataset_size: size of a local recipe (default: the recipe's own default).
-        seed: sampling seed; ``None`` uses ``torch.initial_seed()`` (set by ``seed_everything``). The global
-            rank is added for the train buffer's generator.
+        seed: sampling seed; ``None`` uses ``torch.initial_seed()`` (set by ``seed_everything``). Rank ``r``
+            of a DDP run samples from ``seed + r * 1_000_003``, and agent ``k`` of a rank from that + ``k``.
         eval_env: evaluation env: a gymnasium id (``Hopper-v4``) or a D4RL dataset name whose evaluation env
             (and, where the dataset lacks them, reference scores, episode limit and family) to use. Default:
             inferred from D4RL's canonical names and file names, or a Minari dataset's recorded env.
@@ -312,7 +325,8 @@ class OfflineDataModule(L.LightningDataModule):
             val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
             self.val_buffer = TransitionBuffer({k: v[val_idx] for k, v in arrays.items()}, seed=(base + 1) % 2**63, device=device)
             arrays = {k: v[train_idx] for k, v in arrays.items()}
-        self.train_buffer = TransitionBuffer(arrays, seed=(base + rank) % 2**63, device=device)
+        # ranks (and, within a rank, agents: seed + k) draw uncorrelated streams
+        self.train_buffer = TransitionBuffer(arrays, seed=(base + rank * RANK_SEED_STRIDE) % 2**63, device=device)
         del arrays
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -333,15 +347,16 @@ class OfflineDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        """The sampling generators' states (tensors) so a resumed run draws the same batches."""
+        """The sampling generators' states (tensors), every agent's (``num_agents`` K > 1) and, under DDP,
+        every rank's, so a resumed run draws the same batches as the uninterrupted one."""
         if self.train_buffer is None:
             return self._pending_state or {}
-        state: dict[str, Any] = {"train_generator": self.train_buffer.generator.get_state(), "train_seed": int(self.train_buffer.seed)}
+        state: dict[str, Any] = {"train_buffer": self.train_buffer.state_dict(), "train_seed": int(self.train_buffer.seed)}
         if self.val_buffer is not None:
             state["val_generator"] = self.val_buffer.generator.get_state()
-        per_rank = gather_from_ranks(state["train_generator"])  # DDP: each rank samples its own batches
+        per_rank = gather_from_ranks(state["train_buffer"])  # DDP: each rank samples its own batches
         if len(per_rank) > 1:
-            state["train_generator_per_rank"] = per_rank
+            state["train_buffer_per_rank"] = per_rank
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -350,19 +365,21 @@ class OfflineDataModule(L.LightningDataModule):
         if self.train_buffer is None:  # restored before setup: apply once the buffers exist
             self._pending_state = dict(state_dict)
             return
-        own = own_rank_entry(state_dict.get("train_generator_per_rank"))
-        state_dict = dict(state_dict)
-        if own is not None:
-            state_dict["train_generator"] = own
-        elif distributed_world()[0] > 0:  # saved by a run of another world size: keep this rank's seeded stream
-            state_dict.pop("train_generator", None)
-        for key, buf in (("train_generator", self.train_buffer), ("val_generator", self.val_buffer)):
-            if buf is None or key not in state_dict:
+        train = own_rank_entry(state_dict.get("train_buffer_per_rank"))
+        if train is None and distributed_world()[0] == 0:  # rank 0, or one process: the saved (rank 0) streams
+            train = state_dict.get("train_buffer")
+        # else: saved by a run of another world size; this rank keeps its own seeded streams
+        restores = [(train, self.train_buffer.load_state_dict)]
+        if self.val_buffer is not None and "val_generator" in state_dict:
+            restores.append((state_dict["val_generator"], self.val_buffer.generator.set_state))
+        for saved, restore in restores:
+            if saved is None:
                 continue
             try:
-                buf.generator.set_state(state_dict[key])
+                restore(saved)
             except (RuntimeError, TypeError) as e:  # e.g. a CPU checkpoint resumed on CUDA
-                warnings.warn(f"could not restore the {key} state ({e}); sampling continues from the seed", stacklevel=2)
+                warnings.warn(f"could not restore a sampling generator ({e}); sampling continues from the seed",
+                              stacklevel=2)
 
     # ------------------------------------------------------------------ scores and envs
     def summary(self) -> str:
