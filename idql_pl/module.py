@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from idql_pl.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -56,7 +57,8 @@ class IDQLModule(L.LightningModule):
       one per rank under DDP, where each rank draws its own stream) and are refused when their obs/action
       dimensions differ from the data's.
     - Losses are checked for NaN/inf without a host sync per step: a device-side flag accumulates and is read
-      on logging steps and before every checkpoint save, so ``last.ckpt`` always holds a finite state.
+      on logging steps and before every checkpoint save, so ``last.ckpt`` always holds a finite state; under
+      DDP every rank reads all ranks' flags there and stops together.
     """
 
     automatic_optimization = False
@@ -184,12 +186,24 @@ class IDQLModule(L.LightningModule):
         return rates
 
     def raise_if_nonfinite(self) -> None:
-        """One host sync: stop the run, naming the loss and the first bad step, before anything is saved."""
-        if self._bad is None or not bool(self._bad.any()):
+        """Stop the run, naming the loss and the first bad step, before anything is saved. One host sync.
+
+        Under DDP the decision is collective: the flags and first bad steps of all ranks are combined by one
+        all-reduce (max of the flags and of minus the step), so every rank raises the same error at the same
+        point, even when only one rank saw a NaN in its batches (a rank raising alone would leave the others
+        waiting in their next collective). Every rank calls this at the same points (logging steps and
+        checkpoint saves) after the same training steps with the same metrics, so the all-reduce matches."""
+        if self._bad is None or self._bad_step is None:
+            return  # no losses tracked yet (on every rank: all run the same steps)
+        packed = torch.cat([self._bad.long(), -self._bad_step.reshape(1).long()])
+        if distributed_world()[1] > 1:
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        *flags, neg_step = packed.tolist()
+        names = [n for n, b in zip(self._metric_names, flags) if b]
+        if not names:
             return
-        names = [n for n, b in zip(self._metric_names, self._bad.tolist()) if b]
         raise NonFiniteLossError(
-            f"non-finite {', '.join(names)} at step {int(self._bad_step)}: training stopped and last.ckpt keeps the"
+            f"non-finite {', '.join(names)} at step {-neg_step}: training stopped and last.ckpt keeps the"
             " last finite state; check the dataset for NaN/inf (rewards, observations) or lower the learning rate"
         )
 

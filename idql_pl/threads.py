@@ -17,7 +17,8 @@ of intra-op threads is the number of CPUs this process may run on (``os.sched_ge
 cgroup cpuset or SLURM allocation counts, not the machine's cores) while no other process needs them, and
 fewer while others do: :class:`CpuShare` measures the CPU time other processes use, and the training loop
 (``idql_pl.callbacks.threads.ShareCpus``) sets ``torch.set_num_threads`` to the cores left over (at least 1).
-``OMP_NUM_THREADS`` or ``--threads N`` fix the count instead.
+``OMP_NUM_THREADS`` or ``--threads N`` fix the count instead. Under DDP the processes of one machine share its
+CPUs: each takes at most :func:`rank_share` of them (what Lightning's DDP launcher gives each rank).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class CpuShare:
 
     def __init__(self) -> None:
         self._last = self._sample()
+        #: cores this process used over the interval of the last :meth:`others` that returned a value
+        self.own: float | None = None
 
     @staticmethod
     def _sample() -> tuple[float, float, float] | None:
@@ -83,6 +86,7 @@ class CpuShare:
             return None
         (t0, busy0, own0), (t1, busy1, own1) = self._last, now
         self._last = now
+        self.own = max(0.0, (own1 - own0) / (t1 - t0))
         return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
 
 
@@ -90,6 +94,12 @@ def shared_threads(limit: int, others: float) -> int:
     """Threads to run with when other processes keep ``others`` cores busy: the cores of ``limit`` left over,
     at least 1 (others' use is rounded to whole cores: under half a core does not count)."""
     return max(1, min(limit, limit - math.floor(others + 0.5)))
+
+
+def rank_share(cpus: int, local_ranks: int) -> int:
+    """Threads of each of ``local_ranks`` processes (DDP ranks on one machine) sharing ``cpus`` CPUs: an equal
+    share, at least 1 (the count Lightning's DDP launcher sets, ``cpus // processes``)."""
+    return max(1, int(cpus) // max(1, int(local_ranks)))
 
 
 def available_cpus() -> int:
@@ -130,5 +140,5 @@ def apply_threads(requested: int | None = None) -> tuple[int, str]:
     return n, source
 
 
-__all__ = ["CpuShare", "apply_threads", "available_cpus", "intra_op_threads", "passive_openmp_wait", "shared_threads",
-           "wait_policy_text"]
+__all__ = ["CpuShare", "apply_threads", "available_cpus", "intra_op_threads", "passive_openmp_wait",
+           "rank_share", "shared_threads", "wait_policy_text"]

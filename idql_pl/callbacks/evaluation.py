@@ -14,7 +14,6 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torchmetrics.aggregation import CatMetric
 
 from idql_pl.errors import ConfigError
 from idql_pl.sampler import Extraction, autocast_for, check_extraction
@@ -88,14 +87,40 @@ def autocast_sample(behavior: Any, states: Tensor, generator: torch.Generator, p
         return behavior.sample(states, 1, generator=generator)[..., 0, :].float()
 
 
+def gather_episodes(strategy: Any, episodes: np.ndarray, returns: np.ndarray, lengths: np.ndarray, share: int,
+                    device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Every rank's episodes (a collective under DDP: every rank calls it, ``share`` the same on all of them).
+
+    Each rank sends one fixed-shape float64 tensor ``[share, 2 + 2K]`` (rows: valid flag, episode index, its
+    ``K`` returns, its ``K`` lengths; rows past its own episodes are padding with flag 0) through
+    ``strategy.all_gather``, so a rank with fewer episodes than the others, or none at all, sends the same
+    shape and dtype as every other rank. Returns the valid rows sorted by episode: indices ``[E]`` (int64),
+    returns and lengths ``[K, E]`` (float64), the same on every rank. ``returns``/``lengths`` are ``[K, n]``
+    with ``n = len(episodes) <= share``."""
+    agents, n = returns.shape[0], len(episodes)
+    if n > share:
+        raise ValueError(f"gather_episodes: {n} episodes on this rank, more than the share of {share}")
+    rows = torch.zeros((share, 2 + 2 * agents), dtype=torch.float64)
+    rows[:n, 0] = 1.0
+    rows[:n, 1] = torch.as_tensor(episodes, dtype=torch.float64)
+    rows[:n, 2 : 2 + agents] = torch.as_tensor(returns, dtype=torch.float64).reshape(agents, n).T
+    rows[:n, 2 + agents :] = torch.as_tensor(lengths, dtype=torch.float64).reshape(agents, n).T
+    gathered = strategy.all_gather(rows.to(device)).reshape(-1, rows.shape[1])  # [world * share, 2 + 2K]
+    valid = gathered[gathered[:, 0] > 0]
+    valid = valid[torch.argsort(valid[:, 1], stable=True)]
+    returns_, lengths_ = valid[:, 2 : 2 + agents].T.contiguous(), valid[:, 2 + agents :].T.contiguous()
+    return valid[:, 1].long(), returns_, lengths_
+
+
 class PolicyEvaluation(L.Callback):
     """Every ``every_n_steps`` (and at the last step, and on ``validate``), run ``num_episodes`` episodes.
 
     Episode ``i`` is seeded ``seed + i`` (the same episodes at every evaluation); diffusion noise comes from
     a generator seeded by the step, so evaluation never perturbs the training RNG. Under DDP rank ``r`` runs
-    episodes ``r, r + world, ...`` and torchmetrics gathers them, so the logged mean covers exactly
-    ``num_episodes``. Logs ``eval/return``, ``eval/normalized_score`` (0-100, the dataset's reference
-    scores), ``eval/episode_length``, ``perf/eval_env_steps_per_s``; writes ``eval_curve.png`` to the run dir (x axis:
+    episodes ``r, r + world, ...`` (none when ``num_episodes`` < world size) and :func:`gather_episodes`
+    collects every rank's, so the logged mean covers exactly ``num_episodes``, each episode once. Logs
+    ``eval/return``, ``eval/normalized_score`` (0-100, the dataset's reference scores),
+    ``eval/episode_length``, ``perf/eval_env_steps_per_s``; writes ``eval_curve.png`` to the run dir (x axis:
     the module's ``step_unit``). ``at_start`` also evaluates the starting weights as step 0.
 
     A model of K agents (``num_agents``) plays the same seeded episodes with every agent, all agents in one
@@ -198,10 +223,9 @@ class PolicyEvaluation(L.Callback):
         finally:
             pl_module.train(was_training)
         elapsed = time.perf_counter() - start
-        # Gathered episode-major ([episodes, K]), so ranks' episodes concatenate; then [K, episodes].
-        all_returns = self._gather(returns.T, device).view(-1, agents).T.contiguous()
-        all_lengths = self._gather(lengths.T.astype(np.float64), device).view(-1, agents).T.contiguous()
-        all_episodes = self._gather(np.asarray(seeds, dtype=np.float64) - self.seed, device)
+        share = -(-self.num_episodes // world)  # the most episodes any rank runs
+        all_episodes, all_returns, all_lengths = gather_episodes(
+            trainer.strategy, np.asarray(seeds, dtype=np.int64) - self.seed, returns, lengths, share, device)
         env_steps = float(all_lengths.sum())
         metrics = {
             "eval/return": float(all_returns.mean()),
@@ -227,12 +251,6 @@ class PolicyEvaluation(L.Callback):
         if trainer.is_global_zero:
             self._write_episodes(trainer, all_episodes, all_returns, all_lengths)
         return metrics
-
-    @staticmethod
-    def _gather(values: np.ndarray, device: torch.device) -> Tensor:
-        metric = CatMetric(nan_strategy="disable").to(device)
-        metric.update(torch.as_tensor(values, dtype=torch.float64, device=device))
-        return metric.compute().reshape(-1)
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float], log_to_module: bool,
                 agent_scores: list[float] | None = None) -> None:

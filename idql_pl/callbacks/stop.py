@@ -9,8 +9,13 @@ with 128 + the signal number (143 / 130), the status schedulers and shells expec
   SIGKILL then would leave the previous file whole. Repeats within a second of the first signal are the same
   request (a signal sent to both a process and its group, a double key press). A second signal later than that
   (say, during a long evaluation) stops at once without saving; the last periodic checkpoint is untouched.
-- DDP: the request is reduced over the ranks every step (any rank signalled stops all of them), every rank
-  takes part in the save and rank 0 writes the file.
+- DDP: any rank signalled stops all of them, at the same step: the request is reduced over the ranks (one
+  small all-reduce, a host sync) every ``check_every_n_steps`` training steps (default
+  :data:`CHECK_EVERY_N_STEPS`) and at ``max_steps``, not every step, so a step makes no host sync for it.
+  Steps, never wall time: every rank counts the same ``global_step``, so all take part in the same reductions
+  (a time-based check would let the ranks disagree on when to reduce and deadlock). The stop then comes at the
+  first such step after the signal; every rank takes part in the save and rank 0 writes the file. A single
+  process reads its own Python flag every step and stops after the current one (no tensor work at all).
 - Lightning's own SIGTERM handler would end ``fit`` with exit status 0 and no checkpoint; this callback's
   handlers replace it for SIGTERM and SIGINT once training starts. SIGUSR1 (Lightning's SLURM auto-requeue:
   save an ``hpc_ckpt`` and ``scontrol requeue``) is left to Lightning.
@@ -32,9 +37,13 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from idql_pl.checkpointing import write_in_progress
-from idql_pl.errors import CheckpointError
+from idql_pl.errors import CheckpointError, ConfigError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: DDP: training steps between two reductions of the stop request over the ranks (GracefulStop's default).
+#: A signal is acted on at most this many steps later: 0.6 s at 80 steps/s. Lower it when steps are slow and a
+#: scheduler kills soon after its SIGTERM (SLURM's KillWait: 30 s by default).
+CHECK_EVERY_N_STEPS = 50
 
 
 class Stopped(BaseException):
@@ -177,11 +186,18 @@ def step_label(pl_module: L.LightningModule) -> str:
 
 
 class GracefulStop(Callback):
-    """Acts on a recorded SIGTERM/SIGINT at the end of a training step (see the module docstring)."""
+    """Acts on a recorded SIGTERM/SIGINT at the end of a training step (see the module docstring).
 
-    def __init__(self, stop: StopController | None = None, resume_hint: str = "--ckpt_path last") -> None:
+    ``check_every_n_steps`` (DDP only): the request is reduced over the ranks at steps that are a multiple of
+    it and at ``max_steps``; a single process checks every step (no reduction)."""
+
+    def __init__(self, stop: StopController | None = None, resume_hint: str = "--ckpt_path last",
+                 check_every_n_steps: int = CHECK_EVERY_N_STEPS) -> None:
+        if int(check_every_n_steps) < 1:
+            raise ConfigError(f"GracefulStop: check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.stop = stop or controller
         self.resume_hint = resume_hint
+        self.check_every_n_steps = int(check_every_n_steps)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.stop.step_label = step_label(pl_module)
@@ -193,7 +209,9 @@ class GracefulStop(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self.stop.step = trainer.global_step
         signum = self.stop.requested or 0
-        if trainer.world_size > 1:  # any rank signalled stops every rank, at the same step
+        if trainer.world_size > 1:  # any rank signalled stops every rank, at the same (step-based) check
+            if not self.reduces_at(trainer.global_step, trainer.max_steps):
+                return
             signum = int(trainer.strategy.reduce(torch.tensor(signum, device=trainer.strategy.root_device),
                                                  reduce_op="max"))
         if not signum:
@@ -208,6 +226,10 @@ class GracefulStop(Callback):
                           resume_hint=self.resume_hint, detail=str(err)) from None
         raise Stopped(signum, step=trainer.global_step, saved=True, path=path, step_label=label,
                       resume_hint=self.resume_hint)
+
+    def reduces_at(self, step: int, max_steps: int = -1) -> bool:
+        """Whether DDP ranks reduce the stop request after training step ``step`` (the same on every rank)."""
+        return step % self.check_every_n_steps == 0 or 0 < max_steps <= step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.stop.phase = "done"
@@ -224,4 +246,5 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
     return Path(folder) / f"{name}{ModelCheckpoint.FILE_EXTENSION}"
 
 
-__all__ = ["GracefulStop", "StopController", "Stopped", "controller", "last_checkpoint_path", "step_label"]
+__all__ = ["CHECK_EVERY_N_STEPS", "GracefulStop", "StopController", "Stopped", "controller",
+           "last_checkpoint_path", "step_label"]

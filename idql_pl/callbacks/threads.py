@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from idql_pl.threads import CpuShare, shared_threads
+from idql_pl.threads import CpuShare, rank_share, shared_threads
 
 
 class ShareCpus(L.Callback):
@@ -18,14 +18,32 @@ class ShareCpus(L.Callback):
     ``torch.set_num_threads`` takes effect) set the thread count to :func:`~idql_pl.threads.shared_threads` of
     ``max_threads`` and the cores other processes used since the last check. One line when the count changes.
     Added by the CLI when the thread count comes from the CPU affinity (not from ``--threads``/``OMP_NUM_THREADS``).
+
+    Under DDP the ``L`` ranks on this machine (``trainer.num_devices``) share its ``max_threads`` CPUs: each
+    rank is capped at :func:`~idql_pl.threads.rank_share` of them from the start of training (the share
+    Lightning's DDP launcher gives each rank) and never grows beyond it. The CPU time of the other ranks is
+    not another process's load: they run the same steps in lockstep, so each is taken to use what this rank
+    uses, and only the rest of the machine's load counts, split evenly among the ``L`` ranks.
     """
 
     def __init__(self, max_threads: int, interval_s: float = 2.0):
         self.max_threads, self.interval_s = max(1, int(max_threads)), float(interval_s)
         self._share: CpuShare | None = None
         self._next = 0.0
+        self.local_ranks = 1  # processes of this run on this machine (DDP local world size)
+        self.limit = self.max_threads  # the most threads this process takes
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ddp = int(getattr(trainer, "world_size", 1) or 1) > 1
+        self.local_ranks = max(1, int(getattr(trainer, "num_devices", 1) or 1)) if ddp else 1
+        self.limit = rank_share(self.max_threads, self.local_ranks)
+        if self.local_ranks > 1:
+            if torch.get_num_threads() != self.limit:
+                torch.set_num_threads(self.limit)
+            plural = "s" if self.limit != 1 else ""
+            rank_zero_info(f"[idql_pl] DDP: {self.limit} CPU thread{plural} per process"
+                           f" ({self.max_threads} CPUs / {self.local_ranks} processes on this machine; fewer"
+                           " while other processes use the cores; --threads N fixes the count)")
         self._share, self._next = CpuShare(), time.monotonic() + self.interval_s
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -35,7 +53,11 @@ class ShareCpus(L.Callback):
         others = self._share.others()
         if others is None:
             return
-        target = shared_threads(self.max_threads, others)
+        per_rank = others
+        if self.local_ranks > 1:  # the other ranks of this run are not other processes' load
+            others = max(0.0, others - (self.local_ranks - 1) * (self._share.own or 0.0))
+            per_rank = others / self.local_ranks
+        target = shared_threads(self.limit, per_rank)
         current = torch.get_num_threads()
         if target != current:
             torch.set_num_threads(target)
@@ -44,6 +66,6 @@ class ShareCpus(L.Callback):
                            f" {reason} (--threads N fixes the count)")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if torch.get_num_threads() != self.max_threads:
-            torch.set_num_threads(self.max_threads)  # evaluation after fit, and the caller, get them all back
+        if torch.get_num_threads() != self.limit:
+            torch.set_num_threads(self.limit)  # evaluation after fit, and the caller: this process's share
         self._share = None
