@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench soak gpu-check gpu-wheels clean
+.PHONY: install demo test test-all lint bench soak gpu-check gpu-check-plan gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -36,18 +36,30 @@ lint: install
 bench: install
 	$(BIN)/python -m idql_pl.benchmark --json benchmark.json
 
-# On a CUDA machine (torch + Lightning present, maybe no simulators/W&B, no internet): CUDA tests, a 2-minute
-# fit, the benchmark at K = 1 and 10 with compile on/off; missing packages come from wheels/ (make gpu-wheels).
+# On a CUDA machine (torch, Lightning and the scientific stack present, no internet): ONE command, at most
+# 8 minutes (`make gpu-check-plan`: each step's limit); missing packages come from wheels/ (make gpu-wheels).
+# The one JSON goes to $(OUT)/gpu_check.json. See docs/gpu.md.
+OUT ?= gpu_check
 gpu-check:
-	$(PY) -m idql_pl.gpu_check --out gpu_check --wheels wheels
+	$(PY) -m idql_pl.gpu_check --out $(OUT) --wheels wheels
 
-# On a networked machine: the wheels of everything but torch/lightning, for a GPU machine's Python (GPU_PY).
-GPU_PY ?= 3.11
+gpu-check-plan:
+	@$(PY) -m idql_pl.gpu_check --plan
+
+# On a networked machine: the wheels the GPU check installs (CPython 3.12, manylinux x86_64), each runtime
+# dependency named and pinned (--no-deps; idql_pl/gpu_check.py's WHEELS, which tests/test_gpu_check.py
+# compares with this list). No torch, Lightning, W&B, rliable or submitit: the check does not need them.
+GPU_PY ?= 3.12
+GPU_WHEELS := gymnasium==1.4.0 gymnasium-robotics==1.4.2 mujoco==4.0.1 mujoco-core==4.0.1 minari==0.5.4 \
+	pettingzoo==1.27.0 imageio==2.38.2 glfw==2.11.0 cloudpickle==3.1.3 farama-notifications==0.0.6 \
+	jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 typing-extensions==4.16.0
 gpu-wheels:
-	$(PY) -m pip download -q -d wheels --only-binary=:all: --python-version $(GPU_PY) --platform manylinux2014_x86_64 \
-		--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-		gymnasium gymnasium-robotics minari mujoco wandb "jsonargparse[signatures]" h5py matplotlib torchmetrics \
-		pytest pytest-timeout PyYAML
+	rm -rf wheels
+	$(PY) -m pip download -q -d wheels --only-binary=:all: --no-deps --python-version $(GPU_PY) \
+		--implementation cp --abi cp$(subst .,,$(GPU_PY)) --platform manylinux2014_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 \
+		--platform any $(GPU_WHEELS)
+	du -sh wheels
 
 soak: install
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow -q -s tests/test_soak.py

@@ -14,6 +14,8 @@ One run measures (warm-up, then the median over ``--repeats`` timed blocks, comp
 - peak RSS when loading a 1M-transition dataset into the buffer (in a fresh subprocess);
 - with ``--compile``: ``compile: true`` (the losses through ``torch.compile``) against eager, actor and critic,
   and ``compile: step`` (the whole joint step one graph) against eager for each K of ``--agents`` (default 1);
+  ``--compile step``: just the latter; ``--compile_mode`` (e.g. ``reduce-overhead``: CUDA graphs) as
+  ``--model.compile_mode`` passes it;
 - with ``--agents 1,8``: per-agent throughput of the critic, actor and joint steps of ``num_agents = K`` models
   (K agents per step, paper-size networks, each agent on its own batch) against the first K, interleaved, in
   float32 and under bf16 autocast, each beside the most batching agents can give (the K = 1 step's fixed cost,
@@ -22,7 +24,8 @@ One run measures (warm-up, then the median over ``--repeats`` timed blocks, comp
 Every figure runs the project's own functions; there is no second implementation to compare against. Large
 tensors come from glibc's reused heap, as in the CLI's runs (``idql_pl/allocator.py``).
 ``--only critic,actor,...`` runs just those sections (after the ceiling and the dataset); ``--only agents``
-just the many-agents section.
+just the many-agents section. ``--precisions f32`` (or ``bf16``) limits the many-agents and ``compile: step``
+sections to that precision (default both).
 
 FLOPs are counted analytically from the layer shapes (matmuls only; a training step is ~3x the forward).
 ``--tiny`` runs everything in seconds with small sizes (for the test suite). On a shared machine the figures
@@ -55,6 +58,7 @@ from idql_pl.allocator import reuse_large_blocks
 from idql_pl.sampler import autocast_for
 
 DATASET = "local/pointmaze-umaze"
+PRECISIONS = ("f32", "bf16")  # float32, and bf16 autocast (--trainer.precision bf16-mixed)
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -242,13 +246,15 @@ def load_datamodule(s: Sizes, device: torch.device) -> Any:
 class Bench:
     """Runs every measurement and collects :class:`Figure` rows."""
 
-    def __init__(self, sizes: Sizes, repeats: int, device: torch.device, log: Callable[[str], None] = print):
+    def __init__(self, sizes: Sizes, repeats: int, device: torch.device, log: Callable[[str], None] = print,
+                 precisions: Sequence[str] = PRECISIONS, compile_mode: str | None = None):
         self.s, self.repeats, self.device, self.log = sizes, repeats, device, log
         self.figures: dict[str, Figure] = {}
         self.gflops = self._gflops_now = float("nan")  # the first ceiling; the one measured with the current figure
         self.dm: Any = None
         self.obs_dim = self.action_dim = 0
         self.agent_counts: list[int] = [1, 8]
+        self.precision_names, self.compile_mode = tuple(precisions), compile_mode
 
     def add(self, fig: Figure) -> Figure:
         if fig.reference_what == "FLOP ceiling" and fig.ceiling_gflops is None:
@@ -313,8 +319,10 @@ class Bench:
         return run
 
     def precisions(self) -> list[tuple[str, Callable[[Callable[[], Any]], Callable[[], Any]], str]]:
-        """(label, wrapper, figure-name suffix) of float32 (``fn`` as it is) and bf16 autocast (:meth:`bf16`)."""
-        return [("f32", lambda fn: fn, ""), ("bf16 autocast", self.bf16, "_bf16")]
+        """(label, wrapper, figure-name suffix) of float32 (``fn`` as it is) and bf16 autocast (:meth:`bf16`),
+        those of ``--precisions``."""
+        both = {"f32": ("f32", lambda fn: fn, ""), "bf16": ("bf16 autocast", self.bf16, "_bf16")}
+        return [both[name] for name in PRECISIONS if name in self.precision_names]
 
     def step_figures(self, name: str, label: str, step: Callable[[], Any], flops: float, per_call: int = 1,
                      unit: str = "steps/s") -> float:
@@ -425,6 +433,7 @@ class Bench:
         actor_opt, sched = behavior.make_optimizer(10**7)
         v_opt, q_opt = critic.configure_optimizers()
         if compile_step:
+            model.hparams.compile_mode = self.compile_mode  # as --model.compile_mode sets it
             model.compile_iteration()
 
         def critic_step() -> None:
@@ -485,10 +494,12 @@ class Bench:
         timed interleaved; the first two compiled calls (the compile) untimed."""
         flops = 2 * actor_step_flops(self.obs_dim, self.action_dim, self.s) + critic_step_flops(
             self.obs_dim, self.action_dim, self.s.critic_hidden, self.s.critic_batch)
+        mode = f" ({self.compile_mode})" if self.compile_mode else ""
         for k in self.agent_counts or [1]:
             for precision, wrap, suffix in self.precisions():
                 self.compile_figure(
-                    f"joint_step_compile_step_K{k}{suffix}", f"joint step, compile: step, K={k}, {precision}",
+                    f"joint_step_compile_step_K{k}{suffix}",
+                    f"joint step, compile: step{mode}, K={k}, {precision}",
                     lambda k=k, wrap=wrap: (wrap(self.agent_step("joint", k)),
                                             wrap(self.agent_step("joint", k, compile_step=True))),
                     k * flops, f"eager joint step, K={k}, {precision}")
@@ -710,18 +721,22 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 SECTIONS = ("critic", "actor", "joint", "sampling", "sampler", "evaluation", "memory")
+COMPILE_CHOICES = ("all", "step")  # --compile: both compile sections; --compile step: the whole joint step
 
 
-def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = False,
+def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool | str = False,
         log: Callable[[str], None] = print, only: Sequence[str] | None = None,
-        agents: Sequence[int] | None = None) -> dict[str, Any]:
+        agents: Sequence[int] | None = None, precisions: Sequence[str] = PRECISIONS,
+        compile_mode: str | None = None) -> dict[str, Any]:
     """Every measurement in order (``only``: just these of :data:`SECTIONS`, after the matmul ceiling and the
-    dataset, which the others need; ``agents``: also the many-agents section for these K); returns the
-    JSON-able report."""
+    dataset, which the others need; ``agents``: also the many-agents section for these K; ``do_compile``: True
+    or "all" adds both compile sections, "step" the whole-joint-step one; ``precisions``: of the many-agents
+    and ``compile: step`` sections; ``compile_mode``: ``torch.compile``'s mode for ``compile: step``); returns
+    the JSON-able report."""
     torch.manual_seed(0)
     malloc = reuse_large_blocks()  # as the CLI's runs do (idql_pl/allocator.py)
     log(f"[bench] memory: {malloc}")
-    bench = Bench(sizes, repeats, device, log)
+    bench = Bench(sizes, repeats, device, log, precisions, compile_mode)
     if agents:
         bench.agent_counts = list(agents)
     load_before = _loadavg()
@@ -736,8 +751,9 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = Fal
     steps += [(title, fn) for (title, fn), key in zip(sections, SECTIONS, strict=True) if only is None or key in only]
     if agents:
         steps.append(("many agents per process", bench.agents))
-    if do_compile:
+    if do_compile and do_compile != "step":
         steps.append(("torch.compile", bench.compiled))
+    if do_compile:
         steps.append(("torch.compile, whole joint step", bench.compiled_joint))
     contention: dict[str, float] = {}
     for title, step in steps:
@@ -760,7 +776,8 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool = Fal
     return {
         "machine": machine,
         "settings": {"repeats": repeats, "sizes": asdict(sizes), "dataset": DATASET, "obs_dim": bench.obs_dim,
-                     "action_dim": bench.action_dim},
+                     "action_dim": bench.action_dim, "compile": do_compile, "compile_mode": compile_mode,
+                     "precisions": list(bench.precision_names)},
         "elapsed_s": time.perf_counter() - t0,
         "figures": {f.name: asdict(f) for f in figures},
         "table": table,
@@ -782,7 +799,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--tiny", action="store_true", help="small sizes, seconds in all (for tests)")
     parser.add_argument("--repeats", type=int, default=None, help="timed blocks per figure (median; default 5)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile on/off (actor, critic)")
+    parser.add_argument("--compile", nargs="?", const="all", default=None, choices=COMPILE_CHOICES,
+                        help="also time torch.compile on/off: compile: true (actor, critic) and compile: step"
+                             " (the whole joint step, each K of --agents); --compile step: only the latter")
+    parser.add_argument("--compile_mode", default=None,
+                        help="torch.compile mode of compile: step, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--precisions", metavar="LIST", default=",".join(PRECISIONS),
+                        help="precisions of the many-agents and compile: step sections (default f32,bf16)")
     parser.add_argument("--only", metavar="LIST", default=None,
                         help=f"comma-separated sections to run ({','.join(SECTIONS)}); default: all")
     parser.add_argument("--agents", metavar="LIST", default=None,
@@ -791,6 +814,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="network and batch sizes: the paper's (default) or configs/quickstart.yaml's")
     parser.add_argument("--dataset_size", type=int, default=None,
                         help="transitions of the local/pointmaze-umaze buffer (default 1M; generated on first use)")
+    parser.add_argument("--block_s", type=float, default=None,
+                        help="seconds of one timed block (default 1.0; less suits fast steps, e.g. a GPU's)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--_memory-probe", dest="memory_probe", type=int, default=None, help=argparse.SUPPRESS)
@@ -808,6 +833,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dataset_size < 1:
             parser.error("--dataset_size must be >= 1")
         sizes.dataset_size = args.dataset_size
+    if args.block_s is not None:
+        if not args.block_s > 0:
+            parser.error("--block_s must be > 0")
+        sizes.block_s = args.block_s
     repeats = args.repeats or (2 if args.tiny else 5)
     if repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -824,7 +853,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--agents: a comma-separated list of integers, e.g. 1,8 (got {args.agents!r})")
     if agents is not None and (not agents or min(agents) < 1):
         parser.error("--agents: agent counts must be >= 1")
-    report = run(sizes, repeats, device, args.compile, only=only, agents=agents)
+    precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+    if not precisions or set(precisions) - set(PRECISIONS):
+        parser.error(f"--precisions: a comma-separated subset of {','.join(PRECISIONS)} "
+                     f"(got {args.precisions!r})")
+    report = run(sizes, repeats, device, args.compile or False, only=only, agents=agents,
+                 precisions=precisions, compile_mode=args.compile_mode)
     m = report["machine"]
     print(f"\nIDQL benchmark on {m['device']} ({m['torch_threads']} threads, torch {m['torch']}), "
           f"{report['elapsed_s']:.0f} s, load average {m['loadavg_1m_before']:.2f} -> {m['loadavg_1m_after']:.2f}\n")
