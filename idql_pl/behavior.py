@@ -21,6 +21,7 @@ from idql_pl.diffusion import (
     reverse_sample,
 )
 from idql_pl.errors import ConfigError
+from idql_pl.iteration import IDQLOptimizers, algorithm1_iteration
 from idql_pl.module import IDQLModule, make_adam
 from idql_pl.nets import (
     ACTIVATIONS,
@@ -55,16 +56,16 @@ class DiffusionBehavior(IDQLModule):
 
     Defaults are the paper's (App. E, G): T 5, vp schedule, LN-ResNet 256/1024 x 3 blocks, dropout 0.1, mish,
     AdamW lr 3e-4 with cosine decay to 0 and weight decay 0, batch 1024, EMA 0.001, actions clipped to +-1.
-    ``compile``: run the training loss through ``torch.compile`` under ``fit`` (``python -m idql_pl.benchmark
-    --compile`` measures whether it pays).
+    Its part of Algorithm 1 (:func:`~idql_pl.iteration.algorithm1_iteration`): a step on :meth:`loss`, then
+    :meth:`ema_update`. Trained alone (``--model idql_pl.DiffusionBehavior``, i.e. diffusion behavior cloning), a
+    training step is Algorithm 1 without the critic, and ``compile: true`` compiles it.
 
     ``num_agents`` (K) independent behavior models train as one: every Dense of the score network (and of its
     EMA copy) is agent-batched (:class:`~idql_pl.nets.AgentLinear`, one batched matmul for all agents), batches
     are ``[K, B, ...]`` (agent ``k``'s own rows; a ``[B, ...]`` batch is shared), the loss is the sum over agents
     of each agent's Eq. 4 loss, and :meth:`sample` returns ``[K, B, N, A]``. Dropout and diffusion noise are
     drawn for all agents at once (one ``[K, ...]`` tensor from the global RNG), so agent ``k``'s noise is not a
-    single run's noise; its initialization is (``seed + k``, :func:`~idql_pl.nets.build_agents`). ``K = 1`` is
-    the single run, bit for bit.
+    single run's noise; its initialization is (``seed + k``, :func:`~idql_pl.nets.build_agents`).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class DiffusionBehavior(IDQLModule):
         batch_size: int = 1024,
         clip_actions: float = 1.0,
         compile: bool = False,  # noqa: A002 - the option's name on the command line
+        compile_mode: str | None = None,
         num_agents: int = 1,
     ):
         super().__init__()
@@ -136,7 +138,6 @@ class DiffusionBehavior(IDQLModule):
         # The EMA copy has its dropout removed, so it computes the eval-mode network whatever mode Lightning
         # sets (no train/eval juggling, no "modules in eval mode" warning); same parameters and state_dict keys.
         self.ema_net = strip_dropout_(copy.deepcopy(self.net).requires_grad_(False))
-        self.train_loss = self.loss  # torch.compile(self.loss) with ``compile``; validation stays eager
 
     # ------------------------------------------------------------------------------------ utilities
     @property
@@ -155,20 +156,6 @@ class DiffusionBehavior(IDQLModule):
         batch = batch.for_agents(self.num_agents)
         state_proj = net.project_state(batch.observations)
         return ddpm_loss(lambda x, k: net.forward_parts(x, state_proj, net.project_time(k)), self.schedule, batch.actions, generator)
-
-    def _compile_losses(self) -> None:
-        self.train_loss = torch.compile(self.loss)
-
-    def update(self, batch: Batch, opt: torch.optim.Optimizer, scheduler: LambdaLR | None,
-               lr: Tensor | None = None) -> dict[str, Tensor]:
-        """One behavior step of Algorithm 1: an AdamW step on the Eq. 4 loss (dropout active under ``fit``), the
-        cosine LR step, the EMA update. Returns detached scalars, no host sync: ``{"loss"}`` (mean over agents).
-        ``lr`` (``compile: step``): this step's learning rate, the caller then steps the schedule."""
-        loss = self.gradient_step(opt, self.train_loss, batch, lr=lr)
-        if scheduler is not None:
-            scheduler.step()
-        self.ema_update()
-        return {"loss": loss.detach() / self.num_agents}
 
     def ema_update(self) -> None:
         """``ema <- (1 - ema_rate) ema + ema_rate online`` for all parameters in one foreach op."""
@@ -201,12 +188,19 @@ class DiffusionBehavior(IDQLModule):
         opt, sched = self.make_optimizer(total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def update(self, batch: Batch, opt: torch.optim.Optimizer, scheduler: LambdaLR | None) -> dict[str, Tensor]:
+        """Algorithm 1 without the critic: one behavior step on ``batch`` (Eq. 4 at the schedule's LR, then the
+        EMA), eager or compiled (:meth:`~idql_pl.module.IDQLModule.run`); returns ``train/behavior/loss``."""
+        metrics = self.run(algorithm1_iteration, self, None, [batch], None, IDQLOptimizers(opt, None, None),
+                           self.scheduled_lrs(scheduler, 1))
+        self.advance(scheduler, 1)
+        return metrics
+
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
-        """One actor step on ``batch_size`` rows (``global_step`` counts actor steps)."""
+        """:meth:`update` on ``batch_size`` rows per agent."""
         (opt,) = self.plain_optimizers()
-        out = self.update(buffer.sample(self.hparams.batch_size, self.num_agents), opt, self.lr_schedulers())
-        self.track_losses({f"train/behavior/{k}": v for k, v in out.items()})
-        self.count_step()
+        self.track_losses(self.update(buffer.sample(self.hparams.batch_size, self.num_agents), opt, self.lr_schedulers()))
+        self.count_step()  # Lightning's global_step + 1: one behavior (actor) step
 
     @torch.no_grad()
     def validation_losses(self, buffer: TransitionBuffer) -> dict[str, Tensor]:

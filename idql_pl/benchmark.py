@@ -12,9 +12,9 @@ One run measures (warm-up, then the median over ``--repeats`` timed blocks, comp
 - the extraction sampler (10 states x N=128 x T=5) vs the ceiling, and under bf16 (``--eval.precision bf16``);
 - evaluation env-steps/s (10 vector envs, the IDQL policy) vs the sampler-bound rate;
 - peak RSS when loading a 1M-transition dataset into the buffer (in a fresh subprocess);
-- with ``--compile``: ``compile: true`` (the losses through ``torch.compile``) against eager, actor and critic,
-  and ``compile: step`` (the whole joint step one graph) against eager for each K of ``--agents`` (default 1);
-  ``--compile step``: just the latter; ``--compile_mode`` (e.g. ``reduce-overhead``: CUDA graphs) as
+- with ``--compile``: ``compile: true`` (a training step as one ``torch.compile`` graph) against eager, for the
+  actor and the critic trained alone and for the whole joint step at each K of ``--agents`` (default 1);
+  ``--compile joint``: just the joint step; ``--compile_mode`` (e.g. ``reduce-overhead``: CUDA graphs) as
   ``--model.compile_mode`` passes it;
 - with ``--agents 1,8``: per-agent throughput of the critic, actor and joint steps of ``num_agents = K`` models
   (K agents per step, paper-size networks, each agent on its own batch) against the first K, interleaved, in
@@ -24,7 +24,7 @@ One run measures (warm-up, then the median over ``--repeats`` timed blocks, comp
 Every figure runs the project's own functions; there is no second implementation to compare against. Large
 tensors come from glibc's reused heap, as in the CLI's runs (``idql_pl/allocator.py``).
 ``--only critic,actor,...`` runs just those sections (after the ceiling and the dataset); ``--only agents``
-just the many-agents section. ``--precisions f32`` (or ``bf16``) limits the many-agents and ``compile: step``
+just the many-agents section. ``--precisions f32`` (or ``bf16``) limits the many-agents and ``compile: true``
 sections to that precision (default both).
 
 FLOPs are counted analytically from the layer shapes (matmuls only; a training step is ~3x the forward).
@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from idql_pl.allocator import reuse_large_blocks
+from idql_pl.iteration import IDQLOptimizers
 from idql_pl.sampler import autocast_for
 
 DATASET = "local/pointmaze-umaze"
@@ -383,10 +384,10 @@ class Bench:
             # bare loop: IDQL.training_step's updates, called directly
             model = make_idql(self.obs_dim, self.action_dim, s).to(self.device).train()
             actor_opt, sched = model.behavior.make_optimizer(10**7)
-            v_opt, q_opt = model.critic.configure_optimizers()
+            opts = IDQLOptimizers(actor_opt, *model.critic.configure_optimizers())
 
-            def bare_step(model: Any = model, opts: Any = (actor_opt, v_opt, q_opt), sched: Any = sched) -> None:
-                model.train_iteration(buf, list(opts), sched)
+            def bare_step(model: Any = model, opts: IDQLOptimizers = opts, sched: Any = sched) -> None:
+                model.update(buf, opts, sched)
 
             for _ in range(w):
                 bare_step()
@@ -421,20 +422,20 @@ class Bench:
         self._joint_step_s = statistics.median(bare_s)
 
     # ---------------------------------------------------------------- many agents per process
-    def agent_step(self, kind: str, num_agents: int, compile_step: bool = False,
+    def agent_step(self, kind: str, num_agents: int, compiled: bool = False,
                    sizes: Sizes | None = None) -> Callable[[], Any]:
-        """One ``kind`` step ("critic", "actor", "joint": 2 actor + 1 critic, ``IDQL.train_iteration`` as
+        """One ``kind`` step ("critic", "actor", "joint": 2 actor + 1 critic, ``IDQL.update`` as
         ``training_step`` runs it) of a model of ``num_agents`` agents, each agent on its own batch
-        (``sample(B, K)``); ``compile_step``: the joint step as ``compile: step`` compiles it; ``sizes``: other
+        (``sample(B, K)``); ``compiled``: the joint step as ``compile: true`` compiles it; ``sizes``: other
         batch sizes (default: the run's)."""
         s, buf, k = sizes or self.s, self.dm.train_buffer, num_agents
         model = make_idql(self.obs_dim, self.action_dim, s, num_agents=k).to(self.device).train()
         behavior, critic = model.behavior, model.critic
         actor_opt, sched = behavior.make_optimizer(10**7)
         v_opt, q_opt = critic.configure_optimizers()
-        if compile_step:
+        if compiled:
             model.hparams.compile_mode = self.compile_mode  # as --model.compile_mode sets it
-            model.compile_iteration()
+            model.compile_training()
 
         def critic_step() -> None:
             critic.update(buf.sample(s.critic_batch, k), v_opt, q_opt)
@@ -443,7 +444,7 @@ class Bench:
             behavior.update(buf.sample(s.actor_batch, k), actor_opt, sched)
 
         def joint_step() -> None:
-            model.train_iteration(buf, [actor_opt, v_opt, q_opt], sched)
+            model.update(buf, IDQLOptimizers(actor_opt, v_opt, q_opt), sched)
 
         return {"critic": critic_step, "actor": actor_step, "joint": joint_step}[kind]
 
@@ -489,7 +490,7 @@ class Bench:
                                          "(the step at batch 2)", samples=bounds))
 
     def compiled_joint(self) -> None:
-        """The joint step with ``compile: step`` (the whole iteration one graph) against eager, for each ``K``
+        """The joint step with ``compile: true`` (the whole iteration one graph) against eager, for each ``K``
         in ``--agents`` (default 1), in float32 and under bf16 autocast (``--trainer.precision bf16-mixed``),
         timed interleaved; the first two compiled calls (the compile) untimed."""
         flops = 2 * actor_step_flops(self.obs_dim, self.action_dim, self.s) + critic_step_flops(
@@ -498,10 +499,10 @@ class Bench:
         for k in self.agent_counts or [1]:
             for precision, wrap, suffix in self.precisions():
                 self.compile_figure(
-                    f"joint_step_compile_step_K{k}{suffix}",
-                    f"joint step, compile: step{mode}, K={k}, {precision}",
+                    f"joint_step_compiled_K{k}{suffix}",
+                    f"joint step, compile: true{mode}, K={k}, {precision}",
                     lambda k=k, wrap=wrap: (wrap(self.agent_step("joint", k)),
-                                            wrap(self.agent_step("joint", k, compile_step=True))),
+                                            wrap(self.agent_step("joint", k, compiled=True))),
                     k * flops, f"eager joint step, K={k}, {precision}")
 
     def compile_figure(self, name: str, label: str, make: Callable[[], tuple[Callable[[], Any], Callable[[], Any]]],
@@ -621,7 +622,7 @@ class Bench:
                 v_opt, q_opt = m.configure_optimizers()
                 fn = functools.partial(lambda m, v, q: m.update(buf.sample(s.critic_batch), v, q), m, v_opt, q_opt)
             if compile_:
-                m.compile_losses()  # what compile: true does under fit
+                m.compile_training()  # what compile: true does under fit
             return fn
 
         for kind in ("actor", "critic"):
@@ -721,7 +722,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 SECTIONS = ("critic", "actor", "joint", "sampling", "sampler", "evaluation", "memory")
-COMPILE_CHOICES = ("all", "step")  # --compile: both compile sections; --compile step: the whole joint step
+COMPILE_CHOICES = ("all", "joint")  # --compile: both compile sections; --compile joint: the whole joint step
 
 
 def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool | str = False,
@@ -730,8 +731,8 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool | str
         compile_mode: str | None = None) -> dict[str, Any]:
     """Every measurement in order (``only``: just these of :data:`SECTIONS`, after the matmul ceiling and the
     dataset, which the others need; ``agents``: also the many-agents section for these K; ``do_compile``: True
-    or "all" adds both compile sections, "step" the whole-joint-step one; ``precisions``: of the many-agents
-    and ``compile: step`` sections; ``compile_mode``: ``torch.compile``'s mode for ``compile: step``); returns
+    or "all" adds both compile sections, "joint" the whole-joint-step one; ``precisions``: of the many-agents
+    and ``compile: true`` sections; ``compile_mode``: ``torch.compile``'s mode for ``compile: true``); returns
     the JSON-able report."""
     torch.manual_seed(0)
     malloc = reuse_large_blocks()  # as the CLI's runs do (idql_pl/allocator.py)
@@ -751,7 +752,7 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool | str
     steps += [(title, fn) for (title, fn), key in zip(sections, SECTIONS, strict=True) if only is None or key in only]
     if agents:
         steps.append(("many agents per process", bench.agents))
-    if do_compile and do_compile != "step":
+    if do_compile and do_compile != "joint":
         steps.append(("torch.compile", bench.compiled))
     if do_compile:
         steps.append(("torch.compile, whole joint step", bench.compiled_joint))
@@ -800,12 +801,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small sizes, seconds in all (for tests)")
     parser.add_argument("--repeats", type=int, default=None, help="timed blocks per figure (median; default 5)")
     parser.add_argument("--compile", nargs="?", const="all", default=None, choices=COMPILE_CHOICES,
-                        help="also time torch.compile on/off: compile: true (actor, critic) and compile: step"
-                             " (the whole joint step, each K of --agents); --compile step: only the latter")
+                        help="also time compile: true against eager: the actor and critic steps alone and the whole"
+                             " joint step (each K of --agents); --compile joint: only the joint step")
     parser.add_argument("--compile_mode", default=None,
-                        help="torch.compile mode of compile: step, e.g. reduce-overhead (CUDA graphs)")
+                        help="torch.compile mode of compile: true, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--precisions", metavar="LIST", default=",".join(PRECISIONS),
-                        help="precisions of the many-agents and compile: step sections (default f32,bf16)")
+                        help="precisions of the many-agents and compile: true sections (default f32,bf16)")
     parser.add_argument("--only", metavar="LIST", default=None,
                         help=f"comma-separated sections to run ({','.join(SECTIONS)}); default: all")
     parser.add_argument("--agents", metavar="LIST", default=None,

@@ -17,7 +17,6 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
 from idql_pl.errors import CheckpointError
-from idql_pl.nets import add_agent_dim
 
 
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -195,7 +194,6 @@ def load_submodule_state(module: nn.Module, path: str | os.PathLike, prefix: str
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     own = module.state_dict()
-    add_agent_dim(state, own)  # a checkpoint written before networks had an agent dimension
     missing = sorted(set(own) - set(state))
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or mismatched:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
+from idql_pl.iteration import IDQLOptimizers, algorithm1_iteration
 from idql_pl.losses import ValueLossKind, check_value_loss, implicit_weights, value_loss
 from idql_pl.module import IDQLModule, make_adam
 from idql_pl.nets import AgentMLP, TwinQ, build_agents, ema_update_, per_agent
@@ -19,11 +20,12 @@ from idql_pl.nets import AgentMLP, TwinQ, build_agents, ema_update_, per_agent
 class ImplicitCritic(IDQLModule):
     """Twin Q (+ Polyak target) and V trained with the generalized implicit Q-learning objective.
 
-    One :meth:`update` = V step (Eq. 1 / 10 / 11 on ``u = min(Q1_t, Q2_t)(s, a) - V(s)``), then Q step (Eq. 2,
-    ``y = r + gamma mask V(s')`` with the just-updated V), then the target update (IDQL_SPEC Sec. 1).
-    ``value_loss``: "expectile" (``tau``), "quantile" (``tau``) or "exponential" (``alpha``, guarded with
-    ``exp_clip``). Adam, constant ``lr``, no weight decay or gradient clipping. ``compile``: run both losses
-    through ``torch.compile`` under ``fit`` (``python -m idql_pl.benchmark --compile`` measures whether it pays).
+    Its part of Algorithm 1 (:func:`~idql_pl.iteration.algorithm1_iteration`): a V step on :meth:`v_loss` (Eq. 1
+    / 10 / 11 on ``u = min(Q1_t, Q2_t)(s, a) - V(s)``), a Q step on :meth:`q_loss` (Eq. 2, ``y = r + gamma
+    mask V(s')`` with the just-updated V), then :meth:`target_update`. ``value_loss``: "expectile" (``tau``), "quantile" (``tau``) or "exponential" (``alpha``, guarded with
+    ``exp_clip``). Adam, constant ``lr``, no weight decay or gradient clipping. Trained alone (``--model
+    idql_pl.ImplicitCritic``), a training step is Algorithm 1 without the behavior steps, and ``compile: true``
+    compiles it (:meth:`~idql_pl.module.IDQLModule.compile_training`, ``compile_mode`` passed on).
 
     ``num_agents`` (K) independent critics train as one model: V is K members, the twin Q and its target
     ``K x 2`` (:class:`~idql_pl.nets.TwinQ`), all updated by one batched step. Batches are ``[K, B, ...]`` (agent
@@ -31,7 +33,7 @@ class ImplicitCritic(IDQLModule):
     ``[K, B]``, and each loss is the sum over agents of each agent's mean loss, so each agent gets its own
     gradient and (Adam being elementwise) its own Adam step. ``tau``/``alpha`` may be a list of K values (a
     hyperparameter sweep in one process). Agent ``k`` is initialized as a single run seeded ``seed + k``
-    (:func:`~idql_pl.nets.build_agents`); ``K = 1`` is the single run, bit for bit.
+    (:func:`~idql_pl.nets.build_agents`).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class ImplicitCritic(IDQLModule):
         lr: float = 3e-4,
         batch_size: int = 256,
         compile: bool = False,  # noqa: A002 - the option's name on the command line
+        compile_mode: str | None = None,
         num_agents: int = 1,
     ):
         super().__init__()
@@ -80,9 +83,7 @@ class ImplicitCritic(IDQLModule):
         self.q_net = nets["q"]
         self.q_target_net = copy.deepcopy(self.q_net).requires_grad_(False)
         self.v_net = nets["v"]
-        # One value shared by all agents stays a Python float (the single run's arithmetic); K values a [K, 1]
-        # column that broadcasts over each agent's rows (a buffer, derived from hparams, so not saved).
-        self._shared_param: float | None = params[0] if len(set(params)) == 1 else None
+        # tau (or alpha) per agent, a [K, 1] column broadcasting over each agent's rows (derived from hparams)
         self.register_buffer("_agent_params", torch.tensor(params).unsqueeze(1), persistent=False)
 
     # ------------------------------------------------------------------------------------- properties
@@ -91,10 +92,9 @@ class ImplicitCritic(IDQLModule):
         return int(self.hparams.get("num_agents", 1))
 
     @property
-    def loss_param(self) -> float | Tensor:
-        """The value loss's parameter: ``alpha`` for "exponential", ``tau`` otherwise; a float, or a ``[K, 1]``
-        tensor when the agents' values differ."""
-        return self._agent_params if self._shared_param is None else self._shared_param
+    def loss_param(self) -> Tensor:
+        """The value loss's parameter of each agent: ``alpha`` for "exponential", ``tau`` otherwise, ``[K, 1]``."""
+        return self._agent_params
 
     def loss_param_of(self, agent: int) -> float:
         """Agent ``agent``'s value-loss parameter as a float."""
@@ -143,36 +143,9 @@ class ImplicitCritic(IDQLModule):
         qs = self.q_net(batch.observations, batch.actions)  # [K, 2, B]
         return (qs - y.unsqueeze(1)).square().mean(dim=(1, 2)).sum(), qs
 
-    def _compile_losses(self) -> None:
-        self.v_loss = torch.compile(self.v_loss)
-        self.q_loss = torch.compile(self.q_loss)
-
-    # ----------------------------------------------------------------------- Algorithm 1's critic updates
-    def value_step(self, batch: Batch, v_opt: torch.optim.Optimizer) -> tuple[Tensor, Tensor, Tensor]:
-        """One Adam step of V on the value loss; returns (loss, u, V(s))."""
-        return self.gradient_step(v_opt, self.v_loss, batch)
-
-    def q_step(self, batch: Batch, q_opt: torch.optim.Optimizer) -> tuple[Tensor, Tensor]:
-        """One Adam step of both Q nets on the Q loss (its target uses the V just updated); returns (loss, Qs)."""
-        return self.gradient_step(q_opt, self.q_loss, batch)
-
     def target_update(self) -> None:
-        """Polyak update ``Q_target <- (1 - rate) Q_target + rate Q`` (IDQL_SPEC Sec. 1), one foreach op."""
+        """Polyak update ``Q_target <- (1 - rate) Q_target + rate Q`` (paper Alg. 1, rate 0.005), one foreach op."""
         ema_update_(self.q_target_net.parameters(), self.q_net.parameters(), self.hparams.target_update_rate)
-
-    def update(self, batch: Batch, v_opt: torch.optim.Optimizer, q_opt: torch.optim.Optimizer) -> dict[str, Tensor]:
-        """One critic step of Algorithm 1 in the spec's order: V, then Q (with the new V), then the target.
-        Returns detached scalars, means over agents (no host sync): q_loss, v_loss, q_mean, v_mean, abs_u_mean."""
-        v_loss, u, v = self.value_step(batch, v_opt)
-        q_loss, qs = self.q_step(batch, q_opt)
-        self.target_update()
-        return {
-            "q_loss": q_loss.detach() / self.num_agents,
-            "v_loss": v_loss.detach() / self.num_agents,
-            "q_mean": qs.detach().mean(),
-            "v_mean": v.detach().mean(),
-            "abs_u_mean": u.detach().abs().mean(),
-        }
 
     # ------------------------------------------------------------------------------------- Lightning
     def updates_per_step(self) -> dict[str, int]:
@@ -184,12 +157,15 @@ class ImplicitCritic(IDQLModule):
         lr = self.hparams.lr
         return [make_adam(list(self.v_net.parameters()), lr), make_adam(list(self.q_net.parameters()), lr)]
 
+    def update(self, batch: Batch, v_opt: torch.optim.Optimizer, q_opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+        """Algorithm 1 without the behavior steps (V, Q with the new V, target) on ``batch``, eager or compiled
+        (:meth:`~idql_pl.module.IDQLModule.run`); returns the detached ``train/critic/*`` metrics."""
+        return self.run(algorithm1_iteration, None, self, [], batch, IDQLOptimizers(None, v_opt, q_opt), [])
+
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
-        """One critic step on ``batch_size`` rows (``global_step`` counts critic steps)."""
-        v_opt, q_opt = self.plain_optimizers()
-        out = self.update(buffer.sample(self.hparams.batch_size, self.num_agents), v_opt, q_opt)
-        self.track_losses({f"train/critic/{k}": v for k, v in out.items()})
-        self.count_step()
+        """:meth:`update` on ``batch_size`` rows per agent."""
+        self.track_losses(self.update(buffer.sample(self.hparams.batch_size, self.num_agents), *self.plain_optimizers()))
+        self.count_step()  # Lightning's global_step + 1: one critic step
 
     @torch.no_grad()
     def validation_losses(self, buffer: TransitionBuffer) -> dict[str, Tensor]:

@@ -59,7 +59,7 @@ def bandit_buffer(actions: Tensor, rewards: Tensor, seed: int = 0) -> Transition
 
 
 def train_critic(buffer: TransitionBuffer, steps: int, **critic_kwargs: Any) -> ImplicitCritic:
-    """``steps`` :meth:`ImplicitCritic.update` calls on batches of the critic's ``batch_size``."""
+    """``steps`` critic steps (:meth:`ImplicitCritic.update`) on batches of the critic's ``batch_size``."""
     critic = ImplicitCritic(buffer.obs_dim, buffer.action_dim, **critic_kwargs)
     v_opt, q_opt = critic.configure_optimizers()
     for _ in range(steps):
@@ -68,7 +68,7 @@ def train_critic(buffer: TransitionBuffer, steps: int, **critic_kwargs: Any) -> 
 
 
 def train_behavior(buffer: TransitionBuffer, steps: int, **behavior_kwargs: Any) -> DiffusionBehavior:
-    """``steps`` :meth:`DiffusionBehavior.update` calls (dropout on, cosine LR over ``steps``, EMA)."""
+    """``steps`` behavior steps (:meth:`DiffusionBehavior.update`: dropout on, cosine LR over ``steps``, EMA)."""
     model = DiffusionBehavior(buffer.obs_dim, buffer.action_dim, **behavior_kwargs)
     opt, sched = model.make_optimizer(steps)
     model.train()

@@ -12,8 +12,8 @@ and no internet. Its steps, each a subprocess killed at its own time limit (the 
 3. ``cuda_tests``: ``tests/test_cuda.py``, its pass/fail/skip counts; a skipped CUDA test on a machine with
    CUDA fails the check;
 4. ``functional_step_tests``: the tests that pin this torch's functional Adam and ``torch.func`` gradients
-   (``compile: step``'s update) to the eager step, bit for bit (CPU, eager: seconds);
-5. ``fit`` and 6. ``resume``: a quickstart-sized fit on the GPU (bf16-mixed, ``compile: step`` with CUDA
+   (``compile: true``'s update) to the eager step, bit for bit (CPU, eager: seconds);
+5. ``fit`` and 6. ``resume``: a quickstart-sized fit on the GPU (bf16-mixed, ``compile: true`` with CUDA
    graphs) through evaluations and checkpoints, then ``--ckpt_path last`` to more steps;
 7. ``benchmark``: ``python -m idql_pl.benchmark`` at K = 1 and K = 10, the joint step compiled and eager.
 
@@ -256,7 +256,7 @@ def plan(work: Path, python: str = sys.executable, wheel_files: Sequence[Path] =
             python, "-m", "idql_pl", "fit", "--config", "configs/quickstart.yaml",
             "--data.dataset", "local/pointmaze-umaze", "--data.dataset_size", str(sizes.dataset_size),
             "--trainer.accelerator", accelerator, "--trainer.devices", "1",
-            *(["--trainer.precision", "bf16-mixed", "--model.compile", "step",
+            *(["--trainer.precision", "bf16-mixed", "--model.compile", "true",
                "--model.compile_mode", "reduce-overhead"] if gpu else []),
             "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", every,
             "--trainer.log_every_n_steps", str(sizes.log_every_n_steps),
@@ -266,10 +266,10 @@ def plan(work: Path, python: str = sys.executable, wheel_files: Sequence[Path] =
             "--run_root", str(runs), "--run_name", "quickstart", *extra,
         ]
 
-    # the many-agents section (eager) and compile: step at K = 1 and 10, float32 only: two compiles in all
+    # the many-agents section (eager) and compile: true at K = 1 and 10, float32 only: two compiles in all
     bench = [
         python, "-m", "idql_pl.benchmark", "--device", "cuda" if gpu else "cpu", "--agents", "1,10",
-        "--only", "agents", "--compile", "step", *(["--compile_mode", "reduce-overhead"] if gpu else []),
+        "--only", "agents", "--compile", "joint", *(["--compile_mode", "reduce-overhead"] if gpu else []),
         "--precisions", "f32", "--repeats", "3", "--block_s", "0.25",
         "--dataset_size", str(sizes.dataset_size), "--json", str(work / "benchmark.json"),
     ]
@@ -286,11 +286,11 @@ def plan(work: Path, python: str = sys.executable, wheel_files: Sequence[Path] =
              "this torch's functional Adam and torch.func gradients == the eager step, bit for bit (CPU)"),
         Step("fit", 110, fit(sizes.max_steps),
              f"quickstart-sized fit to step {sizes.max_steps}"
-             + (": bf16-mixed, compile: step (reduce-overhead)" if gpu else " on the CPU")
+             + (": bf16-mixed, compile: true (reduce-overhead)" if gpu else " on the CPU")
              + f", evaluations and checkpoints every {sizes.every_n_steps} steps"),
         Step("resume", 50, fit(sizes.resume_max_steps, "--ckpt_path", "last"),
              f"--ckpt_path last to step {sizes.resume_max_steps}", needs=("fit",)),
-        Step("benchmark", 100, bench, "joint step at K = 1 and K = 10 (per agent), compile: step on and off"),
+        Step("benchmark", 100, bench, "joint step at K = 1 and K = 10 (per agent), compile: true on and off"),
     ]
 
 
@@ -427,10 +427,10 @@ def fit_summary(run_dir: Path, fit_steps: int) -> dict[str, Any]:
 
 def benchmark_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     """The benchmark's joint-step figures: steps/s at K = 1 and per agent at each K, eager and
-    ``compile: step``, per precision (``joint_step_compile_step_K<k>``: value compiled, reference eager)."""
+    ``compile: true``, per precision (``joint_step_compiled_K<k>``: value compiled, reference eager)."""
     out: dict[str, Any] = {}
     for name, fig in report.get("figures", {}).items():
-        m = re.fullmatch(r"joint_step_compile_step_K(\d+)(_bf16)?", name)
+        m = re.fullmatch(r"joint_step_compiled_K(\d+)(_bf16)?", name)
         if not m:
             continue
         k, precision = int(m.group(1)), "bf16" if m.group(2) else "f32"

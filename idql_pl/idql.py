@@ -2,46 +2,24 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LRScheduler
 
 from idql_pl.behavior import DiffusionBehavior
 from idql_pl.checkpointing import load_submodule_state
 from idql_pl.critic import ImplicitCritic
-from idql_pl.data.buffer import Batch, TransitionBuffer
+from idql_pl.data.buffer import TransitionBuffer
 from idql_pl.errors import ConfigError
-from idql_pl.functional_step import lr_tensor, prepare_functional_adam
+from idql_pl.iteration import IDQLOptimizers, algorithm1_iteration
 from idql_pl.module import IDQLModule
 from idql_pl.sampler import Extraction, check_extraction, extract_actions
 
 CriticFactory = Callable[[int, int], ImplicitCritic]
 BehaviorFactory = Callable[[int, int], DiffusionBehavior]
-
-
-def algorithm1_iteration(behavior: DiffusionBehavior, critic: ImplicitCritic, actor_batches: list[Batch],
-                         critic_batch: Batch | None, opts: list[torch.optim.Optimizer],
-                         scheduler: LambdaLR | None = None, actor_lrs: Tensor | None = None) -> dict[str, Tensor]:
-    """Algorithm 1, one iteration: a behavior step (Eq. 4, then the EMA) per actor batch, then the critic step
-    (V, then Q with the new V, then the target) on ``critic_batch`` (IDQL_SPEC Sec. 1, 3, 6). ``opts``: the
-    behavior optimizer (when ``actor_batches``), then V's and Q's. ``actor_lrs`` (``compile: step``): the
-    behavior steps' learning rates, in place of ``scheduler``. Offline IDQL and online finetuning both run it.
-    Returns the detached metrics (no host sync)."""
-    opts = list(opts)
-    metrics: dict[str, Tensor] = {}
-    if actor_batches:
-        actor_opt = opts.pop(0)
-        for i, batch in enumerate(actor_batches):
-            out = behavior.update(batch, actor_opt, scheduler, lr=None if actor_lrs is None else actor_lrs[i])
-        metrics.update({f"train/behavior/{k}": v for k, v in out.items()})
-    if critic_batch is not None:
-        out = critic.update(critic_batch, *opts)
-        metrics.update({f"train/critic/{k}": v for k, v in out.items()})
-    return metrics
 
 
 class IDQL(IDQLModule):
@@ -56,16 +34,15 @@ class IDQL(IDQLModule):
     ``critic``/``behavior`` are injected from the config (``class_path`` + ``init_args``, without the
     dimensions, which come from the data). ``behavior_ckpt``/``critic_ckpt`` load a pretrained half (from a
     standalone or a joint checkpoint); ``freeze_*`` then stops training it, so a sweep over tau reuses one
-    diffusion model. ``compile: true`` (or ``losses``, or either half's own ``compile``) runs the training
-    losses through ``torch.compile`` under ``fit``; ``compile: step`` compiles the whole iteration (every
-    behavior step and the critic step) into one graph (:meth:`compile_iteration`), with ``compile_mode`` passed
-    to ``torch.compile`` ("reduce-overhead": CUDA graphs on a GPU).
+    diffusion model. ``compile: true`` compiles the whole iteration (every behavior step and the critic step,
+    every agent) into one graph (:meth:`~idql_pl.module.IDQLModule.compile_training`), with ``compile_mode``
+    passed to ``torch.compile`` ("reduce-overhead": CUDA graphs on a GPU); the halves' own ``compile`` options
+    apply only when a half is trained alone.
 
     ``num_agents`` (K, default 1): K independent IDQL agents trained as one model (``--model.num_agents 3``
     trains seeds ``seed .. seed + 2`` in one process). It is passed to both halves (a half's own
     ``num_agents`` is overridden); every iteration draws ``[K, B, ...]`` batches, agent ``k``'s rows from its
     own generator (``TransitionBuffer.sample(B, K)``), and :meth:`act` acts for all agents: ``[K, B, A]``.
-    ``K = 1`` is the single run, bit for bit.
     """
 
     def __init__(
@@ -81,14 +58,12 @@ class IDQL(IDQLModule):
         freeze_behavior: bool = False,
         critic_ckpt: str | None = None,
         freeze_critic: bool = False,
-        compile: bool | Literal["losses", "step"] = False,  # noqa: A002 - the option's name on the command line
+        compile: bool = False,  # noqa: A002 - the option's name on the command line
         compile_mode: str | None = None,
         num_agents: int = 1,
     ):
         super().__init__()
         check_extraction(extraction, num_samples, num_agents)
-        if compile not in (False, True, "losses", "step"):
-            raise ConfigError(f"compile must be false, true (= losses) or step (got {compile!r})")
         if not isinstance(num_agents, int) or num_agents < 1:
             raise ConfigError(f"num_agents must be an integer >= 1 (got {num_agents!r})")
         if actor_updates_per_step < 0:
@@ -106,38 +81,6 @@ class IDQL(IDQLModule):
         self.train_critic = not freeze_critic
         for module, trained in ((self.behavior, self.train_behavior), (self.critic, self.train_critic)):
             module.requires_grad_(trained)
-        self._compiled_iteration: Callable[..., dict[str, Tensor]] | None = None
-        self._lrs: Tensor | None = None  # compile: step's behavior LRs of one iteration
-        self._adam_state_ready = False
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)  # the precision check; IDQL's compile: true (= losses) compiles both halves' losses
-        if stage != "fit":
-            return
-        if self.hparams.compile == "step":
-            if self.attached and self.trainer.world_size > 1:
-                raise ConfigError("compile: step takes its gradients outside Lightning's backward, so it runs on one"
-                                  " device: drop --model.compile step, or use --trainer.devices 1")
-            self.compile_iteration()
-            return
-        for half in (self.critic, self.behavior):  # each half's own compile option, that half
-            if half.hparams.get("compile", False):
-                half.compile_losses()
-
-    def compile_iteration(self) -> None:
-        """``compile: step``: the whole :meth:`iteration` (all behavior steps and the critic step, every agent)
-        as one ``torch.compile(fullgraph=True)`` graph: gradients by ``torch.func``, Adam by its functional form
-        on the optimizers' own state (:mod:`idql_pl.functional_step`). Idempotent."""
-        if self._compiled_iteration is not None:
-            return
-        self.critic.use_functional_steps("v_loss", "q_loss")
-        self.behavior.use_functional_steps("loss")
-        self._compiled_iteration = torch.compile(self.iteration, fullgraph=True, dynamic=False,  # shapes are fixed
-                                                 mode=self.hparams.compile_mode)
-
-    def _compile_losses(self) -> None:
-        self.critic.compile_losses()
-        self.behavior.compile_losses()
 
     @property
     def num_agents(self) -> int:
@@ -148,6 +91,8 @@ class IDQL(IDQLModule):
 
     # ----------------------------------------------------------------------------------------- optim
     def configure_optimizers(self) -> Any:
+        """The behavior's AdamW with its cosine schedule over ``actor_updates_per_step * max_steps`` actor steps
+        (when it trains), then the critic's V and Q Adams (when it trains)."""
         optimizers, schedulers = [], []
         if self.train_behavior:
             total = self.behavior.hparams.lr_decay_steps or max(1, self.trainer.max_steps) * self.hparams.actor_updates_per_step
@@ -158,51 +103,33 @@ class IDQL(IDQLModule):
             optimizers.extend(self.critic.configure_optimizers())
         return optimizers, schedulers
 
+    def named_optimizers(self) -> IDQLOptimizers:
+        """``configure_optimizers``' optimizers, named for what they step."""
+        opts = self.plain_optimizers()
+        behavior = opts.pop(0) if self.train_behavior else None
+        value, q = opts if self.train_critic else (None, None)
+        return IDQLOptimizers(behavior, value, q)
+
     # -------------------------------------------------------------------------------------- training
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
-        """One iteration of Algorithm 1 for every agent (:meth:`train_iteration`), its losses tracked."""
-        opts = self.plain_optimizers()
-        self.track_losses(self.train_iteration(buffer, opts, self.lr_schedulers() if self.train_behavior else None))
-        self.count_step()
+        """One iteration of Algorithm 1 for every agent (:meth:`update`)."""
+        self.track_losses(self.update(buffer, self.named_optimizers(),
+                                      self.lr_schedulers() if self.train_behavior else None))
+        self.count_step()  # Lightning's global_step + 1: one iteration, i.e. one critic step
 
-    def train_iteration(self, buffer: TransitionBuffer, opts: list[torch.optim.Optimizer],
-                        scheduler: LambdaLR | None) -> dict[str, Tensor]:
-        """Draw this iteration's ``[K, B, ...]`` batches by index, then run :meth:`iteration` on them, compiled
-        after :meth:`compile_iteration`, eager otherwise. Returns the detached metrics."""
-        agents, hp = self.num_agents, self.hparams
-        actor_batches = [buffer.sample(self.behavior.hparams.batch_size, agents)
-                         for _ in range(hp.actor_updates_per_step if self.train_behavior else 0)]
+    def update(self, buffer: TransitionBuffer, opt: IDQLOptimizers, scheduler: LRScheduler | None
+               ) -> dict[str, Tensor]:
+        """One iteration of Algorithm 1 (:func:`~idql_pl.iteration.algorithm1_iteration`) for every agent, on
+        ``[K, B, ...]`` batches drawn by index from ``buffer`` (agent ``k``'s rows from its own generator), the
+        behavior steps at ``scheduler``'s next LRs; eager or compiled (:meth:`~idql_pl.module.IDQLModule.run`).
+        Returns the detached metrics."""
+        agents, behavior_steps = self.num_agents, self.hparams.actor_updates_per_step if self.train_behavior else 0
+        behavior_batches = [buffer.sample(self.behavior.hparams.batch_size, agents) for _ in range(behavior_steps)]
         critic_batch = buffer.sample(self.critic.hparams.batch_size, agents) if self.train_critic else None
-        if self._compiled_iteration is None:
-            return self.iteration(actor_batches, critic_batch, opts, scheduler)
-        if not self._adam_state_ready:  # once, after a resumed run's optimizer states are loaded
-            for opt in opts:
-                prepare_functional_adam(opt)
-            self._adam_state_ready = True
-        metrics = self._compiled_iteration(actor_batches, critic_batch, opts, None, self._actor_lrs(scheduler))
-        with warnings.catch_warnings():  # the functional Adam stepped; the scheduler cannot see it
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-            for _ in actor_batches:
-                scheduler.step()
+        metrics = self.run(algorithm1_iteration, self.behavior, self.critic, behavior_batches, critic_batch, opt,
+                           self.scheduled_lrs(scheduler, behavior_steps))
+        self.advance(scheduler, behavior_steps)
         return metrics
-
-    def iteration(self, actor_batches: list[Batch], critic_batch: Batch | None, opts: list[torch.optim.Optimizer],
-                  scheduler: LambdaLR | None = None, actor_lrs: Tensor | None = None) -> dict[str, Tensor]:
-        """:func:`algorithm1_iteration` on this model's halves (what ``compile: step`` compiles)."""
-        return algorithm1_iteration(self.behavior, self.critic, actor_batches, critic_batch, opts, scheduler, actor_lrs)
-
-    def _actor_lrs(self, scheduler: LambdaLR | None) -> Tensor | None:
-        """The LRs of this iteration's behavior steps (the schedule's next values), written into one tensor on
-        the model's device with ``fill_`` (a kernel each, no host sync)."""
-        if scheduler is None:
-            return None
-        if self._lrs is None:
-            self._lrs = lr_tensor([0.0] * self.hparams.actor_updates_per_step, self.device)
-            torch._dynamo.mark_static_address(self._lrs)  # one address for CUDA graphs to capture
-        (base,), (multiplier,) = scheduler.base_lrs, scheduler.lr_lambdas
-        for i in range(self.hparams.actor_updates_per_step):
-            self._lrs[i].fill_(base * multiplier(scheduler.last_epoch + i))
-        return self._lrs
 
     def validation_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         """Held-out (or training-set) losses on a fixed batch; nothing is updated."""

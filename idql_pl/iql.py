@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +27,11 @@ from idql_pl.behavior import CosineDecay
 from idql_pl.critic import ImplicitCritic
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
+from idql_pl.iteration import IDQLOptimizers, algorithm1_iteration
 from idql_pl.module import IDQLModule, make_adam
 from idql_pl.nets import MLP, xavier_linear
 from idql_pl.sampler import autocast_for
+from idql_pl.steps import GradientStep
 
 CriticFactory = Callable[[int, int], ImplicitCritic]
 
@@ -99,15 +101,41 @@ def awr_loss(actor: GaussianActor, critic: ImplicitCritic, batch: Batch, beta: f
     return loss, weights, adv
 
 
+class IQLOptimizers(NamedTuple):
+    """IQL's optimizers, named for what they step."""
+
+    actor: torch.optim.Optimizer  # the Gaussian actor (Adam, cosine LR)
+    value: torch.optim.Optimizer  # V
+    q: torch.optim.Optimizer  # the twin Q
+
+
+def iql_iteration(iql: IQL, batch: Batch, opt: IQLOptimizers, actor_lr: float | Tensor | None,
+                  step: GradientStep) -> dict[str, Tensor]:
+    """One IQL step (Kostrikov et al. 2022, Alg. 1): the critic's part of Algorithm 1 (V, Q with the new V, the
+    Polyak target), then one AWR step of the actor (IDQL Eq. 3, IQL Eq. 7) on the same batch, at ``actor_lr``.
+    Returns detached scalars, no host sync."""
+    critic_opt = IDQLOptimizers(None, opt.value, opt.q)
+    metrics = algorithm1_iteration(None, iql.critic, [], batch, critic_opt, [], step)
+    loss, weights, adv = step(opt.actor, iql.actor_loss, batch, lr=actor_lr)
+    metrics.update({
+        "train/actor/loss": loss.detach(),
+        "train/actor/weight_mean": weights.mean(),
+        "train/actor/weight_clipped": (weights >= iql.hparams.max_weight).float().mean(),
+        "train/actor/adv_mean": adv.mean(),
+    })
+    return metrics
+
+
 class IQL(IDQLModule):
     """IQL: :class:`ImplicitCritic` (the same critic IDQL trains; expectile tau 0.7 locomotion / 0.9 antmaze)
     and a :class:`GaussianActor` fit with AWR, evaluated with its mean action.
 
-    One ``training_step`` = one critic step (V, Q, Polyak target, :meth:`ImplicitCritic.update`) then one actor
-    step, both on the same batch of ``critic.batch_size`` (256) rows, as the IQL reference code. The actor's
+    One ``training_step`` = :func:`iql_iteration`: one critic step (V, Q, Polyak target) then one actor step,
+    both on the same batch of ``critic.batch_size`` (256) rows, as the IQL reference code. The actor's
     advantage is computed with the critic after this step's update (the reference code uses the new V and the
     target before its 0.005 Polyak step; the difference is that one Polyak step). ``trainer.global_step``
     counts these joint steps (one critic and one actor update each); the IQL paper trains 1M of them.
+    ``compile: true`` compiles the step into one graph (``compile_mode`` passed on).
     """
 
     def __init__(
@@ -124,6 +152,7 @@ class IQL(IDQLModule):
         actor_lr: float = 3e-4,
         lr_decay_steps: int | None = None,
         compile: bool = False,  # noqa: A002 - the option's name on the command line
+        compile_mode: str | None = None,
     ):
         super().__init__()
         if not (beta >= 0 and math.isfinite(beta)):
@@ -143,16 +172,6 @@ class IQL(IDQLModule):
         if self.critic.num_agents != 1:
             raise ConfigError(f"IQL trains one agent: drop the critic's num_agents (got {self.critic.num_agents})")
         self.actor = GaussianActor(obs_dim, action_dim, actor_hidden_dims, state_dependent_std, log_std_min, log_std_max)
-        self._actor_loss = self.actor_loss  # torch.compile(self.actor_loss) with ``compile``
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)  # IQL's compile: true compiles both losses; the critic's own option, the critic's
-        if stage == "fit" and self.critic.hparams.get("compile", False):
-            self.critic.compile_losses()
-
-    def _compile_losses(self) -> None:
-        self.critic.compile_losses()
-        self._actor_loss = torch.compile(self.actor_loss)
 
     def updates_per_step(self) -> dict[str, int]:
         return {"critic": 1, "actor": 1}
@@ -161,19 +180,6 @@ class IQL(IDQLModule):
     def actor_loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """:func:`awr_loss` with this module's ``beta`` and ``max_weight``."""
         return awr_loss(self.actor, self.critic, batch, self.hparams.beta, self.hparams.max_weight)
-
-    def actor_update(self, batch: Batch, opt: torch.optim.Optimizer, scheduler: LambdaLR | None) -> dict[str, Tensor]:
-        """One AWR step (Eq. 3) and one LR-scheduler step; detached scalars, no host sync."""
-        loss, weights, adv = self._actor_loss(batch)
-        self.step_optimizer(opt, loss)
-        if scheduler is not None:
-            scheduler.step()
-        return {
-            "loss": loss.detach(),
-            "weight_mean": weights.mean(),
-            "weight_clipped": (weights >= self.hparams.max_weight).float().mean(),
-            "adv_mean": adv.mean(),
-        }
 
     # ----------------------------------------------------------------------------------------- optim
     def configure_optimizers(self) -> Any:
@@ -187,16 +193,19 @@ class IQL(IDQLModule):
         sched = LambdaLR(actor_opt, CosineDecay(int(total)))
         return [actor_opt, *self.critic.configure_optimizers()], [{"scheduler": sched, "interval": "step"}]
 
+    def named_optimizers(self) -> IQLOptimizers:
+        """``configure_optimizers``' optimizers, named for what they step."""
+        return IQLOptimizers(*self.plain_optimizers())
+
     # -------------------------------------------------------------------------------------- training
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
-        """Critic step (V, Q, target) then actor step on one batch; one counted step (:meth:`count_step`)."""
-        actor_opt, v_opt, q_opt = self.plain_optimizers()
+        """One IQL step (:func:`iql_iteration`) on one batch of ``critic.batch_size`` rows."""
         batch = buffer.sample(self.critic.hparams.batch_size)
-        metrics = {f"train/critic/{k}": v for k, v in self.critic.update(batch, v_opt, q_opt).items()}
-        out = self.actor_update(batch, actor_opt, self.lr_schedulers())
-        metrics.update({f"train/actor/{k}": v for k, v in out.items()})
+        scheduler = self.lr_schedulers()
+        metrics = self.run(iql_iteration, self, batch, self.named_optimizers(), self.scheduled_lrs(scheduler, 1)[0])
+        self.advance(scheduler, 1)
         self.track_losses(metrics)
-        self.count_step()
+        self.count_step()  # Lightning's global_step + 1: one critic and one actor step
 
     @torch.no_grad()
     def validation_losses(self, buffer: TransitionBuffer) -> dict[str, Tensor]:

@@ -1,10 +1,11 @@
-"""Base class of the three IDQL LightningModules: plain optimizer steps, one counted step per iteration,
-exact resume, the dimension check and the non-finite guard."""
+"""Base class of the project's LightningModules: one training iteration per step (eager or compiled), one
+counted step per iteration, exact resume, the dimension check and the non-finite guard."""
 
 from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,10 +13,9 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.optim.lr_scheduler import LRScheduler
 
 from idql_pl.errors import CheckpointError, ConfigError, NonFiniteLossError
-from idql_pl.functional_step import LossCaller, functional_step_
-from idql_pl.nets import add_agent_dim, lacks_agent_dim
 from idql_pl.precision import precision_error
 from idql_pl.rng import (
     capture_rng_state,
@@ -25,6 +25,7 @@ from idql_pl.rng import (
     restore_rng_state,
     seed_rank_stream,
 )
+from idql_pl.steps import EagerStep, FunctionalStep, lr_tensor, prepare_functional_adam
 
 
 def make_adam(params: list[Tensor], lr: float, weight_decay: float | None = None) -> torch.optim.Optimizer:
@@ -48,11 +49,10 @@ def dims_mismatch(saved: Mapping[str, int] | None, obs_dim: int, action_dim: int
 class IDQLModule(L.LightningModule):
     """Shared plumbing; subclasses set ``hparams.obs_dim``/``hparams.action_dim`` (via :meth:`save_init_args`).
 
-    - Updates step plain ``torch.optim`` optimizers (:meth:`plain_optimizers`, :meth:`step_optimizer`): one
-      training step of the paper's Algorithm 1 makes several updates (V, Q, target, 2 behavior steps), while
-      Lightning counts a step per ``LightningOptimizer.step()``. :meth:`count_step`, called once at the end of
-      every ``training_step``, is that one counted step, so ``trainer.global_step`` and ``max_steps`` count
-      iterations of Algorithm 1 (critic steps for IDQL).
+    - A ``training_step`` draws its batches, runs one training iteration (:meth:`run`: Algorithm 1,
+      :func:`~idql_pl.iteration.algorithm1_iteration`, or a baseline's) on plain ``torch.optim`` optimizers,
+      eager or compiled into one graph (``compile: true``), and counts one Lightning step (:meth:`count_step`):
+      ``trainer.global_step`` and ``max_steps`` count iterations (critic steps for IDQL).
     - Checkpoints carry the global RNG states (dropout and diffusion noise continue identically after a resume;
       one per rank under DDP, where each rank draws its own stream) and are refused when their obs/action
       dimensions differ from the data's.
@@ -70,8 +70,10 @@ class IDQLModule(L.LightningModule):
         self._metric_names: list[str] = []
         self._last_log: tuple[int, float] | None = None  # (global_step, time) at the previous logging step
         self._rng_restored = False
-        self._compiled = False
-        self._loss_callers: dict[str, LossCaller] = {}  # use_functional_steps (compile: step)
+        self.eager_step = EagerStep(self)  # the reference gradient step
+        self._compiled: Callable[..., dict[str, Tensor]] | None = None  # compile: true (compile_training)
+        self._functional_ready = False
+        self._lrs: Tensor | None = None  # compiled: the scheduled LRs of one iteration
 
     def save_init_args(self, init_locals: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> None:
         """Save this class's own ``__init__`` arguments (from ``locals()``) as ``hparams``.
@@ -89,7 +91,7 @@ class IDQLModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ updating
     @property
     def attached(self) -> bool:
-        """Whether a Trainer runs this module (else its update functions run in a bare loop)."""
+        """Whether a Trainer runs this module (else its training iterations run in a bare loop)."""
         try:
             return self.trainer is not None
         except RuntimeError:
@@ -100,57 +102,77 @@ class IDQLModule(L.LightningModule):
         opts = self.optimizers(use_pl_optimizer=False)
         return list(opts) if isinstance(opts, list | tuple) else [opts]
 
-    def step_optimizer(self, opt: torch.optim.Optimizer, loss: Tensor) -> None:
-        """One gradient step of ``opt`` on ``loss`` (Lightning's backward when attached: precision, DDP)."""
-        opt.zero_grad(set_to_none=True)
-        if self.attached:
-            self.manual_backward(loss)
-        else:
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def run(self, iteration: Callable[..., dict[str, Tensor]], *args: Any) -> dict[str, Tensor]:
+        """One training iteration: ``iteration(*args, step)`` (e.g. :func:`~idql_pl.iteration.algorithm1_iteration`),
+        with eager gradient steps, or, after :meth:`compile_training` (``compile: true``), compiled into one
+        graph with functional ones (:mod:`idql_pl.steps`). Optimizers are found in ``args`` (named tuples)."""
+        if self._compiled is None:
+            return iteration(*args, self.eager_step)
+        if not self._functional_ready:  # once the optimizers (and a resumed run's states) exist
+            for opt in (o for arg in args if isinstance(arg, tuple) for o in arg):
+                if isinstance(opt, torch.optim.Optimizer):
+                    prepare_functional_adam(opt)
+            self._functional_ready = True
+        return self._compiled(iteration, *args)
 
-    def gradient_step(self, opt: torch.optim.Optimizer, loss_fn: Callable[..., Any], *args: Any,
-                      lr: Tensor | None = None) -> Any:
-        """One step of ``opt`` on the loss ``loss_fn(*args)`` (its first output if it returns a tuple); returns
-        ``loss_fn``'s output. Eager: backward and ``opt.step()`` (:meth:`step_optimizer`). After
-        :meth:`use_functional_steps` (``compile: step``): the same step as a function of tensors
-        (:func:`~idql_pl.functional_step.functional_step_`, bit for bit the eager one), which ``torch.compile``
-        traces without a graph break; ``lr`` then overrides the optimizer's."""
-        if self._loss_callers:
-            return functional_step_(opt, self._loss_callers[loss_fn.__func__.__name__], args, lr)
-        out = loss_fn(*args)
-        self.step_optimizer(opt, out[0] if isinstance(out, tuple) else out)
-        return out
+    def compile_training(self) -> None:
+        """``compile: true``: each iteration :meth:`run` runs becomes one ``torch.compile(fullgraph=True)`` graph
+        (every update of a training step, every agent), with ``compile_mode`` (e.g. "reduce-overhead": CUDA
+        graphs) passed on. Idempotent."""
+        if self._compiled is not None:
+            return
+        step = FunctionalStep(self)  # built outside the graph
 
-    def use_functional_steps(self, *loss_names: str) -> None:
-        """Take :meth:`gradient_step`'s functional form for the losses ``loss_names`` (methods of this module)."""
-        self._loss_callers = {name: LossCaller(self, name) for name in loss_names}
+        def functional(iteration: Callable[..., dict[str, Tensor]], *args: Any) -> dict[str, Tensor]:
+            return iteration(*args, step)
+
+        self._compiled = torch.compile(functional, fullgraph=True, dynamic=False,  # shapes are fixed
+                                       mode=self.hparams.get("compile_mode"))
+
+    def scheduled_lrs(self, scheduler: LRScheduler | None, steps: int) -> list[float] | Tensor:
+        """The learning rates of ``scheduler``'s next ``steps`` optimizer steps (what it would set before each),
+        as floats; compiled, written into one static tensor on the device (no recompile, no host sync)."""
+        if scheduler is None:
+            return [None] * steps
+        (base,), (multiplier,) = scheduler.base_lrs, scheduler.lr_lambdas
+        lrs = [base * multiplier(scheduler.last_epoch + i) for i in range(steps)]
+        if self._compiled is None:
+            return lrs
+        if self._lrs is None or len(self._lrs) != steps:
+            self._lrs = lr_tensor([0.0] * steps, self.device)
+            torch._dynamo.mark_static_address(self._lrs)  # one address for CUDA graphs to capture
+        for i, lr in enumerate(lrs):
+            self._lrs[i].fill_(lr)
+        return self._lrs
+
+    @staticmethod
+    def advance(scheduler: LRScheduler | None, steps: int) -> None:
+        """Step ``scheduler`` past the ``steps`` optimizer steps :meth:`scheduled_lrs` gave LRs for."""
+        if scheduler is None:
+            return
+        with warnings.catch_warnings():  # compiled, the functional Adam stepped and the scheduler cannot see it
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            for _ in range(steps):
+                scheduler.step()
 
     def count_step(self) -> None:
         """Count one training step in Lightning (``global_step``, ``max_steps``, checkpoint and log cadence):
-        a ``LightningOptimizer.step()`` while every gradient is None, which updates no parameter."""
+        a ``LightningOptimizer.step()`` while every gradient is None, which updates no parameter. A training
+        step makes several updates (IDQL: two behavior steps, V, Q), so Lightning's own count, one per
+        ``LightningOptimizer.step()``, would count updates rather than iterations."""
         opts = self.optimizers()
         (opts[0] if isinstance(opts, list | tuple) else opts).step()
-
-    # ------------------------------------------------------------------------------- torch.compile
-    def compile_losses(self) -> None:
-        """Wrap the training-loss functions in ``torch.compile`` (forward and backward, via AOTAutograd);
-        done once when the module's ``compile`` option is set. Idempotent."""
-        if not self._compiled:
-            self._compile_losses()
-            self._compiled = True
-
-    def _compile_losses(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.attached:
             error = precision_error(self.trainer.precision)  # e.g. 16-mixed on a GPU (the CLI refuses it earlier)
             if error:
                 raise ConfigError(error)
-        if stage == "fit" and self.hparams.get("compile", False) in (True, "losses"):
-            self.compile_losses()
+        if stage == "fit" and self.hparams.get("compile", False):
+            if self.attached and self.trainer.world_size > 1:
+                raise ConfigError("compile: true takes its gradients outside Lightning's backward, so it runs on one"
+                                  " device: drop --model.compile, or use --trainer.devices 1")
+            self.compile_training()
 
     def on_fit_start(self) -> None:
         rank, world = distributed_world()
@@ -216,35 +238,11 @@ class IDQLModule(L.LightningModule):
             checkpoint["idql_rng_per_rank"] = states
         checkpoint["idql_dims"] = {"obs_dim": int(self.hparams.obs_dim), "action_dim": int(self.hparams.action_dim)}
 
-    def _add_agent_dim_to_optimizer_states(self, checkpoint: dict[str, Any]) -> None:
-        """A resumed single-agent checkpoint from before agents existed: its Adam moments get the parameters'
-        leading agent dimension of 1 too (the optimizers' parameter order is ``configure_optimizers``')."""
-        saved = checkpoint.get("optimizer_states")
-        if not saved or not self.attached:
-            return
-        config = self.configure_optimizers()
-        if isinstance(config, dict):
-            opts = [config["optimizer"]]
-        elif isinstance(config, tuple) and len(config) == 2 and isinstance(config[0], list):
-            opts = list(config[0])
-        else:
-            opts = list(config) if isinstance(config, list | tuple) else [config]
-        for opt, opt_state in zip(opts, saved):
-            params = [p for group in opt.param_groups for p in group["params"]]
-            for index, entry in opt_state.get("state", {}).items():
-                if int(index) >= len(params):
-                    continue
-                for name, value in entry.items():
-                    if isinstance(value, Tensor) and lacks_agent_dim(value, params[int(index)]):
-                        entry[name] = value.unsqueeze(0)
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         error = dims_mismatch(checkpoint.get("idql_dims"), int(self.hparams.obs_dim), int(self.hparams.action_dim),
                               "checkpoint", "this dataset")
         if error:
             raise CheckpointError(error)
-        if add_agent_dim(checkpoint["state_dict"], self.state_dict()):  # written before networks had agents
-            self._add_agent_dim_to_optimizer_states(checkpoint)
         own = own_rank_entry(checkpoint.get("idql_rng_per_rank"))
         if own is not None:
             restore_rng_state(own)

@@ -3,8 +3,7 @@
 Every network of the critic and the behavior model holds ``num_agents = K`` independent copies (K seeds or K
 hyperparameter settings trained in one process): each parameter has a leading agent dimension, inputs and
 outputs are ``[K, ...]``, and each layer is one batched matmul for all agents (:class:`AgentLinear`,
-:class:`AgentLayerNorm`, :class:`AgentMLP`). ``K = 1`` is the ordinary single run, computed exactly as the
-plain layers compute it (same initialization draws, same kernels, same bits).
+:class:`AgentLayerNorm`, :class:`AgentMLP`). ``K = 1`` is the ordinary single run.
 
 - :class:`AgentMLP` and :class:`TwinQ`: the critic's ``V(s)`` and ``Q1, Q2(s, a)``, 2x256 ReLU MLPs. The K x 2 Q
   nets are one :class:`EnsembleMLP` (stacked weights, one ``torch.baddbmm`` per layer for all members).
@@ -89,17 +88,14 @@ Net = TypeVar("Net", bound=nn.Module)
 
 
 def build_agents(build: Callable[[int], Net], num_agents: int, seed: int | None = None) -> Net:
-    """``build(num_agents)`` with each agent initialized as its own single run (IDQL_SPEC Sec. 5: seed everything).
+    """``build(num_agents)`` with each agent initialized as its own single run (seed everything, paper App. D).
 
-    One agent: ``build(1)``, drawn from the global RNG as it stands (the ordinary single run). ``K > 1``: agent
-    ``k``'s parameters are the ones ``build(1)`` draws right after ``torch.manual_seed(seed + k)`` (``seed``:
-    ``torch.initial_seed()``, i.e. ``seed_everything``'s seed), so agent ``k`` starts exactly where a single run
-    seeded ``seed + k`` starts (networks are built on the CPU, from its generator); every generator, the CPU's
-    and each GPU's, is left untouched. Every tensor of the state dict is the
-    concatenation of the agents' along dim 0 (agent-major: the twin Q's ``2K`` members are ``[K, 2]``).
+    Agent ``k``'s parameters are the ones ``build(1)`` draws right after seeding the CPU generator with
+    ``seed + k`` (``seed``: ``torch.initial_seed()``, i.e. ``seed_everything``'s seed), so agent ``k`` of a
+    K-agent model starts exactly where a single run seeded ``seed + k`` starts; every generator, the CPU's and
+    each GPU's, is left untouched. Every tensor of the state dict is the concatenation of the agents' along
+    dim 0 (agent-major: the twin Q's ``2K`` members are ``[K, 2]``).
     """
-    if num_agents == 1:
-        return build(1)
     seed = torch.initial_seed() if seed is None else seed
     with torch.random.fork_rng(devices=[]):
         net = build(num_agents)
@@ -122,33 +118,12 @@ def per_agent(value: float | Sequence[float], num_agents: int, name: str) -> lis
     return values
 
 
-def add_agent_dim(state: dict[str, Tensor], model_state: dict[str, Tensor]) -> bool:
-    """In place: unsqueeze a leading agent dimension of 1 into every tensor of a single-agent checkpoint's
-    ``state`` (written before networks had one) whose shape lacks it in ``model_state``. Returns whether any
-    tensor changed."""
-    changed = False
-    for key, value in model_state.items():
-        old = state.get(key)
-        if isinstance(old, Tensor) and lacks_agent_dim(old, value):
-            state[key] = old.unsqueeze(0)
-            changed = True
-    return changed
-
-
-def lacks_agent_dim(old: Tensor, new: Tensor) -> bool:
-    """Whether ``old`` is ``new`` (of one agent) without its leading agent dimension."""
-    return old.dim() + 1 == new.dim() and new.shape[0] == 1 and tuple(old.shape) == tuple(new.shape[1:])
-
-
 class AgentLinear(nn.Module):
     """One ``Dense`` layer per agent: ``weight [K, out, in]``, ``bias [K, out]`` (agent ``k``'s as ``nn.Linear``
     stores it); ``forward(x [K, ..., in]) -> [K, ..., out]``, one ``torch.baddbmm`` for all agents.
 
     ``init(in_dim, out_dim, bias)`` builds each agent's initial layer (:func:`xavier_linear` or
-    :func:`lecun_linear`, flax's ``Dense`` inits), drawn in agent order; :meth:`stack` stacks given layers. With
-    one agent the product is ``F.linear`` on ``weight[0]``: the same function with the kernel ``nn.Linear``
-    uses, so a single run computes bit for bit what plain layers compute (``bmm`` rounds the weight gradient
-    differently from ``mm`` for some shapes).
+    :func:`lecun_linear`, flax's ``Dense`` inits), drawn in agent order; :meth:`stack` stacks given layers.
     """
 
     def __init__(self, num_agents: int, in_dim: int, out_dim: int, bias: bool = True,
@@ -168,8 +143,6 @@ class AgentLinear(nn.Module):
         return cls(len(layers), first.in_features, first.out_features, first.bias is not None, layers=layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.num_agents == 1:
-            return F.linear(x, self.weight[0], None if self.bias is None else self.bias[0])
         flat = x.reshape(self.num_agents, -1, self.in_dim)
         if self.bias is None:
             out = torch.bmm(flat, self.weight.transpose(1, 2))
@@ -183,8 +156,7 @@ class AgentLinear(nn.Module):
 
 class AgentLayerNorm(nn.Module):
     """``LayerNorm`` over the last dimension with a per-agent affine ``weight, bias [K, dim]`` (ones, zeros);
-    ``x [K, ..., dim]``. One agent: ``F.layer_norm`` with the affine fused (``nn.LayerNorm``'s kernel, bit for
-    bit); ``K > 1``: the normalization for all agents, then ``bias + weight * x`` (the same rounding forward)."""
+    ``x [K, ..., dim]``: the normalization for all agents at once, then each agent's ``bias + weight * x``."""
 
     def __init__(self, num_agents: int, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -193,8 +165,6 @@ class AgentLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_agents, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.num_agents == 1:
-            return F.layer_norm(x, (self.dim,), self.weight[0], self.bias[0], self.eps)
         shape = (self.num_agents, *([1] * (x.dim() - 2)), self.dim)
         return torch.addcmul(self.bias.view(shape), F.layer_norm(x, (self.dim,), eps=self.eps), self.weight.view(shape))
 
@@ -459,7 +429,6 @@ __all__ = [
     "ResidualBlock",
     "ScoreNet",
     "TwinQ",
-    "add_agent_dim",
     "build_agents",
     "ema_update_",
     "lecun_linear",

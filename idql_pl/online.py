@@ -17,7 +17,8 @@ from idql_pl.critic import ImplicitCritic
 from idql_pl.data.buffer import TransitionBuffer
 from idql_pl.data.replay import ReplayBuffer, mixed_batch
 from idql_pl.errors import CheckpointError, ConfigError
-from idql_pl.idql import IDQL, BehaviorFactory, CriticFactory, algorithm1_iteration
+from idql_pl.idql import IDQL, BehaviorFactory, CriticFactory
+from idql_pl.iteration import IDQLOptimizers, algorithm1_iteration
 from idql_pl.module import IDQLModule
 from idql_pl.sampler import Extraction, check_extraction
 
@@ -118,6 +119,7 @@ class OnlineIDQL(IDQLModule):
         extraction: Extraction = "argmax",
         behavior_optimizer: BehaviorOptimizer = "continue",
         compile: bool = False,  # noqa: A002 - the option's name on the command line
+        compile_mode: str | None = None,
     ):
         super().__init__()
         check_extraction(extraction, num_samples)
@@ -169,9 +171,6 @@ class OnlineIDQL(IDQLModule):
     # ------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        for half in (self.critic, self.behavior):
-            if stage == "fit" and half.hparams.get("compile", False):
-                half.compile_losses()
         if stage != "fit":
             return
         trainer = self.trainer
@@ -194,10 +193,6 @@ class OnlineIDQL(IDQLModule):
         normalize = dm.normalized_score if info.ref_min_score is not None and info.ref_max_score is not None else None
         self.attach_env(dm.make_env(), dm.reward_fn, int(capacity), trainer.strategy.root_device,
                         seed=int(torch.initial_seed()), normalize=normalize)
-
-    def _compile_losses(self) -> None:
-        self.critic.compile_losses()
-        self.behavior.compile_losses()
 
     def attach_env(self, env: Any, reward_fn: Any, capacity: int, device: torch.device | str = "cpu", seed: int = 0,
                    normalize: Any = None) -> None:
@@ -274,23 +269,32 @@ class OnlineIDQL(IDQLModule):
         optimizers.extend(self.critic.configure_optimizers())
         return optimizers, schedulers
 
+    def named_optimizers(self) -> IDQLOptimizers:
+        """``configure_optimizers``' optimizers, named for what they step (IDQL-Max: no behavior optimizer)."""
+        opts = self.plain_optimizers()
+        return IDQLOptimizers(opts[0] if self.train_behavior else None, *opts[-2:])
+
     def training_step(self, offline: TransitionBuffer, batch_idx: int) -> None:
-        """One environment step, then (after the warm-up) the updates on half-online, half-offline batches."""
+        """One environment step, then (after the warm-up) one iteration of Algorithm 1
+        (:func:`~idql_pl.iteration.algorithm1_iteration`) on half-online, half-offline batches: IDQL-Imp's
+        behavior steps and the critic step; IDQL-Max's critic step only."""
         episode = self.env_step()
         if episode is not None and self.trainer.is_global_zero:
             for logger in self.trainer.loggers:
                 logger.log_metrics(episode, step=int(self.global_step) + 1)
-        frac = self.hparams.online_fraction
+        frac, behavior_steps = self.hparams.online_fraction, self.hparams.actor_updates_per_step * self.train_behavior
         if self.updating:  # batches from their own generators, so drawing them first changes no stream
-            actor_batches = [mixed_batch(self.replay, offline, self.behavior.hparams.batch_size, frac)
-                             for _ in range(self.hparams.actor_updates_per_step if self.train_behavior else 0)]
+            behavior_batches = [mixed_batch(self.replay, offline, self.behavior.hparams.batch_size, frac)
+                                for _ in range(behavior_steps)]
             critic_batch = mixed_batch(self.replay, offline, self.critic.hparams.batch_size, frac)
             scheduler = self.lr_schedulers() if self.train_behavior else None
-            self.track_losses(algorithm1_iteration(self.behavior, self.critic, actor_batches, critic_batch,
-                                                   self.plain_optimizers(), scheduler))
+            metrics = self.run(algorithm1_iteration, self.behavior, self.critic, behavior_batches, critic_batch,
+                               self.named_optimizers(), self.scheduled_lrs(scheduler, behavior_steps))
+            self.advance(scheduler, behavior_steps)
+            self.track_losses(metrics)
         if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
             self.log_dict(self._online_progress())
-        self.count_step()
+        self.count_step()  # Lightning's global_step + 1: one environment step
 
     def _online_progress(self) -> dict[str, float]:
         """``train/online/env_steps``, ``train/online/replay_size``, ``perf/env_steps_per_s`` (host values)."""

@@ -1,10 +1,9 @@
-"""Many agents per process (``num_agents = K``): K = 1 is the single run bit for bit (against numbers recorded
-from the code before agents existed), agents are independent (own init, own batches, no gradient across
-agents), per-agent hyperparameters, evaluation of every agent, export of one agent, old checkpoints."""
+"""Many agents per process (``num_agents = K``): agent k starts as a single run seeded seed + k, agents are
+independent (own init, own batches, no gradient across agents), per-agent hyperparameters, evaluation of every
+agent, export of one agent."""
 
 from __future__ import annotations
 
-import json
 from functools import partial
 
 import lightning as L
@@ -27,7 +26,6 @@ from tests.helpers import (
     read_csv,
     run_cli,
 )
-from tests.k1_reference import REFERENCE, record_bare_loop, record_fit
 
 S, A = 5, 3
 TINY_CRITIC = dict(hidden_dims=[32, 32], batch_size=24)
@@ -45,73 +43,6 @@ def agent_slice(module: torch.nn.Module, k: int, num_agents: int) -> dict[str, t
         rows = value.shape[0] // num_agents
         out[key] = value[k * rows : (k + 1) * rows].clone()
     return out
-
-
-# ------------------------------------------------------------------------------------------ K = 1 = main
-def reference() -> dict:
-    return json.loads(REFERENCE.read_text())
-
-
-def test_one_agent_reproduces_the_single_agent_code_bit_for_bit():
-    """Init, batches, losses, parameters, Adam states and sampled actions of three Algorithm-1 iterations in a
-    bare loop equal, bit for bit, what the code before agents computed (tests/k1_reference.py)."""
-    want = reference()["bare_loop"]
-    got = record_bare_loop()
-    assert got["init"] == want["init"]
-    assert got["losses"] == want["losses"]
-    assert got["state"] == want["state"]
-    assert got["optimizers"] == want["optimizers"]
-    assert got["actions"] == want["actions"]
-
-
-def test_one_agent_fit_reproduces_the_single_agent_code_bit_for_bit(tmp_path):
-    """A tiny CLI ``fit`` (IDQL.training_step, evaluation callback, checkpoint) logs the same losses, plays the
-    same evaluation episodes with the same returns and saves the same weights and Adam states as before."""
-    want = reference()["fit"]
-    got = record_fit(tmp_path)
-    assert got["episodes"] == want["episodes"]
-    assert got["logged"] == want["logged"]
-    assert got["state"] == want["state"]
-    assert got["optimizers"] == want["optimizers"]
-    for key, shape in got["shapes"].items():  # the same names; the agent dimension of 1 is new
-        old = want["shapes"][key]
-        assert shape == old or shape == [1, *old], key
-    assert set(got["shapes"]) == set(want["shapes"])
-
-
-def test_single_agent_checkpoint_from_before_agents_loads_and_resumes(tmp_path):
-    """A checkpoint in the pre-agent layout (the shapes recorded from main) resumes at K = 1 exactly like the
-    checkpoint of the current layout: the missing agent dimension is unsqueezed at load time (weights and
-    Adam moments)."""
-    old_shapes = reference()["fit"]["shapes"]
-    common = ["fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
-              "--model.behavior.lr_decay_steps", "12", "--eval.at_end", "false", "--run_root", tmp_path,
-              "--run_name", "run"]
-    last = tmp_path / "run" / "last.ckpt"
-    assert run_cli(*common, "--trainer.max_steps", "3") == 0
-    ckpt = load_state(last)
-    old = dict(ckpt)
-    old["state_dict"] = {k: v.reshape(old_shapes[k]) for k, v in ckpt["state_dict"].items()}
-    squeezed = {tuple(v.shape) for k, v in ckpt["state_dict"].items() if list(v.shape) != old_shapes[k]}
-    assert squeezed  # the layouts do differ
-    old["optimizer_states"] = [
-        {**opt, "state": {i: {n: v.squeeze(0) if n != "step" and tuple(v.shape) in squeezed else v for n, v in st.items()}
-                          for i, st in opt["state"].items()}}
-        for opt in ckpt["optimizer_states"]
-    ]
-    results = []
-    for state in (ckpt, old):  # resume from step 3 to step 6, once from each layout
-        torch.save(state, last)
-        assert run_cli(*common, "--trainer.max_steps", "6", "--ckpt_path", "last") == 0
-        results.append(load_state(last))
-    new_run, old_run = results
-    assert new_run["global_step"] == old_run["global_step"] == 6
-    for key, value in new_run["state_dict"].items():
-        assert torch.equal(value, old_run["state_dict"][key]), key
-    for a, b in zip(new_run["optimizer_states"], old_run["optimizer_states"]):
-        for i, st in a["state"].items():
-            for name, value in st.items():
-                assert torch.equal(value, b["state"][i][name]), (i, name)
 
 
 # ------------------------------------------------------------------------------------------ independence

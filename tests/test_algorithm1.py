@@ -150,7 +150,7 @@ def test_idql_training_step_order_counts_and_actor_schedule(monkeypatch):
     """One training step = 2 behavior steps, then V, Q, target; global_step counts critic steps, the actor's
     cosine schedule spans 2 x max_steps, and every optimizer made exactly its share of steps."""
     calls: list[str] = []
-    for cls, names in ((DiffusionBehavior, ["update"]), (ImplicitCritic, ["value_step", "q_step", "target_update"])):
+    for cls, names in ((DiffusionBehavior, ["loss", "ema_update"]), (ImplicitCritic, ["v_loss", "q_loss", "target_update"])):
         for name in names:
             real = getattr(cls, name)
             monkeypatch.setattr(cls, name, lambda self, *a, _r=real, _n=name, **k: (calls.append(_n), _r(self, *a, **k))[1])
@@ -162,7 +162,8 @@ def test_idql_training_step_order_counts_and_actor_schedule(monkeypatch):
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
     trainer.fit(model, train_dataloaders=BufferStream(TransitionBuffer(random_transitions(200), seed=0)))
-    assert calls == ["update", "update", "value_step", "q_step", "target_update"] * steps
+    behavior_step = ["loss", "ema_update"]
+    assert calls == [*behavior_step, *behavior_step, "v_loss", "q_loss", "target_update"] * steps
     assert trainer.global_step == steps
     actor_opt, v_opt, q_opt = model.plain_optimizers()
     scheduler = model.lr_schedulers()

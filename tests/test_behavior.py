@@ -108,7 +108,8 @@ def test_update_steps_once_and_ema_moves_by_exactly_the_rate():
     net_before = [p.detach().clone() for p in model.net.parameters()]
     opt, sched = model.make_optimizer(10)
     out = model.update(TransitionBuffer(make_arrays()).sample(64), opt, sched)
-    assert set(out) == {"loss"} and not out["loss"].requires_grad and torch.isfinite(out["loss"])
+    loss = out["train/behavior/loss"]
+    assert set(out) == {"train/behavior/loss"} and not loss.requires_grad and torch.isfinite(loss)
     assert sched.last_epoch == 1
     moved = [not torch.equal(a, b) for a, b in zip(net_before, model.net.parameters(), strict=True)]
     assert all(moved)

@@ -78,9 +78,9 @@ def test_update_matches_a_hand_written_step(kind):
         for t, o in zip(ref.q_target_net.parameters(), ref.q_net.parameters(), strict=True):
             t.copy_(0.995 * t + 0.005 * o)
 
-    assert out["v_loss"].item() == pytest.approx(v_loss.item(), rel=1e-5)
-    assert out["q_loss"].item() == pytest.approx(q_loss.item(), rel=1e-5)
-    assert set(out) >= {"q_loss", "v_loss", "q_mean", "v_mean", "abs_u_mean"}
+    assert out["train/critic/v_loss"].item() == pytest.approx(v_loss.item(), rel=1e-5)
+    assert out["train/critic/q_loss"].item() == pytest.approx(q_loss.item(), rel=1e-5)
+    assert set(out) == {f"train/critic/{k}" for k in ("q_loss", "v_loss", "q_mean", "v_mean", "abs_u_mean")}
     assert all(isinstance(v, torch.Tensor) and not v.requires_grad and v.dim() == 0 for v in out.values())
     for (name, p), p_ref in zip(critic.state_dict().items(), ref.state_dict().values(), strict=True):
         assert torch.allclose(p, p_ref, atol=1e-6), name
@@ -131,7 +131,7 @@ def test_value_step_converges_to_the_expectile(kind, param):
     critic.q_target_net = FixedQ(values.float())
     v_opt = torch.optim.Adam(critic.v_net.parameters(), lr=3e-3)
     for _ in range(3000):
-        critic.value_step(batch, v_opt)
+        critic.eager_step(v_opt, critic.v_loss, batch)  # the V step of Algorithm 1 alone
     v = critic.v(torch.ones(1, 1)).item()
 
     mu = torch.tensor(counts, dtype=torch.float64) / n
@@ -157,8 +157,8 @@ def test_accessors_and_weights():
     assert not torch.equal(three.v(s)[0], three.v(s)[1])  # agents start apart (seed + k)
     assert torch.equal(critic.q(s, a), critic.q_target(s, a))  # the target starts as an exact copy
     assert (critic.implicit_weights(s, a) > 0).all()
-    assert critic.loss_param == 0.7
-    assert small_critic(value_loss="exponential", alpha=0.5).loss_param == 0.5
+    assert critic.loss_param.tolist() == [[pytest.approx(0.7)]]  # [K, 1]
+    assert small_critic(value_loss="exponential", alpha=0.5).loss_param.tolist() == [[0.5]]
     assert not any(p.requires_grad for p in critic.q_target_net.parameters())
 
 

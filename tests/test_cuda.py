@@ -7,20 +7,21 @@ import pytest
 import torch
 
 from idql_pl.data.buffer import TransitionBuffer
+from idql_pl.iteration import IDQLOptimizers
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, random_transitions, run_cli
 from tests.test_compile import A, S, _tiny_idql
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _model_on(device: str, num_agents: int, compile_step: bool = False, mode: str | None = None):
+def _model_on(device: str, num_agents: int, compiled: bool = False, mode: str | None = None):
     model, _, _ = _tiny_idql(num_agents)
     model = model.to(device)
-    if compile_step:
+    if compiled:
         model.hparams.compile_mode = mode
-        model.compile_iteration()
+        model.compile_training()
     actor_opt, scheduler = model.behavior.make_optimizer(50)
-    opts = [actor_opt, *model.critic.configure_optimizers()]
+    opts = IDQLOptimizers(actor_opt, *model.critic.configure_optimizers())
     buf = TransitionBuffer(random_transitions(500, obs_dim=S, action_dim=A), device=device, seed=0)
     return model, opts, scheduler, buf
 
@@ -40,14 +41,14 @@ def test_compiled_iteration_on_cuda_makes_no_host_sync(mode, monkeypatch) -> Non
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(inductor_config.triton, "cudagraph_or_error", True)
-    model, opts, scheduler, buf = _model_on("cuda", 3, compile_step=True, mode=mode)
+    model, opts, scheduler, buf = _model_on("cuda", 3, compiled=True, mode=mode)
     for _ in range(3):
-        model.train_iteration(buf, opts, scheduler)
+        model.update(buf, opts, scheduler)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(5):
-            out = model.train_iteration(buf, opts, scheduler)
+            out = model.update(buf, opts, scheduler)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(v).all() for v in out.values())
@@ -56,9 +57,9 @@ def test_compiled_iteration_on_cuda_makes_no_host_sync(mode, monkeypatch) -> Non
         torch.save(opt.state_dict(), saved)
         saved.seek(0)
         opt.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
-    model._adam_state_ready = False  # as in a fresh process: prepared again before the first compiled step
+    model._functional_ready = False  # as in a fresh process: prepared again before the first compiled step
     for _ in range(3):
-        out = model.train_iteration(buf, opts, scheduler)
+        out = model.update(buf, opts, scheduler)
     torch.cuda.synchronize()
     assert all(torch.isfinite(v).all() for v in out.values())
     if mode == "reduce-overhead":
@@ -70,12 +71,12 @@ def test_compiled_iteration_on_cuda_makes_no_host_sync(mode, monkeypatch) -> Non
 
 def test_eager_iteration_on_cuda_makes_no_host_sync() -> None:
     model, opts, scheduler, buf = _model_on("cuda", 2)
-    model.train_iteration(buf, opts, scheduler)
+    model.update(buf, opts, scheduler)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            model.train_iteration(buf, opts, scheduler)
+            model.update(buf, opts, scheduler)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -86,8 +87,8 @@ def test_cuda_critic_matches_cpu() -> None:
     gpu, gpu_opts, _, _ = _model_on("cuda", 3)
     for _ in range(3):
         batch = buf.sample(8, 3)
-        cpu.critic.update(batch, *cpu_opts[1:])
-        gpu.critic.update(type(batch)(*(t.cuda() for t in batch)), *gpu_opts[1:])
+        cpu.critic.update(batch, cpu_opts.value, cpu_opts.q)
+        gpu.critic.update(type(batch)(*(t.cuda() for t in batch)), gpu_opts.value, gpu_opts.q)
     for (name, a), b in zip(cpu.critic.state_dict().items(), gpu.critic.state_dict().values()):
         assert torch.allclose(a, b.cpu(), rtol=1e-4, atol=1e-5), name
 
@@ -104,7 +105,7 @@ def test_16_mixed_is_refused_on_cuda(tmp_path, capsys) -> None:
 
 def test_fit_on_cuda_with_compiled_step(tmp_path) -> None:
     code = run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
-                   "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--model.compile", "step",
+                   "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--model.compile", "true",
                    "--run_root", tmp_path, "--run_name", "gpu")
     assert code == 0
     assert (tmp_path / "gpu" / "last.ckpt").exists()

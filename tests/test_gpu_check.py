@@ -55,7 +55,7 @@ def test_plan_fits_in_eight_minutes_and_runs_what_the_gpu_needs(tmp_path: Path, 
         _flag(fit, "--config") == "configs/quickstart.yaml"
         and _flag(fit, "--data.dataset") == "local/pointmaze-umaze"
     )
-    assert _flag(fit, "--trainer.precision") == "bf16-mixed" and _flag(fit, "--model.compile") == "step"
+    assert _flag(fit, "--trainer.precision") == "bf16-mixed" and _flag(fit, "--model.compile") == "true"
     assert (
         _flag(fit, "--model.compile_mode") == "reduce-overhead"
         and _flag(fit, "--trainer.accelerator") == "gpu"
@@ -70,7 +70,7 @@ def test_plan_fits_in_eight_minutes_and_runs_what_the_gpu_needs(tmp_path: Path, 
 
     bench = _argv(steps, "benchmark")
     assert _flag(bench, "--agents") == "1,10" and _flag(bench, "--device") == "cuda"
-    assert _flag(bench, "--compile") == "step" and _flag(bench, "--json") == str(tmp_path / "benchmark.json")
+    assert _flag(bench, "--compile") == "joint" and _flag(bench, "--json") == str(tmp_path / "benchmark.json")
 
     assert gc.main(["--plan", "--work", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -208,8 +208,8 @@ def test_fake_steps_make_one_json_with_every_figure(tmp_path: Path, monkeypatch)
     (fake / "run" / "last.ckpt").write_text("")
     (fake / "run" / "csv" / "metrics.csv").write_text(METRICS)
     (fake / "cuda_tests.xml").write_text(JUNIT)
-    figures = {"joint_step_compile_step_K1": {"value": 300.0, "reference": 100.0, "ratio": 3.0, "note": ""},
-               "joint_step_compile_step_K10": {"value": 40.0, "reference": 20.0, "ratio": 2.0, "note": ""}}
+    figures = {"joint_step_compiled_K1": {"value": 300.0, "reference": 100.0, "ratio": 3.0, "note": ""},
+               "joint_step_compiled_K10": {"value": 40.0, "reference": 20.0, "ratio": 2.0, "note": ""}}
     (fake / "benchmark.json").write_text(json.dumps({"figures": figures, "machine": {"gpu": "Fake GPU"}}))
     probe = {"gpu": "Fake GPU", "torch": "2.11.0", "torch_cuda": "13.0", "cuda_available": True,
              "import_errors": {}}

@@ -34,11 +34,11 @@ def _assert_same(a, b, path=""):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize(("compile_", "agents"), [("false", 1), ("step", 1), ("false", 2)])
+@pytest.mark.parametrize(("compile_", "agents"), [("false", 1), ("true", 1), ("false", 2)])
 def test_resumed_run_equals_uninterrupted(tmp_path, compile_, agents, request):
-    """Eager, with the whole iteration compiled (``compile: step``, aot_eager backend), and with two agents
+    """Eager, with the whole iteration compiled (``compile: true``, aot_eager backend), and with two agents
     (each draws its batches from its own generator: all of them are restored)."""
-    if compile_ == "step":
+    if compile_ == "true":
         request.getfixturevalue("aot_eager")
     common = [*COMMON, "--model.compile", compile_, "--model.num_agents", agents]
     assert run_cli(*common, "--trainer.max_steps", 2 * K, "--run_root", tmp_path, "--run_name", "straight") == 0
