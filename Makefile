@@ -47,7 +47,7 @@ gpu-check-plan:
 	@$(PY) -m idql_pl.gpu_check --plan
 
 # On a networked machine: the wheels the GPU check installs (CPython 3.12, manylinux x86_64), each runtime
-# dependency named and pinned (--no-deps; idql_pl/gpu_check.py's WHEELS, which tests/test_gpu_check.py
+# dependency named and pinned (--no-deps; idql_pl/experiments/gpu_check.py's WHEELS, which tests/test_gpu_check.py
 # compares with this list). No torch, Lightning, W&B, rliable or submitit: the check does not need them.
 GPU_PY ?= 3.12
 GPU_WHEELS := gymnasium==1.4.0 gymnasium-robotics==1.4.2 mujoco==4.0.1 mujoco-core==4.0.1 minari==0.5.4 \

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idql_pl.cli import main
+from idql_pl.training.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL_MAZE = ["--data.dataset", "local/pointmaze-umaze", "--data.dataset_size", "4000"]

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from idql_pl import IDQL, DiffusionBehavior, ImplicitCritic
-from idql_pl.callbacks.evaluation import interquartile_mean
+from idql_pl.algorithm.diffusion import ddpm_loss
+from idql_pl.algorithm.losses import value_loss
 from idql_pl.data.buffer import TransitionBuffer
-from idql_pl.diffusion import ddpm_loss
 from idql_pl.errors import ConfigError
-from idql_pl.losses import value_loss
+from idql_pl.training.evaluation import interquartile_mean
 from tests.helpers import (
     CONFIGS,
     SMALL_MAZE,
@@ -247,7 +247,7 @@ class _QIsTheAction:
 def test_per_agent_num_samples_extracts_from_each_agents_own_candidates():
     """``num_samples`` as one count per agent (a sweep over N): agent k picks among its first N_k candidates
     only, under argmax and implicit resampling; a list of the wrong length is a one-line error."""
-    from idql_pl.sampler import extract_actions
+    from idql_pl.algorithm.extraction import extract_actions
 
     states = torch.zeros(3, 50, 2)
     counts = [1, 4, 8]
@@ -266,8 +266,8 @@ def test_per_agent_num_samples_extracts_from_each_agents_own_candidates():
 def _behavior_loss_fluctuations(shared: bool, steps: int = 60) -> torch.Tensor:
     """Per-agent Eq. 4 training losses of a K = 4 behavior model, step to step differences ``[steps - 1, 4]``.
     ``shared``: the control, every agent on the same rows with the same diffusion steps and noise."""
-    import idql_pl.behavior as behavior_module
-    from idql_pl.diffusion import q_sample
+    import idql_pl.models.behavior as behavior_module
+    from idql_pl.algorithm.diffusion import q_sample
 
     per_agent: list[torch.Tensor] = []
 

@@ -1,4 +1,4 @@
-"""The training process's large CPU tensors come from glibc's reused heap (``idql_pl.allocator``): the effect on
+"""The training process's large CPU tensors come from glibc's reused heap (``idql_pl.runtime``): the effect on
 a real allocation in a fresh process, and the user's own glibc settings kept (the CLI's ``[idql_pl] memory:``
 line: ``tests/test_threads.py``). No timings."""
 
@@ -9,15 +9,15 @@ import sys
 
 import pytest
 
-from idql_pl import allocator
+from idql_pl import runtime
 
-GLIBC = allocator._glibc_mallopt() is not None
+GLIBC = runtime._glibc_mallopt() is not None
 
 # a fresh process: glibc's count of mmapped blocks (mallinfo2().hblks) while a 64 MiB tensor is alive, with
 # glibc's defaults and after reuse_large_blocks
 PROBE = """
 import ctypes, torch
-from idql_pl.allocator import reuse_large_blocks
+from idql_pl.runtime import reuse_large_blocks
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
@@ -46,13 +46,16 @@ def test_large_tensors_come_from_the_heap_after_reuse_large_blocks():
 
 def test_the_users_own_glibc_settings_are_kept(monkeypatch):
     calls = []
-    monkeypatch.setattr(allocator, "_glibc_mallopt", lambda: lambda *a: calls.append(a) or 1)
-    assert allocator.reuse_large_blocks({"MALLOC_MMAP_MAX_": "65536"}) == "glibc malloc as set by MALLOC_MMAP_MAX_"
+    monkeypatch.setattr(runtime, "_glibc_mallopt", lambda: lambda *a: calls.append(a) or 1)
+    assert runtime.reuse_large_blocks({"MALLOC_MMAP_MAX_": "65536"}) == "glibc malloc as set by MALLOC_MMAP_MAX_"
     assert calls == []
-    assert allocator.reuse_large_blocks({}) == "glibc malloc: large blocks from the heap, reused"
-    assert calls == [(allocator.M_MMAP_MAX, 0), (allocator.M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD)]
+    assert runtime.reuse_large_blocks({}) == "glibc malloc: large blocks from the heap, reused"
+    assert calls == [(runtime.M_MMAP_MAX, 0), (runtime.M_TRIM_THRESHOLD, runtime.TRIM_THRESHOLD)]
+    calls.clear()
+    assert runtime.reuse_large_blocks({"IDQL_PL_TWEAKS_OFF": "malloc"}) == "glibc malloc defaults (IDQL_PL_TWEAKS_OFF)"
+    assert calls == []  # switched off
 
 
 def test_without_glibc_nothing_changes(monkeypatch):
-    monkeypatch.setattr(allocator, "_glibc_mallopt", lambda: None)
-    assert allocator.reuse_large_blocks({}) == "the platform's malloc (not glibc)"
+    monkeypatch.setattr(runtime, "_glibc_mallopt", lambda: None)
+    assert runtime.reuse_large_blocks({}) == "the platform's malloc (not glibc)"

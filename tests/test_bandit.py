@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from idql_pl import IDQL, DiffusionBehavior, ImplicitCritic, OfflineDataModule
-from idql_pl.callbacks.evaluation import PolicyEvaluation
 from idql_pl.envs.bandit import BANDIT_BEST, BANDIT_CENTERS, BANDIT_RADIUS, BANDIT_REWARDS
+from idql_pl.training.evaluation import PolicyEvaluation
 
 STEPS = 1500
 

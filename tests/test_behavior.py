@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from idql_pl.behavior import CosineDecay, DiffusionBehavior
+from idql_pl.algorithm.diffusion import reverse_sample
 from idql_pl.data.buffer import BufferStream, TransitionBuffer
-from idql_pl.diffusion import reverse_sample
 from idql_pl.errors import ConfigError
+from idql_pl.models.behavior import CosineDecay, DiffusionBehavior
 from tests.helpers import random_transitions
 
 S, A = 5, 2

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from idql_pl import benchmark as bench
+from idql_pl.experiments import benchmark as bench
 
 FIGURES = (
     "matmul_f32",

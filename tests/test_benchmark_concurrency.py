@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from idql_pl import benchmark_concurrency
+from idql_pl.experiments import benchmark_concurrency
 from tests.helpers import SMALL_MAZE, TINY_IDQL
 
 REPO = Path(__file__).resolve().parent.parent

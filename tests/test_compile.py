@@ -11,12 +11,12 @@ from functools import partial
 import pytest
 import torch
 
-from idql_pl.behavior import DiffusionBehavior
-from idql_pl.critic import ImplicitCritic
+from idql_pl.algorithm.iteration import IDQLOptimizers, algorithm1_iteration
+from idql_pl.algorithm.steps import EagerStep, FunctionalStep, prepare_functional_adam
 from idql_pl.data.buffer import Batch, TransitionBuffer
-from idql_pl.idql import IDQL
-from idql_pl.iteration import IDQLOptimizers, algorithm1_iteration
-from idql_pl.steps import EagerStep, FunctionalStep, prepare_functional_adam
+from idql_pl.models.behavior import DiffusionBehavior
+from idql_pl.models.critic import ImplicitCritic
+from idql_pl.models.idql import IDQL
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, random_transitions, run_cli
 
 S, A = 5, 3

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from idql_pl.checkpointing import AtomicCheckpointIO, safe_load
 from idql_pl.data.buffer import Batch, TransitionBuffer
+from idql_pl.training.checkpointing import AtomicCheckpointIO, safe_load
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_state, run_cli
 from tests.test_resume import _assert_same
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from idql_pl.critic import ImplicitCritic
 from idql_pl.data.buffer import BufferStream, TransitionBuffer
 from idql_pl.errors import ConfigError
+from idql_pl.models.critic import ImplicitCritic
 from tests.helpers import random_transitions
 
 S, A = 5, 2

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from idql_pl.algorithm.iteration import IDQLOptimizers
 from idql_pl.data.buffer import TransitionBuffer
-from idql_pl.iteration import IDQLOptimizers
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, random_transitions, run_cli
 from tests.test_compile import A, S, _tiny_idql
 

@@ -22,12 +22,12 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
-from idql_pl import threads
-from idql_pl.callbacks.evaluation import PolicyEvaluation, gather_episodes
-from idql_pl.callbacks.stop import GracefulStop, StopController, Stopped
-from idql_pl.callbacks.threads import ShareCpus
+from idql_pl import runtime as threads
 from idql_pl.errors import NonFiniteLossError
-from idql_pl.module import IDQLModule
+from idql_pl.models.base import IDQLModule
+from idql_pl.runtime.callbacks import ShareCpus
+from idql_pl.training.evaluation import PolicyEvaluation, gather_episodes
+from idql_pl.training.stop import GracefulStop, StopController, Stopped
 from tests.gloo_ranks import run_ranks
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_state, read_csv, run_cli
 
@@ -297,7 +297,7 @@ def test_ddp_ranks_share_the_cpus_and_never_grow_beyond_their_share(monkeypatch,
 
     monkeypatch.setattr(threads.CpuShare, "others", others)
     clock = iter(range(0, 1000, 3))
-    monkeypatch.setattr("idql_pl.callbacks.threads.time.monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr("idql_pl.runtime.callbacks.time.monotonic", lambda: float(next(clock)))
     trainer = SimpleNamespace(world_size=2, num_devices=2, global_step=7)
     cb = ShareCpus(max_threads=8, interval_s=2.0)
     cb.on_train_start(trainer, None)
@@ -378,7 +378,7 @@ def poisoned(self, batch_size, num_agents=None):
     return batch
 
 TransitionBuffer.sample = poisoned
-from idql_pl.cli import main
+from idql_pl.training.cli import main
 sys.exit(main())
 """
 

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from idql_pl.diffusion import (
+from idql_pl.algorithm.diffusion import (
     Schedule,
     ddpm_loss,
     make_schedule,

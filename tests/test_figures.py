@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from idql_pl import figures
+from idql_pl.experiments import figures
 
 
 @pytest.fixture(scope="module")

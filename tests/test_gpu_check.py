@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from idql_pl import gpu_check as gc
+from idql_pl.experiments import gpu_check as gc
 
 pytestmark = pytest.mark.tooling
 REPO = Path(__file__).resolve().parent.parent
@@ -267,7 +267,7 @@ def test_the_check_starts_without_torch_or_the_simulators() -> None:
     """``python -m idql_pl.gpu_check`` runs before the wheels are installed: importing it (and the package)
     loads only the standard library."""
     code = (
-        "import sys, idql_pl.gpu_check; "
+        "import sys, idql_pl.experiments.gpu_check; "
         "print([m for m in ('torch', 'lightning', 'numpy', 'gymnasium', 'jsonargparse') if m in sys.modules])"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

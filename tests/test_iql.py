@@ -11,7 +11,7 @@ import torch
 from idql_pl import IQL, ImplicitCritic
 from idql_pl.data.buffer import TransitionBuffer
 from idql_pl.errors import ConfigError
-from idql_pl.iql import EXP_ADV_MAX, GaussianActor, awr_loss, awr_weights
+from idql_pl.models.iql import EXP_ADV_MAX, GaussianActor, awr_loss, awr_weights
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_TRAINER, load_state, random_transitions, read_csv, run_cli
 from tests.test_resume import _assert_same
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from idql_pl.algorithm.losses import implicit_log_weights, implicit_weights, value_loss
 from idql_pl.errors import ConfigError
-from idql_pl.losses import implicit_log_weights, implicit_weights, value_loss
 
 KINDS = [("expectile", 0.7), ("quantile", 0.6), ("exponential", 1.0), ("exponential", 0.5)]
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from idql_pl.behavior import CosineDecay, DiffusionBehavior
-from idql_pl.critic import ImplicitCritic
+from idql_pl.algorithm.losses import implicit_weights
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.data.preprocess import RewardTransform
 from idql_pl.data.replay import ReplayBuffer, mixed_batch
 from idql_pl.envs.bandit import bandit_reward
-from idql_pl.losses import implicit_weights
-from idql_pl.online import OnlineIDQL, pretrained_behavior_optimizer
+from idql_pl.models.behavior import CosineDecay, DiffusionBehavior
+from idql_pl.models.critic import ImplicitCritic
+from idql_pl.models.online import OnlineIDQL, pretrained_behavior_optimizer
 from tests.helpers import CONFIGS, TINY_IDQL, load_state, random_transitions, run_cli
 
 BANDIT = ["--data.dataset", "local/bandit", "--data.dataset_size", "2000"]

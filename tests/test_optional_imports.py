@@ -1,4 +1,4 @@
-"""W&B, rliable and submitit are optional: only ``wandb`` logging, ``idql_pl.report`` and ``idql_pl.suite
+"""W&B, rliable and submitit are optional: only ``wandb`` logging, ``idql_pl.experiments.report`` and ``idql_pl.experiments.suite
 --launcher slurm`` use them. In a process where importing them fails (a meta-path blocker that also records
 who asked), ``import idql_pl``, a W&B-disabled ``fit`` (evaluation and checkpoint included), ``validate``, the
 benchmark and the GPU check's plan all work, and no module of the package tried to import them."""
@@ -33,8 +33,8 @@ SCRIPT = textwrap.dedent("""
 
     import idql_pl
     from idql_pl import IDQL, IQL, DiffusionBehavior, ImplicitCritic, OfflineDataModule, OnlineIDQL
-    import idql_pl.benchmark, idql_pl.cli, idql_pl.gpu_check, idql_pl.report, idql_pl.suite  # noqa: F401
-    from idql_pl.cli import main
+    import idql_pl.experiments.benchmark, idql_pl.training.cli, idql_pl.experiments.gpu_check, idql_pl.experiments.report, idql_pl.experiments.suite  # noqa: F401
+    from idql_pl.training.cli import main
 
     run_root = sys.argv[1]
     common = [
@@ -51,11 +51,11 @@ SCRIPT = textwrap.dedent("""
         "--checkpoint.every_n_train_steps", "2", "--run_root", run_root, "--run_name", "r",
     ])
     validate = main(["validate", *common, "--ckpt_path", run_root + "/r/last.ckpt"])
-    bench = idql_pl.benchmark.main([
+    bench = idql_pl.experiments.benchmark.main([
         "--tiny", "--repeats", "1", "--threads", "1", "--only", "critic", "--device", "cpu",
         "--dataset_size", "3000",
     ])
-    plan = idql_pl.gpu_check.main(["--plan"])
+    plan = idql_pl.experiments.gpu_check.main(["--plan"])
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in OPTIONAL)
     print(json.dumps({"fit": fit, "validate": validate, "bench": bench, "plan": plan, "loaded": loaded,
                       "attempts": attempts}))

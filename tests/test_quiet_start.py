@@ -15,9 +15,9 @@ import lightning as L
 import pytest
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from idql_pl import quiet
-from idql_pl.callbacks.progress import StepProgressBar
+from idql_pl import runtime
 from idql_pl.data.local import minari_id
+from idql_pl.training.progress import StepProgressBar
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, run_cli
 
 NOISE = ("reward functions were updated in v1.2.1", "litlogger", "anonymous setting has no effect",
@@ -28,7 +28,7 @@ NOISE = ("reward functions were updated in v1.2.1", "litlogger", "anonymous sett
 def test_filters_are_narrow_by_message_and_category():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        quiet.install()
+        runtime.drop_notices()
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", UserWarning, stacklevel=1)  # other kind
         warnings.warn("cached dataset /x is unreadable; regenerating it", UserWarning, stacklevel=1)  # ours
@@ -41,7 +41,7 @@ def test_filters_are_narrow_by_message_and_category():
 
 
 def test_log_filter_drops_only_the_named_records():
-    quiet.install()
+    runtime.drop_notices()
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from scipy import stats
 
-from idql_pl import report
-from idql_pl.report import aggregate_with_ci, make_report, paper_scores
+from idql_pl.experiments import report
+from idql_pl.experiments.report import aggregate_with_ci, make_report, paper_scores
 
 HOPPER = (-20.272305, 3234.3)
 
@@ -53,7 +53,7 @@ def test_paper_lookup():
         assert paper_scores(none) == {}
     v2 = {k for k, v in report.PAPER.items() if k.endswith("-v2")}
     assert len(v2) == 15 and sum("Table 5" in v for v in report.PAPER.values()) == 3
-    from idql_pl.suite import ANTMAZE_DATASETS, LOCO_DATASETS, MAZE2D_DATASETS
+    from idql_pl.experiments.suite import ANTMAZE_DATASETS, LOCO_DATASETS, MAZE2D_DATASETS
 
     assert all(paper_scores(d) for d in (*LOCO_DATASETS, *ANTMAZE_DATASETS, *MAZE2D_DATASETS))  # every suite dataset
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from idql_pl import rng
+from idql_pl.training import rng
 
 
 def _draws() -> tuple[float, float, float]:

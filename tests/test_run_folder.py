@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from idql_pl import run_folder
+from idql_pl.training import run_folder
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_state, run_cli
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from idql_pl.algorithm.extraction import extract_actions
+from idql_pl.algorithm.losses import implicit_weights
 from idql_pl.errors import ConfigError
-from idql_pl.losses import implicit_weights
-from idql_pl.sampler import extract_actions
 
 
 class FixedCandidates:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from idql_pl.callbacks.stop import StopController, Stopped
-from idql_pl.checkpointing import safe_load
+from idql_pl.training.checkpointing import safe_load
+from idql_pl.training.stop import StopController, Stopped
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_state, run_cli
 from tests.test_resume import _assert_same
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from idql_pl import suite
 from idql_pl.errors import ConfigError
+from idql_pl.experiments import suite
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, read_csv, run_cli
 
 TINY = [*SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER]  # passed to every run of the quickstart-seeds suite
@@ -184,5 +184,5 @@ def test_lightning_slurm_requeue_then_resume(tmp_path):
 def test_importing_submitit_keeps_the_logging_handlers(tmp_path):
     """submitit configures logging with dictConfig on import, which closes every handler already installed."""
     code = ("import logging; h = logging.FileHandler(r'%s'); logging.getLogger('lightning').addHandler(h);"
-            "from idql_pl.suite import import_submitit; import_submitit(); assert not h.stream.closed") % (tmp_path / "x.log")
+            "from idql_pl.experiments.suite import import_submitit; import_submitit(); assert not h.stream.closed") % (tmp_path / "x.log")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

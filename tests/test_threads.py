@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from idql_pl import allocator, threads
+from idql_pl import runtime
 from idql_pl.errors import ConfigError
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, run_cli
 
@@ -21,13 +21,13 @@ FIT = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), *SMALL_MAZE, *TINY_I
 
 def test_thread_count_sources(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
-    assert threads.available_cpus() == 3
-    assert threads.intra_op_threads(None, environ={}) == (3, "CPU affinity")
-    assert threads.intra_op_threads(None, environ={"OMP_NUM_THREADS": "2"}) == (2, "OMP_NUM_THREADS")
-    assert threads.intra_op_threads(4, environ={"OMP_NUM_THREADS": "2"}) == (4, "--threads")
-    assert threads.intra_op_threads(None, environ={"OMP_NUM_THREADS": ""}) == (3, "CPU affinity")
+    assert runtime.available_cpus() == 3
+    assert runtime.intra_op_threads(None, environ={}) == (3, "CPU affinity")
+    assert runtime.intra_op_threads(None, environ={"OMP_NUM_THREADS": "2"}) == (2, "OMP_NUM_THREADS")
+    assert runtime.intra_op_threads(4, environ={"OMP_NUM_THREADS": "2"}) == (4, "--threads")
+    assert runtime.intra_op_threads(None, environ={"OMP_NUM_THREADS": ""}) == (3, "CPU affinity")
     with pytest.raises(ConfigError, match="--threads must be >= 1"):
-        threads.intra_op_threads(0, environ={})
+        runtime.intra_op_threads(0, environ={})
 
 
 def test_passive_wait_comes_with_a_short_spin_unless_the_user_chose():
@@ -35,32 +35,35 @@ def test_passive_wait_comes_with_a_short_spin_unless_the_user_chose():
     modules = dict(sys.modules)
     try:
         sys.modules.pop("torch")  # as in a fresh `python -m idql_pl` before torch is imported
-        assert threads.passive_openmp_wait(env) is True
+        assert runtime.passive_openmp_wait(env) is True
+        for off in ("openmp", "threads, openmp", "all"):  # switched off
+            unset = {"IDQL_PL_TWEAKS_OFF": off}
+            assert runtime.passive_openmp_wait(unset) is False and unset == {"IDQL_PL_TWEAKS_OFF": off}
     finally:
         sys.modules.clear()
         sys.modules.update(modules)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": threads.SHORT_SPIN}
-    assert threads.wait_policy_text(env) == "PASSIVE, GOMP_SPINCOUNT=10000"
-    assert threads.wait_policy_text({}) == "default (spinning)"
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": runtime.SHORT_SPIN}
+    assert runtime.wait_policy_text(env) == "PASSIVE, GOMP_SPINCOUNT=10000"
+    assert runtime.wait_policy_text({}) == "default (spinning)"
 
 
 def test_threads_left_over_by_other_processes():
-    assert [threads.shared_threads(2, x) for x in (0.0, 0.4, 0.6, 1.0, 1.5, 3.0)] == [2, 2, 1, 1, 1, 1]
-    assert [threads.shared_threads(8, x) for x in (0.0, 2.2, 6.9)] == [8, 6, 1]
+    assert [runtime.shared_threads(2, x) for x in (0.0, 0.4, 0.6, 1.0, 1.5, 3.0)] == [2, 2, 1, 1, 1, 1]
+    assert [runtime.shared_threads(8, x) for x in (0.0, 2.2, 6.9)] == [8, 6, 1]
 
 
 def test_cpu_share_subtracts_this_process(monkeypatch):
     """Other processes' cores = the machine's busy CPU time minus this process's own, over the wall time."""
     samples = iter([(0.0, 100.0, 10.0), (2.0, 103.0, 11.0), (2.1, 104.0, 11.1), (4.0, 104.5, 11.5)])
-    monkeypatch.setattr(threads.CpuShare, "_sample", staticmethod(lambda: next(samples)))
-    share = threads.CpuShare()
+    monkeypatch.setattr(runtime.CpuShare, "_sample", staticmethod(lambda: next(samples)))
+    share = runtime.CpuShare()
     assert share.others() == pytest.approx(1.0)  # 3 busy s - 1 own s over 2 s
     assert share.others() is None  # under 0.2 s since the last sample: too short to tell, the old one is kept
     assert share.others() == pytest.approx(0.5)  # (1.5 busy s - 0.5 own s) over the 2 s since t = 2
 
 
 def test_cpu_share_reads_this_machine():
-    share = threads.CpuShare()
+    share = runtime.CpuShare()
     if share._last is None:
         pytest.skip("no /proc/stat")
     import time
@@ -72,12 +75,12 @@ def test_cpu_share_reads_this_machine():
 
 def test_share_cpus_follows_other_load(monkeypatch, caplog):
     """The callback drops to the cores left over while others use them and takes them all back after."""
-    from idql_pl.callbacks.threads import ShareCpus
+    from idql_pl.runtime.callbacks import ShareCpus
 
     loads = iter([1.2, 1.2, 0.0])
-    monkeypatch.setattr(threads.CpuShare, "others", lambda self: next(loads))
+    monkeypatch.setattr(runtime.CpuShare, "others", lambda self: next(loads))
     clock = iter(range(0, 1000, 3))
-    monkeypatch.setattr("idql_pl.callbacks.threads.time.monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr("idql_pl.runtime.callbacks.time.monotonic", lambda: float(next(clock)))
     trainer = type("T", (), {"global_step": 7})()
     torch.set_num_threads(2)
     try:
@@ -96,10 +99,10 @@ def test_share_cpus_follows_other_load(monkeypatch, caplog):
 
 def test_passive_wait_never_overrides_the_user_and_never_comes_too_late():
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert threads.passive_openmp_wait(env) is False and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert runtime.passive_openmp_wait(env) is False and env == {"OMP_WAIT_POLICY": "ACTIVE"}
     env = {}
     assert "torch" in sys.modules  # this process: OpenMP already started, so setting it now would be a lie
-    assert threads.passive_openmp_wait(env) is False and env == {}
+    assert runtime.passive_openmp_wait(env) is False and env == {}
 
 
 def test_threads_flag_sets_torch_threads(tmp_path, monkeypatch, caplog):
@@ -126,21 +129,10 @@ def test_cli_process_uses_its_affinity_mask_and_passive_openmp(tmp_path):
     OMP_WAIT_POLICY=PASSIVE in place before torch started; a user's own OMP_WAIT_POLICY is kept."""
     cpu = min(os.sched_getaffinity(0))
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    code = ("import os, sys; sys.argv[0] = '-m'; import idql_pl, torch; "
-            "print(os.environ.get('OMP_WAIT_POLICY'), torch.get_num_threads())")
-    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                           preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
-    assert probe.returncode == 0, probe.stderr[-2000:]
-    assert probe.stdout.split()[0] == "PASSIVE"
-
     proc = subprocess.run([sys.executable, "-m", "idql_pl", *FIT, "--run_root", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=240, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("[idql_pl] 1 CPU thread (from CPU affinity; --threads N to change; fewer while other processes use the"
             " cores), OpenMP wait policy PASSIVE, GOMP_SPINCOUNT=10000") in proc.stderr
-    if allocator._glibc_mallopt() is not None:  # see tests/test_allocator.py
+    if runtime._glibc_mallopt() is not None:  # see tests/test_allocator.py
         assert "[idql_pl] memory: glibc malloc: large blocks from the heap, reused" in proc.stderr
-
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert probe.stdout.split()[0] == "ACTIVE"

@@ -11,8 +11,8 @@ import errno
 import pytest
 import torch
 
-from idql_pl.checkpointing import AtomicCheckpointIO, safe_load
 from idql_pl.errors import CheckpointError
+from idql_pl.training.checkpointing import AtomicCheckpointIO, safe_load
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_state, run_cli
 
 FIT = ("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER, "--eval.at_end", "false")

@@ -9,8 +9,8 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from idql_pl.algorithm.losses import implicit_log_weights
 from idql_pl.errors import ConfigError
-from idql_pl.losses import implicit_log_weights
 from idql_pl.nets import per_agent
 
 Extraction = Literal["argmax", "implicit"]

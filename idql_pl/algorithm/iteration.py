@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from idql_pl.algorithm.steps import GradientStep
 from idql_pl.data.buffer import Batch
-from idql_pl.steps import GradientStep
 
 if TYPE_CHECKING:
-    from idql_pl.behavior import DiffusionBehavior
-    from idql_pl.critic import ImplicitCritic
+    from idql_pl.models.behavior import DiffusionBehavior
+    from idql_pl.models.critic import ImplicitCritic
 
 
 class IDQLOptimizers(NamedTuple):
@@ -44,7 +44,7 @@ def algorithm1_iteration(
     3. the Q step with the V just updated: ``y = r + gamma mask V(s')`` (Eq. 2);
     4. the Polyak update of the target Q pair (rate 0.005).
 
-    ``step`` takes one gradient step (:mod:`idql_pl.steps`: eager, or functional inside ``compile: true``'s
+    ``step`` takes one gradient step (:mod:`idql_pl.algorithm.steps`: eager, or functional inside ``compile: true``'s
     graph). Returns detached means over agents, with no host sync.
     """
     metrics: dict[str, Tensor] = {}

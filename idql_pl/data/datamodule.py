@@ -32,7 +32,7 @@ from idql_pl.data.preprocess import (
 from idql_pl.data.registry import D4RL_DATASETS, FAMILIES, LOCAL_RECIPES, check_env_id, get_d4rl_spec, suggest
 from idql_pl.envs import env_error
 from idql_pl.errors import DatasetError, EvalEnvError
-from idql_pl.rng import RANK_SEED_STRIDE, distributed_world, gather_from_ranks, own_rank_entry
+from idql_pl.training.rng import RANK_SEED_STRIDE, distributed_world, gather_from_ranks, own_rank_entry
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ One run measures (warm-up, then the median over ``--repeats`` timed blocks, comp
   bounded by the step at batch 2, amortized to nothing).
 
 Every figure runs the project's own functions; there is no second implementation to compare against. Large
-tensors come from glibc's reused heap, as in the CLI's runs (``idql_pl/allocator.py``).
+tensors come from glibc's reused heap, as in the CLI's runs (``idql_pl/runtime/__init__.py``).
 ``--only critic,actor,...`` runs just those sections (after the ceiling and the dataset); ``--only agents``
 just the many-agents section. ``--precisions f32`` (or ``bf16``) limits the many-agents and ``compile: true``
 sections to that precision (default both).
@@ -54,9 +54,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from idql_pl.allocator import reuse_large_blocks
-from idql_pl.iteration import IDQLOptimizers
-from idql_pl.sampler import autocast_for
+from idql_pl.algorithm.extraction import autocast_for
+from idql_pl.algorithm.iteration import IDQLOptimizers
+from idql_pl.runtime import reuse_large_blocks
 
 DATASET = "local/pointmaze-umaze"
 PRECISIONS = ("f32", "bf16")  # float32, and bf16 autocast (--trainer.precision bf16-mixed)
@@ -202,21 +202,21 @@ def sampler_flops(obs_dim: int, action_dim: int, s: Sizes) -> float:
 
 # ----------------------------------------------------------------------------------------- builders
 def make_critic(obs_dim: int, action_dim: int, s: Sizes, num_agents: int = 1) -> Any:
-    from idql_pl.critic import ImplicitCritic
+    from idql_pl.models.critic import ImplicitCritic
 
     return ImplicitCritic(obs_dim, action_dim, hidden_dims=list(s.critic_hidden), batch_size=s.critic_batch,
                           num_agents=num_agents)
 
 
 def make_behavior(obs_dim: int, action_dim: int, s: Sizes, num_agents: int = 1) -> Any:
-    from idql_pl.behavior import DiffusionBehavior
+    from idql_pl.models.behavior import DiffusionBehavior
 
     return DiffusionBehavior(obs_dim, action_dim, T=s.T, hidden_dim=s.actor_hidden, num_blocks=s.actor_blocks,
                              ff_dim=s.actor_ff, time_dim=s.time_dim, batch_size=s.actor_batch, num_agents=num_agents)
 
 
 def make_idql(obs_dim: int, action_dim: int, s: Sizes, num_agents: int = 1) -> Any:
-    from idql_pl.idql import IDQL
+    from idql_pl.models.idql import IDQL
 
     return IDQL(obs_dim, action_dim, critic=functools.partial(make_critic, s=s),
                 behavior=functools.partial(make_behavior, s=s), num_samples=s.sampler_n, num_agents=num_agents)
@@ -560,7 +560,7 @@ class Bench:
     def evaluation(self) -> None:
         import gymnasium as gym
 
-        from idql_pl.callbacks.evaluation import rollout
+        from idql_pl.training.evaluation import rollout
 
         s, dm, model = self.s, self.dm, self._policy_model
 
@@ -653,7 +653,7 @@ def memory_probe(size: int) -> dict[str, float]:
     ``VmHWM``, not ``ru_maxrss``: Linux carries the spawning parent's high-water mark into ``ru_maxrss``
     across ``vfork`` + ``exec``, which would report the benchmark process's own size."""
     import idql_pl.data.datamodule as datamodule
-    import idql_pl.idql  # noqa: F401  (everything a training process imports)
+    import idql_pl.models.idql  # noqa: F401  (everything a training process imports)
 
     import_rss = _rss_bytes()
     t0 = time.perf_counter()
@@ -735,7 +735,7 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool | str
     and ``compile: true`` sections; ``compile_mode``: ``torch.compile``'s mode for ``compile: true``); returns
     the JSON-able report."""
     torch.manual_seed(0)
-    malloc = reuse_large_blocks()  # as the CLI's runs do (idql_pl/allocator.py)
+    malloc = reuse_large_blocks()  # as the CLI's runs do (idql_pl/runtime/__init__.py)
     log(f"[bench] memory: {malloc}")
     bench = Bench(sizes, repeats, device, log, precisions, compile_mode)
     if agents:

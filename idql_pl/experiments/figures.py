@@ -1,10 +1,10 @@
 """The IDQL paper's Figures 1-3 as commands: ``python -m idql_pl.figures {fig1,fig2,fig3,all} [--out DIR] [--quick]``.
 
 Each figure writes ``<out>/figN.png`` and ``<out>/figN.json`` (the plotted numbers, the sizes used and the wall
-time) and is built from the project's own parts: :class:`~idql_pl.critic.ImplicitCritic`,
-:class:`~idql_pl.behavior.DiffusionBehavior` (LN-ResNet / MLP score nets), :func:`~idql_pl.sampler.extract_actions`,
-:func:`~idql_pl.losses.value_loss`, :func:`~idql_pl.losses.implicit_log_weights` and the IQL baseline's
-:func:`~idql_pl.iql.awr_loss` / :class:`~idql_pl.iql.GaussianActor`.
+time) and is built from the project's own parts: :class:`~idql_pl.models.critic.ImplicitCritic`,
+:class:`~idql_pl.models.behavior.DiffusionBehavior` (LN-ResNet / MLP score nets), :func:`~idql_pl.algorithm.extraction.extract_actions`,
+:func:`~idql_pl.algorithm.losses.value_loss`, :func:`~idql_pl.algorithm.losses.implicit_log_weights` and the IQL baseline's
+:func:`~idql_pl.models.iql.awr_loss` / :class:`~idql_pl.models.iql.GaussianActor`.
 
 - **Fig. 1** (Sec. 1): one-step 2-D bandit, ``r(a1, a2) = a1 + a2``, behavior data in three clusters (the
   ``local/bandit`` centres and spread); an expectile critic at tau 0.9; the AWR-fitted unimodal Gaussian policy
@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from idql_pl.behavior import DiffusionBehavior
-from idql_pl.critic import ImplicitCritic
+from idql_pl.algorithm.extraction import extract_actions
+from idql_pl.algorithm.losses import implicit_log_weights, value_loss
 from idql_pl.data.buffer import TransitionBuffer
 from idql_pl.envs.bandit import BANDIT_CENTERS, BANDIT_RADIUS, BANDIT_STD
-from idql_pl.iql import GaussianActor, awr_loss
-from idql_pl.losses import implicit_log_weights, value_loss
-from idql_pl.sampler import extract_actions
+from idql_pl.models.behavior import DiffusionBehavior
+from idql_pl.models.critic import ImplicitCritic
+from idql_pl.models.iql import GaussianActor, awr_loss
 
 FIGURES = ("fig1", "fig2", "fig3")
 

@@ -15,9 +15,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
+from idql_pl.algorithm.steps import EagerStep, FunctionalStep, lr_tensor, prepare_functional_adam
 from idql_pl.errors import CheckpointError, ConfigError, NonFiniteLossError
-from idql_pl.precision import precision_error
-from idql_pl.rng import (
+from idql_pl.training.precision import precision_error
+from idql_pl.training.rng import (
     capture_rng_state,
     distributed_world,
     gather_from_ranks,
@@ -25,7 +26,6 @@ from idql_pl.rng import (
     restore_rng_state,
     seed_rank_stream,
 )
-from idql_pl.steps import EagerStep, FunctionalStep, lr_tensor, prepare_functional_adam
 
 
 def make_adam(params: list[Tensor], lr: float, weight_decay: float | None = None) -> torch.optim.Optimizer:
@@ -50,7 +50,7 @@ class IDQLModule(L.LightningModule):
     """Shared plumbing; subclasses set ``hparams.obs_dim``/``hparams.action_dim`` (via :meth:`save_init_args`).
 
     - A ``training_step`` draws its batches, runs one training iteration (:meth:`run`: Algorithm 1,
-      :func:`~idql_pl.iteration.algorithm1_iteration`, or a baseline's) on plain ``torch.optim`` optimizers,
+      :func:`~idql_pl.algorithm.iteration.algorithm1_iteration`, or a baseline's) on plain ``torch.optim`` optimizers,
       eager or compiled into one graph (``compile: true``), and counts one Lightning step (:meth:`count_step`):
       ``trainer.global_step`` and ``max_steps`` count iterations (critic steps for IDQL).
     - Checkpoints carry the global RNG states (dropout and diffusion noise continue identically after a resume;
@@ -103,9 +103,9 @@ class IDQLModule(L.LightningModule):
         return list(opts) if isinstance(opts, list | tuple) else [opts]
 
     def run(self, iteration: Callable[..., dict[str, Tensor]], *args: Any) -> dict[str, Tensor]:
-        """One training iteration: ``iteration(*args, step)`` (e.g. :func:`~idql_pl.iteration.algorithm1_iteration`),
+        """One training iteration: ``iteration(*args, step)`` (e.g. :func:`~idql_pl.algorithm.iteration.algorithm1_iteration`),
         with eager gradient steps, or, after :meth:`compile_training` (``compile: true``), compiled into one
-        graph with functional ones (:mod:`idql_pl.steps`). Optimizers are found in ``args`` (named tuples)."""
+        graph with functional ones (:mod:`idql_pl.algorithm.steps`). Optimizers are found in ``args`` (named tuples)."""
         if self._compiled is None:
             return iteration(*args, self.eager_step)
         if not self._functional_ready:  # once the optimizers (and a resumed run's states) exist

@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from idql_pl.data.buffer import Batch, TransitionBuffer
-from idql_pl.diffusion import (
+from idql_pl.algorithm.diffusion import (
     SCHEDULES,
     Schedule,
     ddpm_loss,
@@ -20,9 +19,10 @@ from idql_pl.diffusion import (
     reverse_coefficients,
     reverse_sample,
 )
+from idql_pl.algorithm.iteration import IDQLOptimizers, algorithm1_iteration
+from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
-from idql_pl.iteration import IDQLOptimizers, algorithm1_iteration
-from idql_pl.module import IDQLModule, make_adam
+from idql_pl.models.base import IDQLModule, make_adam
 from idql_pl.nets import (
     ACTIVATIONS,
     LNResNet,
@@ -56,7 +56,7 @@ class DiffusionBehavior(IDQLModule):
 
     Defaults are the paper's (App. E, G): T 5, vp schedule, LN-ResNet 256/1024 x 3 blocks, dropout 0.1, mish,
     AdamW lr 3e-4 with cosine decay to 0 and weight decay 0, batch 1024, EMA 0.001, actions clipped to +-1.
-    Its part of Algorithm 1 (:func:`~idql_pl.iteration.algorithm1_iteration`): a step on :meth:`loss`, then
+    Its part of Algorithm 1 (:func:`~idql_pl.algorithm.iteration.algorithm1_iteration`): a step on :meth:`loss`, then
     :meth:`ema_update`. Trained alone (``--model idql_pl.DiffusionBehavior``, i.e. diffusion behavior cloning), a
     training step is Algorithm 1 without the critic, and ``compile: true`` compiles it.
 
@@ -190,7 +190,7 @@ class DiffusionBehavior(IDQLModule):
 
     def update(self, batch: Batch, opt: torch.optim.Optimizer, scheduler: LambdaLR | None) -> dict[str, Tensor]:
         """Algorithm 1 without the critic: one behavior step on ``batch`` (Eq. 4 at the schedule's LR, then the
-        EMA), eager or compiled (:meth:`~idql_pl.module.IDQLModule.run`); returns ``train/behavior/loss``."""
+        EMA), eager or compiled (:meth:`~idql_pl.models.base.IDQLModule.run`); returns ``train/behavior/loss``."""
         metrics = self.run(algorithm1_iteration, self, None, [batch], None, IDQLOptimizers(opt, None, None),
                            self.scheduled_lrs(scheduler, 1))
         self.advance(scheduler, 1)

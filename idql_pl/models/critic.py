@@ -9,23 +9,23 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from idql_pl.algorithm.iteration import IDQLOptimizers, algorithm1_iteration
+from idql_pl.algorithm.losses import ValueLossKind, check_value_loss, implicit_weights, value_loss
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
-from idql_pl.iteration import IDQLOptimizers, algorithm1_iteration
-from idql_pl.losses import ValueLossKind, check_value_loss, implicit_weights, value_loss
-from idql_pl.module import IDQLModule, make_adam
+from idql_pl.models.base import IDQLModule, make_adam
 from idql_pl.nets import AgentMLP, TwinQ, build_agents, ema_update_, per_agent
 
 
 class ImplicitCritic(IDQLModule):
     """Twin Q (+ Polyak target) and V trained with the generalized implicit Q-learning objective.
 
-    Its part of Algorithm 1 (:func:`~idql_pl.iteration.algorithm1_iteration`): a V step on :meth:`v_loss` (Eq. 1
+    Its part of Algorithm 1 (:func:`~idql_pl.algorithm.iteration.algorithm1_iteration`): a V step on :meth:`v_loss` (Eq. 1
     / 10 / 11 on ``u = min(Q1_t, Q2_t)(s, a) - V(s)``), a Q step on :meth:`q_loss` (Eq. 2, ``y = r + gamma
     mask V(s')`` with the just-updated V), then :meth:`target_update`. ``value_loss``: "expectile" (``tau``), "quantile" (``tau``) or "exponential" (``alpha``, guarded with
     ``exp_clip``). Adam, constant ``lr``, no weight decay or gradient clipping. Trained alone (``--model
     idql_pl.ImplicitCritic``), a training step is Algorithm 1 without the behavior steps, and ``compile: true``
-    compiles it (:meth:`~idql_pl.module.IDQLModule.compile_training`, ``compile_mode`` passed on).
+    compiles it (:meth:`~idql_pl.models.base.IDQLModule.compile_training`, ``compile_mode`` passed on).
 
     ``num_agents`` (K) independent critics train as one model: V is K members, the twin Q and its target
     ``K x 2`` (:class:`~idql_pl.nets.TwinQ`), all updated by one batched step. Batches are ``[K, B, ...]`` (agent
@@ -159,7 +159,7 @@ class ImplicitCritic(IDQLModule):
 
     def update(self, batch: Batch, v_opt: torch.optim.Optimizer, q_opt: torch.optim.Optimizer) -> dict[str, Tensor]:
         """Algorithm 1 without the behavior steps (V, Q with the new V, target) on ``batch``, eager or compiled
-        (:meth:`~idql_pl.module.IDQLModule.run`); returns the detached ``train/critic/*`` metrics."""
+        (:meth:`~idql_pl.models.base.IDQLModule.run`); returns the detached ``train/critic/*`` metrics."""
         return self.run(algorithm1_iteration, None, self, [], batch, IDQLOptimizers(None, v_opt, q_opt), [])
 
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:

@@ -9,14 +9,14 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
-from idql_pl.behavior import DiffusionBehavior
-from idql_pl.checkpointing import load_submodule_state
-from idql_pl.critic import ImplicitCritic
+from idql_pl.algorithm.extraction import Extraction, check_extraction, extract_actions
+from idql_pl.algorithm.iteration import IDQLOptimizers, algorithm1_iteration
 from idql_pl.data.buffer import TransitionBuffer
 from idql_pl.errors import ConfigError
-from idql_pl.iteration import IDQLOptimizers, algorithm1_iteration
-from idql_pl.module import IDQLModule
-from idql_pl.sampler import Extraction, check_extraction, extract_actions
+from idql_pl.models.base import IDQLModule
+from idql_pl.models.behavior import DiffusionBehavior
+from idql_pl.models.critic import ImplicitCritic
+from idql_pl.training.checkpointing import load_submodule_state
 
 CriticFactory = Callable[[int, int], ImplicitCritic]
 BehaviorFactory = Callable[[int, int], DiffusionBehavior]
@@ -35,7 +35,7 @@ class IDQL(IDQLModule):
     dimensions, which come from the data). ``behavior_ckpt``/``critic_ckpt`` load a pretrained half (from a
     standalone or a joint checkpoint); ``freeze_*`` then stops training it, so a sweep over tau reuses one
     diffusion model. ``compile: true`` compiles the whole iteration (every behavior step and the critic step,
-    every agent) into one graph (:meth:`~idql_pl.module.IDQLModule.compile_training`), with ``compile_mode``
+    every agent) into one graph (:meth:`~idql_pl.models.base.IDQLModule.compile_training`), with ``compile_mode``
     passed to ``torch.compile`` ("reduce-overhead": CUDA graphs on a GPU); the halves' own ``compile`` options
     apply only when a half is trained alone.
 
@@ -119,9 +119,9 @@ class IDQL(IDQLModule):
 
     def update(self, buffer: TransitionBuffer, opt: IDQLOptimizers, scheduler: LRScheduler | None
                ) -> dict[str, Tensor]:
-        """One iteration of Algorithm 1 (:func:`~idql_pl.iteration.algorithm1_iteration`) for every agent, on
+        """One iteration of Algorithm 1 (:func:`~idql_pl.algorithm.iteration.algorithm1_iteration`) for every agent, on
         ``[K, B, ...]`` batches drawn by index from ``buffer`` (agent ``k``'s rows from its own generator), the
-        behavior steps at ``scheduler``'s next LRs; eager or compiled (:meth:`~idql_pl.module.IDQLModule.run`).
+        behavior steps at ``scheduler``'s next LRs; eager or compiled (:meth:`~idql_pl.models.base.IDQLModule.run`).
         Returns the detached metrics."""
         agents, behavior_steps = self.num_agents, self.hparams.actor_updates_per_step if self.train_behavior else 0
         behavior_batches = [buffer.sample(self.behavior.hparams.batch_size, agents) for _ in range(behavior_steps)]

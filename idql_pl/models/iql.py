@@ -23,15 +23,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from idql_pl.behavior import CosineDecay
-from idql_pl.critic import ImplicitCritic
+from idql_pl.algorithm.extraction import autocast_for
+from idql_pl.algorithm.iteration import IDQLOptimizers, algorithm1_iteration
+from idql_pl.algorithm.steps import GradientStep
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
-from idql_pl.iteration import IDQLOptimizers, algorithm1_iteration
-from idql_pl.module import IDQLModule, make_adam
+from idql_pl.models.base import IDQLModule, make_adam
+from idql_pl.models.behavior import CosineDecay
+from idql_pl.models.critic import ImplicitCritic
 from idql_pl.nets import MLP, xavier_linear
-from idql_pl.sampler import autocast_for
-from idql_pl.steps import GradientStep
 
 CriticFactory = Callable[[int, int], ImplicitCritic]
 

@@ -11,16 +11,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from idql_pl.behavior import DiffusionBehavior
-from idql_pl.checkpointing import SIDECARS_KEY, load_submodule_state, safe_load
-from idql_pl.critic import ImplicitCritic
+from idql_pl.algorithm.extraction import Extraction, check_extraction
+from idql_pl.algorithm.iteration import IDQLOptimizers, algorithm1_iteration
 from idql_pl.data.buffer import TransitionBuffer
 from idql_pl.data.replay import ReplayBuffer, mixed_batch
 from idql_pl.errors import CheckpointError, ConfigError
-from idql_pl.idql import IDQL, BehaviorFactory, CriticFactory
-from idql_pl.iteration import IDQLOptimizers, algorithm1_iteration
-from idql_pl.module import IDQLModule
-from idql_pl.sampler import Extraction, check_extraction
+from idql_pl.models.base import IDQLModule
+from idql_pl.models.behavior import DiffusionBehavior
+from idql_pl.models.critic import ImplicitCritic
+from idql_pl.models.idql import IDQL, BehaviorFactory, CriticFactory
+from idql_pl.training.checkpointing import SIDECARS_KEY, load_submodule_state, safe_load
 
 Variant = Literal["max", "imp"]
 VARIANTS = ("max", "imp")
@@ -95,7 +95,7 @@ class OnlineIDQL(IDQLModule):
     IDQL-Imp, so the actor is finetuned on the tail of one cosine, never at the peak LR with new moments. ``"restart"``: a fresh AdamW and a cosine from the peak LR to 0 over ``U`` (the project's earlier
     behavior). A checkpoint without a behavior optimizer (its behavior model was frozen) restarts, with a
     warning. Evaluation
-    (:class:`~idql_pl.callbacks.evaluation.PolicyEvaluation`) uses ``extraction`` (default argmax, deterministic
+    (:class:`~idql_pl.training.evaluation.PolicyEvaluation`) uses ``extraction`` (default argmax, deterministic
     seeded episodes). The replay buffer (all ``max_steps`` transitions unless ``replay_capacity``) is saved beside
     each checkpoint; a resumed run restarts the episode that was in progress (its stored transitions are kept).
     Single device only.
@@ -276,7 +276,7 @@ class OnlineIDQL(IDQLModule):
 
     def training_step(self, offline: TransitionBuffer, batch_idx: int) -> None:
         """One environment step, then (after the warm-up) one iteration of Algorithm 1
-        (:func:`~idql_pl.iteration.algorithm1_iteration`) on half-online, half-offline batches: IDQL-Imp's
+        (:func:`~idql_pl.algorithm.iteration.algorithm1_iteration`) on half-online, half-offline batches: IDQL-Imp's
         behavior steps and the critic step; IDQL-Max's critic step only."""
         episode = self.env_step()
         if episode is not None and self.trainer.is_global_zero:

@@ -1,5 +1,6 @@
-"""ShareCpus: fewer intra-op threads while other processes need the cores, all of them again when they are gone
-(see idql_pl/threads.py for why)."""
+"""The two runtime tweaks that act during training (:mod:`idql_pl.runtime`): :class:`ShareCpus` (fewer intra-op
+threads while other processes need the cores, all of them again when they are gone) and
+:class:`ReuseLargeBlocks` (large CPU tensors from glibc's reused heap once the data is loaded)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,17 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from idql_pl.threads import CpuShare, rank_share, shared_threads
+from idql_pl.runtime import CpuShare, rank_share, reuse_large_blocks, shared_threads
 
 
 class ShareCpus(L.Callback):
     """Every ``interval_s`` seconds of training (checked at the end of a training step, on the main thread, where
-    ``torch.set_num_threads`` takes effect) set the thread count to :func:`~idql_pl.threads.shared_threads` of
+    ``torch.set_num_threads`` takes effect) set the thread count to :func:`~idql_pl.runtime.shared_threads` of
     ``max_threads`` and the cores other processes used since the last check. One line when the count changes.
     Added by the CLI when the thread count comes from the CPU affinity (not from ``--threads``/``OMP_NUM_THREADS``).
 
     Under DDP the ``L`` ranks on this machine (``trainer.num_devices``) share its ``max_threads`` CPUs: each
-    rank is capped at :func:`~idql_pl.threads.rank_share` of them from the start of training (the share
+    rank is capped at :func:`~idql_pl.runtime.rank_share` of them from the start of training (the share
     Lightning's DDP launcher gives each rank) and never grows beyond it. The CPU time of the other ranks is
     not another process's load: they run the same steps in lockstep, so each is taken to use what this rank
     uses, and only the rest of the machine's load counts, split evenly among the ``L`` ranks.
@@ -69,3 +70,17 @@ class ShareCpus(L.Callback):
         if torch.get_num_threads() != self.limit:
             torch.set_num_threads(self.limit)  # evaluation after fit, and the caller: this process's share
         self._share = None
+
+
+class ReuseLargeBlocks(L.Callback):
+    """At ``setup`` (after the datamodule's ``setup`` has loaded the dataset, before the first step), call
+    :func:`~idql_pl.runtime.reuse_large_blocks` once per process and say what it did. The CLI adds it to every
+    run."""
+
+    def __init__(self) -> None:
+        self.done = ""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.done:
+            self.done = reuse_large_blocks()
+            rank_zero_info(f"[idql_pl] memory: {self.done}")

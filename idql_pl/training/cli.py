@@ -22,18 +22,18 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from idql_pl import quiet, run_folder, threads
-from idql_pl.callbacks.allocator import ReuseLargeBlocks
-from idql_pl.callbacks.evaluation import PolicyEvaluation
-from idql_pl.callbacks.progress import StepProgressBar
-from idql_pl.callbacks.stop import GracefulStop, Stopped
-from idql_pl.callbacks.stop import controller as stop_controller
-from idql_pl.callbacks.threads import ShareCpus
-from idql_pl.checkpointing import AtomicCheckpointIO, safe_load
+from idql_pl import runtime
 from idql_pl.data import OfflineDataModule
 from idql_pl.errors import CheckpointError, ConfigError, IDQLError
-from idql_pl.module import dims_mismatch
-from idql_pl.precision import precision_error, slow_bf16_note
+from idql_pl.models.base import dims_mismatch
+from idql_pl.runtime.callbacks import ReuseLargeBlocks, ShareCpus
+from idql_pl.training import run_folder
+from idql_pl.training.checkpointing import AtomicCheckpointIO, safe_load
+from idql_pl.training.evaluation import PolicyEvaluation
+from idql_pl.training.precision import precision_error, slow_bf16_note
+from idql_pl.training.progress import StepProgressBar
+from idql_pl.training.stop import GracefulStop, Stopped
+from idql_pl.training.stop import controller as stop_controller
 
 RUN_ID_FILE = "wandb_run_id.txt"
 RUN_DIR_ENV = "IDQL_PL_RUN_DIR"  # rank 0's claimed run folder, for the DDP ranks it launches
@@ -114,7 +114,7 @@ class IDQLCLI(LightningCLI):
             raise located from None
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
-        self.threads, self.thread_source = threads.apply_threads(cfg.get("threads"))
+        self.threads, self.thread_source = runtime.apply_threads(cfg.get("threads"))
         ckpt = cfg.get("ckpt_path")
         if sub in ("validate", "test") and not ckpt:
             raise ConfigError(
@@ -190,7 +190,7 @@ class IDQLCLI(LightningCLI):
         callbacks = sub_init.get("trainer", {}).get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         ours: list[Any] = [GracefulStop(resume_hint=self.resume_hint), ReuseLargeBlocks()]
-        if self.thread_source == "CPU affinity":
+        if self.thread_source == "CPU affinity" and runtime.enabled("threads"):
             ours.append(ShareCpus(self.threads))
         if cfg.trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             ours.append(StepProgressBar())
@@ -243,9 +243,9 @@ class IDQLCLI(LightningCLI):
         rank_zero_info(self.datamodule.summary())
         rank_zero_info(f"[idql_pl] run folder: {self.run_dir}")
         source = self.thread_source
-        wait = threads.wait_policy_text()
+        wait = runtime.wait_policy_text()
         hint = "" if source == "--threads" else "; --threads N to change"
-        if source == "CPU affinity":
+        if source == "CPU affinity" and runtime.enabled("threads"):
             hint += "; fewer while other processes use the cores"
         rank_zero_info(f"[idql_pl] {self.threads} CPU thread{'s' if self.threads != 1 else ''} (from {source}{hint}), OpenMP wait policy {wait}")
         self._add_wandb()
@@ -402,7 +402,7 @@ def export_command(argv: list[str]) -> None:
     many-agent checkpoint as an ordinary single-agent checkpoint (validate it with ``--model.num_agents 1``)."""
     import argparse
 
-    from idql_pl.checkpointing import export_agent
+    from idql_pl.training.checkpointing import export_agent
 
     parser = argparse.ArgumentParser(prog="python -m idql_pl export", description=export_command.__doc__)
     parser.add_argument("--ckpt_path", required=True, help="checkpoint of a run with --model.num_agents K")
@@ -415,8 +415,8 @@ def export_command(argv: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> int:
     """Entry point: user errors print one ``error:`` line and exit 2 instead of a traceback; SIGTERM/SIGINT
-    during training save last.ckpt and exit 143/130 (see idql_pl/callbacks/stop.py)."""
-    quiet.install()
+    during training save last.ckpt and exit 143/130 (see idql_pl/training/stop.py)."""
+    runtime.drop_notices()
     stop_controller.phase, stop_controller.requested = "setup", None
     stop_controller.install()
     stopped = False

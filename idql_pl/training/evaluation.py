@@ -15,8 +15,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from idql_pl.algorithm.extraction import Extraction, autocast_for, check_extraction
 from idql_pl.errors import ConfigError
-from idql_pl.sampler import Extraction, autocast_for, check_extraction
 
 Policy = Callable[[Tensor, torch.Generator], Tensor]
 

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 
-from idql_pl.callbacks.stop import step_label
+from idql_pl.training.stop import step_label
 
 SCORE = "eval/normalized_score"
 

@@ -36,8 +36,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from idql_pl.checkpointing import write_in_progress
 from idql_pl.errors import CheckpointError, ConfigError
+from idql_pl.training.checkpointing import write_in_progress
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: DDP: training steps between two reductions of the stop request over the ranks (GracefulStop's default).
