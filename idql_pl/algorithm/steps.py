@@ -7,7 +7,7 @@
   applied to the optimizer's own state tensors (moments, step counts). ``torch.compile`` breaks a graph at
   ``backward()`` and ``Optimizer.step()``; this form traces, so a whole training iteration becomes one graph,
   while checkpoints, resume and the optimizers' ``state_dict`` stay the eager ones. Uncompiled it is the eager
-  step bit for bit (``tests/test_compile.py``).
+  step bit for bit (``tests/unit/test_compile.py``).
 
 Both are called as ``step(opt, loss_fn, *args, lr=None)``: one step of ``opt``'s parameters on the first output
 of ``loss_fn(*args)`` (a method of the module or of one of its submodules), at learning rate ``lr`` when given;
@@ -104,7 +104,7 @@ class FunctionalStep:
 
 def lr_tensor(value: float | list[float] | Tensor, device: torch.device) -> Tensor:
     """Learning rate(s) as a tensor on ``device``: float64 on CPU (the fused CPU Adam then rounds as with a
-    Python float, bit for bit: ``tests/test_compile.py``), float32 on other devices (the parameters' dtype)."""
+    Python float, bit for bit: ``tests/unit/test_compile.py``), float32 on other devices (the parameters' dtype)."""
     return torch.as_tensor(value, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
 
 

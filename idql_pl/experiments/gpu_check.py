@@ -9,7 +9,7 @@ and no internet. Its steps, each a subprocess killed at its own time limit (the 
    into ``<work>/site``, which every later step has on ``PYTHONPATH``: pip resolves nothing and never
    touches the installed torch or Lightning;
 2. ``machine``: GPU, torch, CUDA and Python versions, and an import of every module the check needs;
-3. ``cuda_tests``: ``tests/test_cuda.py``, its pass/fail/skip counts; a skipped CUDA test on a machine with
+3. ``cuda_tests``: ``tests/integration/test_cuda.py``, its pass/fail/skip counts; a skipped CUDA test on a machine with
    CUDA fails the check;
 4. ``functional_step_tests``: the tests that pin this torch's functional Adam and ``torch.func`` gradients
    (``compile: true``'s update) to the eager step, bit for bit (CPU, eager: seconds);
@@ -50,7 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout this module runs from
 TOTAL_LIMIT_S = 480  # the whole check: 8 minutes of device time
 KILL_GRACE_S = 3  # SIGTERM this long before a step's limit, SIGKILL at it: a step never outlives its limit
 TAIL_CHARS = 6000  # of each step's output, in the JSON
@@ -71,7 +71,7 @@ class Wheel:
 
 
 # Each runtime dependency named explicitly (installed with --no-deps); `make gpu-wheels` downloads the same
-# list (tests/test_gpu_check.py checks that the Makefile matches). Not needed, so not here: wandb
+# list (tests/tooling/test_gpu_check.py checks that the Makefile matches). Not needed, so not here: wandb
 # (WANDB_MODE=disabled), rliable and submitit (reports, Slurm), mujoco-studio and PyOpenGL (MuJoCo's viewer
 # and rendering: MUJOCO_GL=disable), typer (minari's command line).
 WHEELS: tuple[Wheel, ...] = (
@@ -273,15 +273,15 @@ def plan(work: Path, python: str = sys.executable, wheel_files: Sequence[Path] =
         "--precisions", "f32", "--repeats", "3", "--block_s", "0.25",
         "--dataset_size", str(sizes.dataset_size), "--json", str(work / "benchmark.json"),
     ]
-    functional = [*pytest, "--junitxml", str(work / "functional_step_tests.xml"), "tests/test_compile.py",
+    functional = [*pytest, "--junitxml", str(work / "functional_step_tests.xml"), "tests/unit/test_compile.py",
                   "-k", "functional_iteration_is_the_eager_one"]
     return [
         Step("install", 30, install_argv(wheel_files, site, python, have_pip),
              "install the missing packages from the wheels (pip --no-index --no-deps --target)"),
         Step("machine", 30, [python, "-c", PROBE, json.dumps(modules), json.dumps(dists)],
              "GPU, torch/CUDA/Python versions; every needed module imports"),
-        Step("cuda_tests", 140, [*pytest, "--junitxml", str(work / "cuda_tests.xml"), "tests/test_cuda.py"],
-             "tests/test_cuda.py (none may be skipped where CUDA is available)"),
+        Step("cuda_tests", 140, [*pytest, "--junitxml", str(work / "cuda_tests.xml"), "tests/integration/test_cuda.py"],
+             "tests/integration/test_cuda.py (none may be skipped where CUDA is available)"),
         Step("functional_step_tests", 20, functional,
              "this torch's functional Adam and torch.func gradients == the eager step, bit for bit (CPU)"),
         Step("fit", 110, fit(sizes.max_steps),

@@ -49,7 +49,7 @@ import yaml
 
 from idql_pl.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # idql_pl/configs, shipped with the package
 LOCO_DATASETS = tuple(
     f"{env}-{level}-v2" for level in ("medium", "medium-replay", "medium-expert") for env in ("halfcheetah", "hopper", "walker2d")
 )

@@ -357,6 +357,30 @@ def _resume_hint(run_dir: Path, root: Path, name: str) -> str:
     return f"--ckpt_path {run_dir / 'last.ckpt'}"
 
 
+BUNDLED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # idql_pl/configs, shipped with the package
+
+
+def with_bundled_configs(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--config`` path that does not exist here but names a config shipped with the package
+    (``configs/loco.yaml``, or ``loco.yaml``) replaced by that config's path, so the README's commands also run
+    from outside the repository, after ``pip install``."""
+    def resolve(path: str) -> str:
+        relative = Path(path)
+        if relative.exists() or relative.is_absolute():
+            return path
+        parts = relative.parts[1:] if relative.parts[:1] == ("configs",) else relative.parts
+        bundled = BUNDLED_CONFIGS.joinpath(*parts) if parts else None
+        return str(bundled) if bundled is not None and bundled.is_file() else path
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve(arg.split("=", 1)[1])
+    return out
+
+
 def _config_files(args: Any) -> list[str]:
     if not isinstance(args, list | tuple):
         return []
@@ -421,11 +445,13 @@ def main(args: list[str] | None = None) -> int:
     stop_controller.install()
     stopped = False
     try:
-        argv = sys.argv[1:] if args is None else list(args)
+        argv = with_bundled_configs(sys.argv[1:] if args is None else [str(a) for a in args])
         if argv[:1] == ["export"]:
             export_command(argv[1:])
             return 0
-        IDQLCLI(args=args)
+        if args is None:
+            sys.argv[1:] = argv  # LightningCLI reads the command line itself
+        IDQLCLI(args=None if args is None else argv)
     except Stopped as stop:
         stopped = True
         stop_controller.phase = "done"  # further signals while finishing up are only recorded

@@ -14,7 +14,7 @@ from idql_pl.data import OfflineDataModule, TransitionBuffer
 from idql_pl.data.d4rl import dataset_dir
 from idql_pl.data.registry import D4RL_DATASETS, get_d4rl_spec
 
-POINTMAZE_SIZE = 6000  # same size as tests/test_local_recipes.py, so the session generates it once
+POINTMAZE_SIZE = 6000  # same size as tests/unit/test_local_recipes.py, so the session generates it once
 
 
 def write_d4rl(path, obs_dim=11, act_dim=3, seed=0):

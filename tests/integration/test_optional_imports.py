@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 OPTIONAL = ("wandb", "rliable", "submitit")
 
 SCRIPT = textwrap.dedent("""

@@ -243,24 +243,3 @@ def test_fit_checkpoint_and_exact_resume(tmp_path):
     assert torch.equal(tr_resumed.rng_after_fit, tr_full.rng_after_fit)
 
 
-@pytest.mark.slow
-def test_wall_time_paper_size():
-    """Reported, not asserted: paper-size actor steps (LN-ResNet 256/1024 x 3, batch 1024); 100 timed, x10."""
-    buf = TransitionBuffer(make_arrays(n=100_000, obs_dim=17, action_dim=6), seed=0)
-    model = DiffusionBehavior(17, 6)
-    opt, sched = model.make_optimizer(1_000_000)
-    for _ in range(5):
-        model.update(buf.sample(1024), opt, sched)
-    start = time.perf_counter()
-    for _ in range(100):
-        model.update(buf.sample(1024), opt, sched)
-    per_step = (time.perf_counter() - start) / 100
-    states = torch.randn(10, 17)
-    model.sample(states, 128)
-    start = time.perf_counter()
-    for _ in range(20):
-        model.sample(states, 128)
-    sample_s = (time.perf_counter() - start) / 20
-    print(f"\n[behavior] paper size, batch 1024: {1000 * per_step:.1f} ms/step ({1 / per_step:.1f} steps/s) -> "
-          f"1000 steps ~ {1000 * per_step:.0f} s (100 timed, extrapolated); sample(10 states x 128, T=5): "
-          f"{1000 * sample_s:.1f} ms")

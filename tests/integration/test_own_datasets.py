@@ -10,7 +10,7 @@ import pytest
 from idql_pl.data import OfflineDataModule
 from idql_pl.errors import DatasetError, EvalEnvError
 from tests.helpers import TINY_IDQL, TINY_TRAINER, read_csv, run_cli
-from tests.test_data_sources import write_d4rl
+from tests.integration.test_data_sources import write_d4rl
 
 HOPPER_REF = [-20.272305, 3234.3]
 

@@ -219,7 +219,7 @@ def test_minari_dataset_without_env_or_scores():
 def test_cli_prints_one_line_error_and_exit_code_2():
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "idql_pl.data", "no-such-dataset"], capture_output=True, text=True,
-                          env=env, timeout=120, cwd=Path(__file__).resolve().parents[1])
+                          env=env, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == IDQLError.exit_code == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "unknown dataset 'no-such-dataset'" in lines[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 
 import lightning as L
 import numpy as np
@@ -244,24 +243,3 @@ def test_fit_checkpoint_and_exact_resume(tmp_path):
     assert_same_training_state(resumed, tr_resumed, full, tr_full)
 
 
-@pytest.mark.slow
-def test_wall_time_1000_steps_paper_size():
-    """Reported, not asserted: 1,000 critic steps at paper size (2x256, batch 256), bare and under Lightning."""
-    arrays = make_arrays(n=100_000, obs_dim=17, action_dim=6)
-    buf = TransitionBuffer(arrays, seed=0)
-    critic = ImplicitCritic(17, 6)
-    v_opt, q_opt = critic.configure_optimizers()
-    for _ in range(20):
-        critic.update(buf.sample(256), v_opt, q_opt)
-    start = time.perf_counter()
-    for _ in range(1000):
-        critic.update(buf.sample(256), v_opt, q_opt)
-    bare = time.perf_counter() - start
-    model = ImplicitCritic(17, 6)
-    tr = trainer(1000)
-    start = time.perf_counter()
-    tr.fit(model, train_dataloaders=BufferStream(buf))
-    lightning_s = time.perf_counter() - start
-    print(f"\n[critic] 1000 steps (batch 256, obs 17, act 6): bare loop {bare:.2f} s ({1000 / bare:.0f} steps/s), "
-          f"Lightning fit {lightning_s:.2f} s incl. start-up ({1000 / lightning_s:.0f} steps/s)")
-    assert tr.global_step == 1000

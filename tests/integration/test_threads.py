@@ -134,5 +134,5 @@ def test_cli_process_uses_its_affinity_mask_and_passive_openmp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("[idql_pl] 1 CPU thread (from CPU affinity; --threads N to change; fewer while other processes use the"
             " cores), OpenMP wait policy PASSIVE, GOMP_SPINCOUNT=10000") in proc.stderr
-    if runtime._glibc_mallopt() is not None:  # see tests/test_allocator.py
+    if runtime._glibc_mallopt() is not None:  # see tests/unit/test_allocator.py
         assert "[idql_pl] memory: glibc malloc: large blocks from the heap, reused" in proc.stderr

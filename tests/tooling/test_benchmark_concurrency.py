@@ -11,7 +11,7 @@ import pytest
 from idql_pl.experiments import benchmark_concurrency
 from tests.helpers import SMALL_MAZE, TINY_IDQL
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(600)

@@ -17,7 +17,7 @@ import pytest
 from idql_pl.training import run_folder
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_state, run_cli
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # The claimers load run_folder.py by path: a claim needs nothing of torch, and four interpreters importing torch at
 # once on a small machine would take long to reach the barrier.

@@ -17,7 +17,7 @@ import pytest
 from idql_pl.training.checkpointing import safe_load
 from idql_pl.training.stop import StopController, Stopped
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_state, run_cli
-from tests.test_resume import _assert_same
+from tests.integration.test_resume import _assert_same
 
 STEPS = 300
 ARGS = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,

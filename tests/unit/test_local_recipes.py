@@ -17,7 +17,7 @@ from idql_pl.envs import bandit as B
 from idql_pl.envs import maze2d as M
 from idql_pl.envs.antmaze import AntMazeD4RLEnv
 
-POINTMAZE_SIZE = 6000  # shared with tests/test_data_sources.py: generated once per session
+POINTMAZE_SIZE = 6000  # shared with tests/integration/test_data_sources.py: generated once per session
 
 
 @pytest.fixture(scope="session")

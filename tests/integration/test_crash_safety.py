@@ -15,7 +15,7 @@ import torch
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.training.checkpointing import AtomicCheckpointIO, safe_load
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_state, run_cli
-from tests.test_resume import _assert_same
+from tests.integration.test_resume import _assert_same
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """The training process's large CPU tensors come from glibc's reused heap (``idql_pl.runtime``): the effect on
 a real allocation in a fresh process, and the user's own glibc settings kept (the CLI's ``[idql_pl] memory:``
-line: ``tests/test_threads.py``). No timings."""
+line: ``tests/integration/test_threads.py``). No timings."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 from idql_pl.algorithm.iteration import IDQLOptimizers
 from idql_pl.data.buffer import TransitionBuffer
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, random_transitions, run_cli
-from tests.test_compile import A, S, _tiny_idql
+from tests.unit.test_compile import A, S, _tiny_idql
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

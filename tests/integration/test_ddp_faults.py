@@ -333,7 +333,7 @@ def test_one_process_keeps_every_cpu(monkeypatch):
 # --------------------------------------------------------------------------------- end to end (slow)
 DDP2 = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
         "--trainer.enable_progress_bar", "false"]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # this checkout's idql_pl in the subprocesses too (whatever an editable install elsewhere points at)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
