@@ -421,22 +421,6 @@ def _where(err: yaml.MarkedYAMLError, with_line: bool = True) -> str:
     return f"{where}: {problem}" if with_line else f"{problem} at column {mark.column + 1}"
 
 
-def export_command(argv: list[str]) -> None:
-    """``python -m idql_pl export --ckpt_path RUN/last.ckpt --agent K --out agentK.ckpt``: one agent of a
-    many-agent checkpoint as an ordinary single-agent checkpoint (validate it with ``--model.num_agents 1``)."""
-    import argparse
-
-    from idql_pl.training.checkpointing import export_agent
-
-    parser = argparse.ArgumentParser(prog="python -m idql_pl export", description=export_command.__doc__)
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint of a run with --model.num_agents K")
-    parser.add_argument("--agent", type=int, required=True, help="the agent to extract, 0 .. K-1")
-    parser.add_argument("--out", required=True, help="where to write the single-agent checkpoint")
-    ns = parser.parse_args(argv)
-    export_agent(ns.ckpt_path, ns.agent, ns.out)
-    print(f"[idql_pl] wrote agent {ns.agent} of {ns.ckpt_path} to {ns.out}")
-
-
 def main(args: list[str] | None = None) -> int:
     """Entry point: user errors print one ``error:`` line and exit 2 instead of a traceback; SIGTERM/SIGINT
     during training save last.ckpt and exit 143/130 (see idql_pl/training/stop.py)."""
@@ -447,6 +431,8 @@ def main(args: list[str] | None = None) -> int:
     try:
         argv = with_bundled_configs(sys.argv[1:] if args is None else [str(a) for a in args])
         if argv[:1] == ["export"]:
+            from idql_pl.training.export import export_command
+
             export_command(argv[1:])
             return 0
         if args is None:
