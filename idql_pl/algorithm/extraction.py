@@ -51,7 +51,7 @@ def extract_actions(
     behavior: BehaviorSampler,
     critic: Critic,
     states: Tensor,
-    num_samples: int | Sequence[int],
+    num_samples: int | Sequence[int] | Tensor,
     extraction: Extraction = "argmax",
     value_loss: str = "expectile",
     loss_param: float | Tensor = 0.7,
@@ -70,10 +70,18 @@ def extract_actions(
     in float32.
 
     ``num_samples`` may be one count per agent (a sweep over N, paper App. D.2): all agents then draw
-    ``max(N)`` candidates and agent ``k`` extracts from its first ``N_k`` (the others are masked out).
+    ``max(N)`` candidates and agent ``k`` extracts from its first ``N_k`` (the others are masked out). An
+    integer tensor ``[K, B]`` gives one count per agent and state the same way (several N evaluated in one
+    batch).
     """
-    check_extraction(extraction, num_samples)
     own_counts = None
+    if isinstance(num_samples, Tensor):  # [K, B] counts: max(N) candidates, row b of agent k keeps its first
+        counts = num_samples.to(states.device)
+        check_extraction(extraction, int(counts.min()))
+        num_samples = int(counts.max())
+        own_counts = counts.unsqueeze(-1)
+    else:
+        check_extraction(extraction, num_samples)
     if not isinstance(num_samples, int):
         counts = [int(n) for n in num_samples]
         num_samples = max(counts)

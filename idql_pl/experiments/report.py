@@ -156,7 +156,8 @@ def read_run(run_dir: str | Path) -> RunRecord | None:
 
     episodes: dict[int, list[float]] = {}
     for row in _read_csv(run_dir / "eval_episodes.csv"):
-        if row.get("stage", "fit") == "fit" and _float(row.get("return")) is not None:
+        own_n = row.get("model_n", "1") != "0"  # other rows: extra N settings (--eval.num_samples "[...]")
+        if row.get("stage", "fit") == "fit" and own_n and _float(row.get("return")) is not None:
             episodes.setdefault(int(row["step"]), []).append(float(row["return"]))
     logged: dict[int, float] = {}
     for row in _read_csv(run_dir / "csv" / "metrics.csv"):

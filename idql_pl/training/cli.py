@@ -85,6 +85,8 @@ class IDQLCLI(LightningCLI):
         parser.add_argument("--run_name", type=str | None, default=None, help="run folder under --run_root (default: model-dataset-seedN)")
         parser.add_argument("--run_root", type=str, default="checkpoints", help="where run folders live")
         parser.add_argument("--wandb_project", type=str, default="idql_pl", help="W&B project (offline when no API key)")
+        parser.add_argument("--tensorboard", type=bool, default=False,
+                            help="also log to TensorBoard in <run folder>/tensorboard (needs tensorboard)")
         parser.add_argument("--threads", type=int | None, default=None,
                             help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else the CPUs this process may"
                                  " use, from its affinity mask, fewer while other processes use them)")
@@ -198,10 +200,21 @@ class IDQLCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _default_loggers(self, run_dir: Path, cfg: Any) -> list[Logger]:
-        """CSV always; W&B for ``fit`` is added in :meth:`before_fit` (see :meth:`_add_wandb`)."""
-        csv_name = "csv" if self.subcommand == "fit" else f"csv_{self.subcommand}"
+        """CSV always; TensorBoard with ``--tensorboard true`` (``<run>/tensorboard``); W&B for ``fit`` is
+        added in :meth:`before_fit` (see :meth:`_add_wandb`)."""
+        suffix = "" if self.subcommand == "fit" else f"_{self.subcommand}"
         self._wandb_wanted = self.subcommand == "fit" and os.environ.get("WANDB_MODE", "") != "disabled"
-        return [CSVLogger(save_dir=str(run_dir), name=csv_name, version="")]
+        loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name=f"csv{suffix}", version="")]
+        if cfg.get("tensorboard"):
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            try:
+                board = TensorBoardLogger(save_dir=str(run_dir), name=f"tensorboard{suffix}", version="")
+            except ModuleNotFoundError:
+                raise ConfigError("--tensorboard true needs TensorBoard: pip install tensorboard (or pip"
+                                  " install 'idql_pl[tensorboard]'), or drop the flag") from None
+            loggers.append(board)
+        return loggers
 
     def _add_wandb(self) -> None:
         """Start the W&B run ourselves (rank 0) and hand it to ``WandbLogger(experiment=...)``: Lightning's own

@@ -1,0 +1,140 @@
+"""Several N in one evaluation (``--eval.num_samples "[16, 64, 256]"``): the settings played, one batched policy
+call for N settings x K agents with per-state candidate counts, the episode CSV's N column, resume state."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from idql_pl.algorithm.extraction import extract_actions
+from idql_pl.errors import ConfigError
+from idql_pl.training.evaluation import EPISODE_COLUMNS, PolicyEvaluation
+from tests.helpers import read_csv
+
+
+class _IndexedCandidates:
+    """Candidate ``n`` of every state is the action ``n / N``, so ``Q = action`` ranks them."""
+
+    def sample(self, states, num_samples=1, generator=None):
+        agents, batch = states.shape[:2]
+        ramp = torch.arange(num_samples, dtype=torch.float32) / num_samples
+        return ramp.view(1, 1, -1, 1).expand(agents, batch, num_samples, 1).clone()
+
+
+class _QIsTheAction:
+    def q_target(self, states, actions):
+        return actions[..., 0]
+
+    def v(self, states):
+        return torch.zeros(states.shape[:-1])
+
+
+def test_per_state_counts_keep_each_states_first_n_candidates():
+    """A ``[K, B]`` tensor of counts: state b of agent k picks among its first N only (argmax: the last of
+    them; implicit: never a masked one), max(N) candidates drawn once."""
+    counts = torch.tensor([[1, 4, 8, 2], [8, 1, 2, 4]])
+    states = torch.zeros(2, 4, 3)
+    best = extract_actions(_IndexedCandidates(), _QIsTheAction(), states, counts)
+    assert torch.equal(best[..., 0], (counts - 1).float() / 8)
+    drawn = extract_actions(_IndexedCandidates(), _QIsTheAction(), states.repeat(1, 50, 1), counts.repeat(1, 50),
+                            extraction="implicit", generator=torch.Generator().manual_seed(0))
+    assert torch.all(drawn[..., 0] <= (counts.repeat(1, 50) - 1).float() / 8 + 1e-6)
+    with pytest.raises(ConfigError, match="num_samples must be >= 1"):
+        extract_actions(_IndexedCandidates(), _QIsTheAction(), states, counts * 0)
+
+
+class _RecordingModel:
+    """A model with ``act``: returns, per agent and state, ``[first state feature, N used for that state]``."""
+
+    def __init__(self, num_samples, num_agents):
+        self.hparams = {"num_samples": num_samples}
+        self.num_agents = num_agents
+        self.calls = 0
+
+    def act(self, states, num_samples=None, extraction=None, generator=None, precision="auto"):
+        self.calls += 1
+        counts = num_samples.float() if isinstance(num_samples, torch.Tensor) else torch.full(states.shape[:2], 0.0)
+        return torch.stack([states[..., 0], counts], dim=-1)
+
+
+@pytest.mark.parametrize("own, listed, expected", [
+    (64, [16, 64, 256], [64, 16, 256]),  # the model's N is listed: its episodes are reused, first
+    (32, [16, 64, 256], [None, 16, 64, 256]),  # not listed: played too, first
+    ([8, 32], [16, 64], [None, 16, 64]),  # one N per agent: played as the model's own setting
+])
+def test_settings_put_the_models_own_n_first(own, listed, expected):
+    model = _RecordingModel(own, 2)
+    assert PolicyEvaluation(num_samples=listed).settings(model) == expected
+    assert PolicyEvaluation(num_samples=16).settings(model) == [16]  # one int: today's single setting
+    assert PolicyEvaluation().settings(model) == [None]
+
+
+def test_n_settings_times_k_agents_are_one_act_call_with_each_states_n():
+    """3 settings x 2 agents: one ``act`` call sees each agent's states of every setting and each state's N;
+    the actions come back to their (setting, agent) group and env slot."""
+    agents, slots = 2, 5
+    model = _RecordingModel([8, 32], agents)
+    evaluation = PolicyEvaluation(num_samples=[16, 64])
+    settings = evaluation.settings(model)
+    policy = evaluation._policy(model, settings, agents)
+    groups = len(settings) * agents
+    states = torch.arange(groups * slots, dtype=torch.float32).view(groups, slots, 1).expand(groups, slots, 3)
+    actions = policy(states, torch.Generator())
+    assert model.calls == 1 and actions.shape == (groups, slots, 2)
+    assert torch.equal(actions[..., 0], states[..., 0])  # every group's own states, in place
+    n_of_group = [8, 32, 16, 16, 64, 64]  # setting-major: own (per agent), 16, 64
+    assert torch.equal(actions[..., 1], torch.tensor(n_of_group).float().view(-1, 1).expand(groups, slots))
+
+
+def test_a_list_of_n_needs_a_model_with_candidates():
+    class Iql:
+        hparams = {}
+
+        def act(self, states, **kwargs):
+            return states
+
+    with pytest.raises(ConfigError, match="draws no candidates"):
+        PolicyEvaluation(num_samples=[4, 8]).settings(Iql())
+    with pytest.raises(ConfigError, match="empty list"):
+        PolicyEvaluation(num_samples=[])
+    with pytest.raises(ConfigError, match="video_episodes must be >= 0"):
+        PolicyEvaluation(video_episodes=-1)
+
+
+def _trainer(tmp_path, step=5):
+    return SimpleNamespace(default_root_dir=str(tmp_path), global_step=step,
+                           state=SimpleNamespace(fn=SimpleNamespace(value="fit")))
+
+
+def test_episode_rows_record_n_and_an_old_file_keeps_its_columns(tmp_path):
+    """Each row names its N and whether it is the model's own (the rows ``eval/normalized_score`` summarizes);
+    a file written before these columns existed keeps its header and gets the model's own rows only."""
+    evaluation = PolicyEvaluation(num_samples=[2, 8], seed=100)
+    episodes = torch.tensor([1, 0])
+    returns = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 4.0]])  # 3 settings x 1 agent
+    lengths = torch.full((3, 2), 7)
+    evaluation._write_episodes(_trainer(tmp_path), episodes, returns, lengths, [4, 2, 8], 1)
+    rows = read_csv(tmp_path / "eval_episodes.csv")
+    assert list(rows[0]) == EPISODE_COLUMNS
+    assert [(r["num_samples"], r["model_n"], r["episode"], r["seed"], float(r["return"])) for r in rows] == [
+        ("4", "1", "0", "100", 0.0), ("4", "1", "1", "101", 1.0), ("2", "0", "0", "100", 2.0),
+        ("2", "0", "1", "101", 3.0), ("8", "0", "0", "100", 4.0), ("8", "0", "1", "101", 5.0)]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "eval_episodes.csv").write_text("stage,step,agent,episode,seed,return,length\nfit,1,0,0,100,0.5,7\n")
+    evaluation._write_episodes(_trainer(old), episodes, returns, lengths, [4, 2, 8], 1)
+    rows = read_csv(old / "eval_episodes.csv")
+    assert list(rows[0]) == ["stage", "step", "agent", "episode", "seed", "return", "length"]
+    assert [float(r["return"]) for r in rows] == [0.5, 0.0, 1.0]
+
+
+def test_per_n_history_survives_a_resume():
+    evaluation = PolicyEvaluation(num_samples=[2, 8])
+    evaluation.history, evaluation.n_history = [(3, 1.5)], [(3, {2: 1.0, 8: 2.0})]
+    restored = PolicyEvaluation(num_samples=[2, 8])
+    restored.load_state_dict(evaluation.state_dict())
+    assert restored.history == [(3, 1.5)] and restored.n_history == [(3, {2: 1.0, 8: 2.0})]
+    restored.load_state_dict({"history": [[1, 0.5]]})  # a checkpoint from before per-N evaluations
+    assert restored.n_history == []
