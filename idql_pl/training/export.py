@@ -153,7 +153,7 @@ def build_policy(ckpt_path: str | os.PathLike, agent: int | None = None, num_sam
     info = {
         "obs_dim": policy.obs_dim, "action_dim": policy.action_dim, "num_samples": policy.num_samples,
         "extraction": policy.extraction, "T": policy.T, "clip": policy.clip, "value_loss": policy.value_loss,
-        "loss_param": float(policy.loss_param.item()), "agent": agent, "num_agents": agents,
+        "loss_param": float(f"{policy.loss_param.item():.6g}"), "agent": agent, "num_agents": agents,
         "model": type(model).__name__, "source": str(ckpt_path), "global_step": int(ckpt.get("global_step", 0)),
         "dataset": (ckpt.get("datamodule_hyper_parameters") or {}).get("dataset"),
         "input": f"float32 observations [batch, {policy.obs_dim}]",
