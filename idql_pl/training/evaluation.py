@@ -152,8 +152,8 @@ class PolicyEvaluation(L.Callback):
 
     ``num_samples``: the candidates per state N (paper Alg. 2; default: the model's own). A list (``[16, 64,
     256]``) plays the same seeded episodes once per N, side by side, each N with its own envs: every env step
-    draws max(N) candidates for all N settings (and agents) in one batched sampler call, and each state keeps
-    its setting's first N (:func:`~idql_pl.algorithm.extraction.extract_actions`). It logs
+    draws every state's own N candidates, for all N settings (and agents), in one batched sampler call
+    (:func:`~idql_pl.algorithm.extraction.extract_actions` with one count per state). It logs
     ``eval/N{n}/return`` and ``eval/N{n}/normalized_score`` (and ``eval/N{n}/agent{k}/normalized_score`` for
     K > 1) per listed N, and the usual ``eval/*`` metrics for the model's own N (that N's episodes when it is
     listed, else one more setting played beside them). ``eval_episodes.csv`` records each row's N
@@ -286,7 +286,7 @@ class PolicyEvaluation(L.Callback):
 
     def _policy(self, pl_module: L.LightningModule, settings: list[int | None], agents: int) -> Policy | None:
         """One batched policy over ``len(settings) x agents`` groups (setting-major): each agent's states of
-        all settings in one ``act`` call, each state keeping its setting's first N of max(N) candidates."""
+        all settings in one ``act`` call, each state with its setting's N candidates."""
         if len(settings) == 1:
             return self.policy_for(pl_module)
         own = model_num_samples(pl_module)
@@ -298,7 +298,7 @@ class PolicyEvaluation(L.Callback):
             count, slots, obs_dim = len(settings), states.shape[1], states.shape[2]
             grouped = states.view(count, agents, slots, obs_dim).transpose(0, 1)
             per_agent = grouped.reshape(agents, count * slots, obs_dim)
-            rows = counts.repeat_interleave(slots, dim=1).to(states.device)  # [K, settings x slots]
+            rows = counts.repeat_interleave(slots, dim=1)  # [K, settings x slots], on the CPU (read there)
             actions = pl_module.act(per_agent, num_samples=rows, extraction=self.extraction,
                                     generator=generator, precision=self.precision)
             return actions.view(agents, count, slots, -1).transpose(0, 1).reshape(count * agents, slots, -1)

@@ -31,18 +31,53 @@ class _QIsTheAction:
         return torch.zeros(states.shape[:-1])
 
 
-def test_per_state_counts_keep_each_states_first_n_candidates():
-    """A ``[K, B]`` tensor of counts: state b of agent k picks among its first N only (argmax: the last of
-    them; implicit: never a masked one), max(N) candidates drawn once."""
-    counts = torch.tensor([[1, 4, 8, 2], [8, 1, 2, 4]])
-    states = torch.zeros(2, 4, 3)
-    best = extract_actions(_IndexedCandidates(), _QIsTheAction(), states, counts)
-    assert torch.equal(best[..., 0], (counts - 1).float() / 8)
-    drawn = extract_actions(_IndexedCandidates(), _QIsTheAction(), states.repeat(1, 50, 1), counts.repeat(1, 50),
-                            extraction="implicit", generator=torch.Generator().manual_seed(0))
-    assert torch.all(drawn[..., 0] <= (counts.repeat(1, 50) - 1).float() / 8 + 1e-6)
+class _LabelledCandidates:
+    """Candidate ``j`` drawn (in the order of one sampler call) for a state with first feature ``s`` is the action
+    ``1000 s + j``: it tells which state it was drawn for and in which slot. Records the batch of each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sample(self, states, num_samples=1, generator=None):
+        agents, batch = states.shape[:2]
+        self.calls.append((batch, num_samples))
+        slot = torch.arange(batch * num_samples, dtype=torch.float32).view(1, batch, num_samples)
+        return (1000 * states[..., :1] + slot).unsqueeze(-1)  # [K, batch, N, 1]
+
+
+def test_per_state_counts_draw_each_states_own_n_in_one_call():
+    """A ``[K, B]`` tensor of counts: one sampler call draws exactly sum(N) candidates per agent (in units of
+    gcd(N)), state b of agent k extracts among the N candidates drawn for it (argmax: the last of them;
+    implicit: never one of another state's), and the dense path of one N per agent is unchanged."""
+    counts = torch.tensor([[2, 8, 4, 2], [8, 2, 2, 2]])  # agent 1 draws 14 of agent 0's 16: one padding repeat
+    states = torch.arange(4, dtype=torch.float32).view(1, 4, 1).expand(2, 4, 3)  # state b's feature: b
+    behavior = _LabelledCandidates()
+    best = extract_actions(behavior, _QIsTheAction(), states, counts)[..., 0]
+    assert behavior.calls == [(8, 2)]  # 16 / 2 repeats of 2 candidates: one call, sum(N), not 4 x 8
+    slots_end = torch.cumsum(counts, dim=1)  # the state's candidates are its own consecutive slots
+    assert torch.equal(best, 1000 * torch.arange(4.0) + slots_end - 1)
+    drawn = extract_actions(_LabelledCandidates(), _QIsTheAction(), states, counts, extraction="implicit",
+                            generator=torch.Generator().manual_seed(0))[..., 0]
+    state, slot = torch.div(drawn, 1000, rounding_mode="floor"), drawn % 1000
+    assert torch.equal(state, torch.arange(4.0).expand(2, 4))
+    assert torch.all((slot >= slots_end - counts) & (slot < slots_end))
     with pytest.raises(ConfigError, match="num_samples must be >= 1"):
         extract_actions(_IndexedCandidates(), _QIsTheAction(), states, counts * 0)
+
+
+def test_per_state_counts_match_single_n_in_distribution():
+    """Candidates uniform in [0, 1], Q = the action: the argmax of N candidates averages N / (N + 1) at each N,
+    whether a state's N comes alone or beside others (a wrong count or a leak between states would show)."""
+
+    class Uniform:
+        def sample(self, states, num_samples=1, generator=None):
+            return torch.rand(*states.shape[:2], num_samples, 1, generator=generator)
+
+    ns = torch.tensor([1, 3, 12]).repeat_interleave(4000).view(1, -1)
+    states = torch.zeros(1, ns.shape[1], 2)
+    best = extract_actions(Uniform(), _QIsTheAction(), states, ns, generator=torch.Generator().manual_seed(1))
+    means = best[0, :, 0].view(3, -1).mean(dim=1)
+    assert torch.allclose(means, torch.tensor([1 / 2, 3 / 4, 12 / 13]), atol=0.01)
 
 
 class _RecordingModel:
