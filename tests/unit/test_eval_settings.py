@@ -173,3 +173,45 @@ def test_per_n_history_survives_a_resume():
     assert restored.history == [(3, 1.5)] and restored.n_history == [(3, {2: 1.0, 8: 2.0})]
     restored.load_state_dict({"history": [[1, 0.5]]})  # a checkpoint from before per-N evaluations
     assert restored.n_history == []
+
+
+def test_n_settings_of_a_two_agent_idql_share_one_sampler_call():
+    """A real K = 2 IDQL with one N per agent ([4, 8]) evaluated at N 2 and 8: settings (own, 2, 8) x 2 agents,
+    one behavior sampler call per step drawing sum(N) candidates per state, actions in [-1, 1]."""
+    from tests.unit.test_policy import tiny_idql
+
+    model = tiny_idql(2, critic={"tau": [0.7, 0.9]})
+    model.hparams.num_samples = [4, 8]
+    evaluation = PolicyEvaluation(num_samples=[2, 8])
+    settings = evaluation.settings(model)
+    assert settings == [None, 2, 8]
+    calls, sample = [], model.behavior.sample
+
+    def counting_sample(states, num_samples=1, generator=None):
+        calls.append((tuple(states.shape), num_samples))
+        return sample(states, num_samples, generator)
+
+    model.behavior.sample = counting_sample
+    slots = 3
+    actions = evaluation._policy(model, settings, 2)(torch.randn(6, slots, 5), torch.Generator().manual_seed(0))
+    assert actions.shape == (6, slots, 3) and actions.abs().max() <= 1.0
+    # gcd(4, 8, 2, 8) = 2 candidates per repeat; agent 1 (8 + 2 + 8 = 18 per slot) sets the batch: 9 x 3 repeats
+    assert calls == [((2, 27, 5), 2)]
+
+
+def test_videos_go_to_every_wandb_logger(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from idql_pl.training.video import log_videos
+
+    class RecordingWandb(WandbLogger):
+        def __init__(self):
+            self.logged = []
+
+        def log_video(self, key, videos, step=None, **kwargs):
+            self.logged.append((key, videos, step, kwargs))
+
+    wandb = RecordingWandb()
+    trainer = SimpleNamespace(loggers=[CSVLogger(tmp_path), wandb])
+    log_videos(trainer, [tmp_path / "step3_ep0.mp4"], 3, ["step 3, episode 0"])
+    assert wandb.logged == [("eval/video", [str(tmp_path / "step3_ep0.mp4")], 3, {"caption": ["step 3, episode 0"]})]
