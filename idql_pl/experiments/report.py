@@ -10,7 +10,7 @@ configurations are named by the keys in which they differ within a domain). Writ
 * per dataset: the **final** normalized score (the last evaluation, at ``trainer.max_steps``: the paper's
   protocol) mean ± std over seeds, and the **best** evaluation of each seed for contrast (optimistic: it
   selects on the evaluation episodes); beside D4RL datasets the paper's IDQL-1 / IDQL-A numbers (Table 1) or
-  the Table 5 number (maze2d), IDQL_SPEC Sec. 7, and our difference to them;
+  the Table 5 number (maze2d), docs/fidelity.md §7, and our difference to them;
 * per domain (family) and configuration: mean, median, interquartile mean and optimality gap (threshold 100)
   of the final scores with stratified-bootstrap 95% confidence intervals (rliable: runs resampled within
   each dataset; rliable's definitions: mean and median of the per-dataset means, IQM and optimality gap over
@@ -42,7 +42,7 @@ import yaml
 
 from idql_pl.errors import ConfigError
 
-# IDQL_SPEC Sec. 7: Table 1 (IDQL-1, IDQL-A) and Table 5 (maze2d), D4RL normalized scores.
+# docs/fidelity.md §7: Table 1 (IDQL-1, IDQL-A) and Table 5 (maze2d), D4RL normalized scores.
 _TABLE1 = {
     "halfcheetah-medium": (49.7, 51.0), "hopper-medium": (63.1, 65.4), "walker2d-medium": (80.2, 82.5),
     "halfcheetah-medium-replay": (45.1, 45.9), "hopper-medium-replay": (82.4, 92.1), "walker2d-medium-replay": (79.8, 85.1),
@@ -394,7 +394,7 @@ def write_markdown(report: dict[str, Any], path: Path, title: str, images: dict[
              f"{len(report['runs'])} runs. **Final** = the last evaluation (at `trainer.max_steps`, the paper's protocol), "
              f"mean ± {s['std']}. **Best** = each seed's best evaluation, for contrast only (optimistic: it selects on the "
              "evaluation episodes). Scores are D4RL normalized scores (0-100) unless the metric column says `return`. "
-             "Paper: IDQL-1 / IDQL-A from Table 1 and the Table 5 maze2d numbers (IDQL_SPEC Sec. 7); Δ = our final "
+             "Paper: IDQL-1 / IDQL-A from Table 1 and the Table 5 maze2d numbers (docs/fidelity.md §7); Δ = our final "
              "mean − paper.", "",
              "| dataset | config | seeds | step | final | best evaluation (not the protocol) | paper | Δ |",
              "|---|---|---|---|---|---|---|---|"]

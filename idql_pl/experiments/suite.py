@@ -5,7 +5,7 @@ is one ``python -m idql_pl fit`` with a deterministic folder ``<root>/<dataset>-
 evaluation is already in their folder are skipped; runs with a checkpoint resume from the newest one
 (``last.ckpt``, or the ``hpc_ckpt_*.ckpt`` that Lightning's SLURM integration writes before a requeue).
 
-Suites (IDQL_SPEC Sec. 6-7):
+Suites (docs/fidelity.md §6-7):
 
 * ``table1-loco``: the 9 D4RL locomotion datasets of Table 1 with ``configs/loco.yaml``;
 * ``table1-antmaze``: the 6 antmaze datasets with ``configs/antmaze.yaml``;
@@ -13,7 +13,7 @@ Suites (IDQL_SPEC Sec. 6-7):
 * ``table5``: the 3 maze2d datasets of Table 5 with ``configs/maze2d.yaml``;
 * ``quickstart-seeds``: ``configs/quickstart.yaml`` on ``local/pointmaze-umaze`` (no download), 3 seeds.
 
-Table 1 runs follow the ``-1`` protocol by default (``--protocol 1``: 1M critic steps, IDQL_SPEC Sec. 6, and
+Table 1 runs follow the ``-1`` protocol by default (``--protocol 1``: 1M critic steps, docs/fidelity.md §6, and
 N = 64 candidate actions, Sec. 4's one-hyperparameter runs; tau stays the domain config's); ``--protocol A``
 keeps the domain config as it is (1.5M steps, N 128 / 32). The two protocols use different default roots.
 
@@ -57,7 +57,7 @@ ANTMAZE_DATASETS = tuple(
     f"antmaze-{task}-v2" for task in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 )
 MAZE2D_DATASETS = ("maze2d-umaze-v1", "maze2d-medium-v1", "maze2d-large-v1")
-# the "-1" protocol (IDQL_SPEC Sec. 6: 1M critic / 2M actor steps; Sec. 4: N = 64 in the one-hyperparameter runs)
+# the "-1" protocol (docs/fidelity.md §6: 1M critic / 2M actor steps; Sec. 4: N = 64 in the one-hyperparameter runs)
 PROTOCOLS: dict[str, tuple[str, ...]] = {
     "1": ("--trainer.max_steps=1000000", "--model.num_samples=64"),
     "A": (),

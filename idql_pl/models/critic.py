@@ -1,4 +1,4 @@
-"""The generalized-IQL critic: twin Q, V and the Polyak target (paper Sec. 3, 4.1, Alg. 1; IDQL_SPEC Sec. 1)."""
+"""The generalized-IQL critic: twin Q, V and the Polyak target (paper Sec. 3, 4.1, Alg. 1; docs/fidelity.md §1)."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ class ImplicitCritic(IDQLModule):
         return {"critic": 1}
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """``[v_opt, q_opt]``: Adam, lr 3e-4, no weight decay (IDQL_SPEC Sec. 1)."""
+        """``[v_opt, q_opt]``: Adam, lr 3e-4, no weight decay (docs/fidelity.md §1)."""
         lr = self.hparams.lr
         return [make_adam(list(self.v_net.parameters()), lr), make_adam(list(self.q_net.parameters()), lr)]
 

@@ -25,7 +25,7 @@ BehaviorFactory = Callable[[int, int], DiffusionBehavior]
 class IDQL(IDQLModule):
     """IDQL (paper Alg. 1 for training, Alg. 2 for acting). One ``training_step`` is one iteration of
     Algorithm 1: ``actor_updates_per_step`` behavior steps (batch 1024 each), then one critic step (batch 256:
-    V, Q, target), the paper's schedule of two actor steps per critic step (IDQL_SPEC Sec. 6).
+    V, Q, target), the paper's schedule of two actor steps per critic step (docs/fidelity.md §6).
 
     ``trainer.global_step`` (and ``max_steps``) count these iterations, i.e. *critic steps*
     (:meth:`IDQLModule.count_step`); actor steps are ``actor_updates_per_step * global_step``. The paper's

@@ -162,7 +162,7 @@ class AgentLayerNorm(nn.Module):
 @torch.no_grad()
 def ema_update_(target_params: Iterable[Tensor], source_params: Iterable[Tensor], rate: float) -> None:
     """Polyak/EMA update ``target <- (1 - rate) target + rate source``, all tensors in one foreach call
-    (critic target: rate 0.005, IDQL_SPEC Sec. 1; behavior EMA: rate 0.001, Sec. 3)."""
+    (critic target: rate 0.005, docs/fidelity.md §1; behavior EMA: rate 0.001, Sec. 3)."""
     targets, sources = list(target_params), list(source_params)
     if len(targets) != len(sources):
         raise ValueError(f"ema_update_: {len(targets)} target tensors but {len(sources)} source tensors")

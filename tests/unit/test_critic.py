@@ -38,7 +38,7 @@ def member_forward(ensemble: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor
 
 @pytest.mark.parametrize("kind", ["expectile", "quantile", "exponential"])
 def test_update_matches_a_hand_written_step(kind):
-    """V step on min target Q, then Q step with the *updated* V, then Polyak target (IDQL_SPEC Sec. 1)."""
+    """V step on min target Q, then Q step with the *updated* V, then Polyak target (docs/fidelity.md §1)."""
     L.seed_everything(0, verbose=False)
     critic = small_critic(value_loss=kind, tau=0.8, alpha=0.5)
     with torch.no_grad():  # make the target differ from the online pair, so using the wrong one would show
