@@ -16,9 +16,10 @@ Suites (IDQL_SPEC Sec. 6-7):
 * ``table5-local``: Table 5's comparison where it can run (no download): IDQL (``configs/maze2d_local.yaml``),
   IQL (``configs/iql_maze2d_local.yaml``) and diffusion BC (``configs/bc_maze2d_local.yaml``) on
   ``local/pointmaze-umaze``, ``-medium``, ``-large``, seeds 0-2, at one CPU budget (100k critic steps; BC 200k
-  actor steps), one thread per run by default. ``--idql-agents K`` trains K IDQL seeds as one run
-  (``--model.num_agents K --model.compile step``, agent k = seed + k); ``--critic-steps N`` scales the budget
-  (BC 2N actor steps, 4 evaluations per run). See docs/table5-local.md.
+  actor steps), one thread per run by default. ``--idql-agents K`` / ``--bc-agents K`` (default 3) train K
+  seeds as one run (``--model.num_agents K``, agent k = seed + k; IDQL with ``--model.compile step``, BC with
+  ``--model.compile true``); ``--critic-steps N`` scales the budget (BC 2N actor steps, 4 evaluations per
+  run). See docs/table5-local.md.
 
 Table 1 runs follow the ``-1`` protocol by default (``--protocol 1``: 1M critic steps, IDQL_SPEC Sec. 6, and
 N = 64 candidate actions, Sec. 4's one-hyperparameter runs; tau stays the domain config's); ``--protocol A``
@@ -79,7 +80,8 @@ class Group:
     config: str  # file name under configs/
     datasets: tuple[str, ...]
     method: str = ""  # folder prefix where a suite compares methods: <method>-<dataset>-seed<N>
-    agents: bool = False  # may train K seeds as one run (--model.num_agents K: agent k = seed + k)
+    # K seeds as one run: --model.num_agents K (agent k = seed + k) and these arguments (None: one per run)
+    agent_args: tuple[str, ...] | None = None
     steps_per_critic_step: int = 1  # trainer steps per critic step under --critic-steps (BC: 2 actor steps)
 
 
@@ -93,7 +95,7 @@ class SuiteSpec:
     sweep_files: tuple[str, ...] = ()  # configs/sweeps/<file> per group
     about: str = ""
     threads: int | None = None  # the local launcher's default --threads (None: usable cores // --parallel)
-    agents: int = 1  # default --idql-agents (seeds per run of the groups that allow it)
+    agents: dict[str, int] = field(default_factory=dict)  # method -> seeds per run (--<method>-agents)
     evals_per_run: int = 0  # evaluations per run under --critic-steps (0: the suite has no such option)
 
 
@@ -112,12 +114,13 @@ SUITES: dict[str, SuiteSpec] = {
                                   "configs/quickstart.yaml on local/pointmaze-umaze (no download)"),
     "table5-local": SuiteSpec(
         "table5-local",
-        (Group("maze2d_local.yaml", LOCAL_MAZE2D_DATASETS, "idql", agents=True),
+        (Group("maze2d_local.yaml", LOCAL_MAZE2D_DATASETS, "idql", agent_args=("--model.compile=step",)),
          Group("iql_maze2d_local.yaml", LOCAL_MAZE2D_DATASETS, "iql"),
-         Group("bc_maze2d_local.yaml", LOCAL_MAZE2D_DATASETS, "bc", steps_per_critic_step=2)),
+         Group("bc_maze2d_local.yaml", LOCAL_MAZE2D_DATASETS, "bc", agent_args=("--model.compile=true",),
+               steps_per_critic_step=2)),
         (0, 1, 2), "table5-local", False, (),
         "Table 5 on the local maze2d recipes: IDQL vs IQL vs diffusion BC",
-        threads=1, agents=3, evals_per_run=4),
+        threads=1, agents={"idql": 3, "bc": 3}, evals_per_run=4),
 }
 
 
@@ -228,23 +231,25 @@ def expand(
     datasets: Sequence[str] | None = None,
     config_dir: str | os.PathLike = CONFIG_DIR,
     methods: Sequence[str] | None = None,
-    agents: int | None = None,
+    agents: dict[str, int] | None = None,
     critic_steps: int | None = None,
 ) -> list[Run]:
-    """The suite's runs in a fixed order (group, dataset, seed).
+    """The suite's runs in a fixed order (group, dataset, seed; suites that compare methods: dataset first).
 
-    ``methods``: a subset of the suite's methods; ``agents`` (K): seeds per run of the groups that allow it
-    (default the suite's); ``critic_steps``: the budget where the suite has ``evals_per_run``
-    (:func:`budget_args`).
+    ``methods``: a subset of the suite's methods; ``agents``: method -> seeds per run, for the methods that
+    can train several in one run (default the suite's); ``critic_steps``: the budget, where the suite has
+    ``evals_per_run`` (:func:`budget_args`).
     """
     if suite not in SUITES:
         raise ConfigError(f"unknown suite '{suite}'; available: {', '.join(SUITES)}")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol '{protocol}'; use 1 (the -1 protocol) or A")
     spec = SUITES[suite]
-    agents = spec.agents if agents is None else int(agents)
-    if agents < 1:
-        raise ConfigError(f"--idql-agents must be >= 1 (got {agents})")
+    agents = {**spec.agents, **(agents or {})}
+    for method, k in agents.items():
+        if not any(g.method == method and g.agent_args is not None for g in spec.groups) or int(k) < 1:
+            raise ConfigError(f"--{method}-agents {k}: give K >= 1 for a method of {suite} that trains "
+                              f"several seeds in one run ({', '.join(spec.agents) or 'none has'})")
     if critic_steps is not None and (not spec.evals_per_run or critic_steps < spec.evals_per_run):
         allowed = ", ".join(n for n, s in SUITES.items() if s.evals_per_run)
         raise ConfigError(f"--critic-steps applies to {allowed} only, and must be >= "
@@ -276,9 +281,10 @@ def expand(
         for dataset in group.datasets:
             if datasets and dataset not in datasets:
                 continue
-            for chunk in seed_chunks(seeds, agents if group.agents else 1):
+            per_run = int(agents.get(group.method, 1)) if group.agent_args is not None else 1
+            for chunk in seed_chunks(seeds, per_run):
                 k = len(chunk)
-                many = ("--model.num_agents=" + str(k), "--model.compile=step") if k > 1 else ()
+                many = (f"--model.num_agents={k}", *(group.agent_args or ())) if k > 1 else ()
                 tail = f"seeds{chunk[0]}-{chunk[-1]}" if k > 1 else f"seed{chunk[0]}"
                 name = f"{prefix}{slug(dataset)}-{tail}"
                 runs.append(Run(name, str(root_path), str(config), dataset, int(chunk[0]),
@@ -535,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="table5-local: comma-separated subset of idql,iql,bc")
     p.add_argument("--idql-agents", type=int, default=None, metavar="K",
                    help="table5-local: IDQL seeds per run (--model.num_agents K --model.compile step)")
+    p.add_argument("--bc-agents", type=int, default=None, metavar="K",
+                   help="table5-local: BC seeds per run (--model.num_agents K --model.compile true)")
     p.add_argument("--critic-steps", type=int, default=None, metavar="N",
                    help="table5-local: N critic steps per run (BC: 2N actor steps), 4 evaluations each")
     p.add_argument("--root", default=None, help="run folders go under ROOT (default runs/<suite>)")
@@ -597,8 +605,9 @@ def _main(args: argparse.Namespace, passthrough: list[str]) -> int:
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    agents = {m: k for m, k in (("idql", args.idql_agents), ("bc", args.bc_agents)) if k is not None}
     runs = expand(args.suite, seeds=seeds, root=args.root, protocol=args.protocol, extra=extra, datasets=datasets,
-                  config_dir=args.config_dir, methods=methods, agents=args.idql_agents,
+                  config_dir=args.config_dir, methods=methods, agents=agents,
                   critic_steps=args.critic_steps)
     states = [status(r) for r in runs]
     pending = [r for r, (s, _) in zip(runs, states) if s != "done"]

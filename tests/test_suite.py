@@ -195,7 +195,7 @@ MAZES = ("local/pointmaze-umaze", "local/pointmaze-medium", "local/pointmaze-lar
 
 
 def test_table5_local_expands_methods_mazes_and_seeds(tmp_path):
-    runs = suite.expand("table5-local", root=tmp_path, agents=1)
+    runs = suite.expand("table5-local", root=tmp_path, agents={"idql": 1, "bc": 1})
     assert len(runs) == 27 and len({r.name for r in runs}) == 27 and len({r.run_dir for r in runs}) == 27
     assert [r.dataset for r in runs] == [d for d in MAZES for _ in range(9)]  # maze by maze
     configs = {"idql": "maze2d_local.yaml", "iql": "iql_maze2d_local.yaml", "bc": "bc_maze2d_local.yaml"}
@@ -211,29 +211,35 @@ def test_table5_local_expands_methods_mazes_and_seeds(tmp_path):
     assert runs[0].name == "idql-local-pointmaze-umaze-seed0"
 
 
-def test_table5_local_idql_agents_and_budget(tmp_path):
-    runs = suite.expand("table5-local", root=tmp_path, agents=3)
+def test_table5_local_agents_and_budget(tmp_path):
+    runs = suite.expand("table5-local", root=tmp_path, agents={"idql": 3, "bc": 1})
     assert len(runs) == 21
     idql = [r for r in runs if r.name.startswith("idql-")]
     assert [r.name for r in idql] == [f"idql-{suite.slug(d)}-seeds0-2" for d in MAZES]
     assert all(r.seed == 0 and r.agents == 3 and r.seeds == (0, 1, 2) for r in idql)
     assert idql[0].overrides == ("--model.num_agents=3", "--model.compile=step")
     assert all(r.agents == 1 for r in runs if not r.name.startswith("idql-"))  # IQL and BC: one seed per run
-    default = suite.expand("table5-local", datasets=[MAZES[0]])[0]
-    assert suite.SUITES["table5-local"].agents == len(default.seeds)
-    uneven = suite.expand("table5-local", seeds=[0, 1, 2, 3, 7], agents=2, methods=["idql"],
+    default = suite.expand("table5-local")  # the suite's default: IDQL and BC train their 3 seeds in one run
+    assert len(default) == 15 and suite.SUITES["table5-local"].agents == {"idql": 3, "bc": 3}
+    bc = [r for r in default if r.name.startswith("bc-")]
+    assert [r.name for r in bc] == [f"bc-{suite.slug(d)}-seeds0-2" for d in MAZES]
+    assert bc[0].overrides == ("--model.num_agents=3", "--model.compile=true") and bc[0].seeds == (0, 1, 2)
+    assert sum(r.name.startswith("iql-") for r in default) == 9  # IQL trains one agent
+    uneven = suite.expand("table5-local", seeds=[0, 1, 2, 3, 7], agents={"idql": 2}, methods=["idql"],
                           datasets=[MAZES[1]])
     assert [(r.name, r.seeds) for r in uneven] == [("idql-local-pointmaze-medium-seeds0-1", (0, 1)),
                                                    ("idql-local-pointmaze-medium-seeds2-3", (2, 3)),
                                                    ("idql-local-pointmaze-medium-seed7", (7,))]
     assert "--model.num_agents=2" not in uneven[-1].overrides
-    small = suite.expand("table5-local", critic_steps=20_000, extra=["--eval.num_episodes=5"], agents=3)
+    small = suite.expand("table5-local", critic_steps=20_000, extra=["--eval.num_episodes=5"],
+                         agents={"bc": 1})
     bc = next(r for r in small if r.name.startswith("bc-"))
     assert bc.overrides == ("--trainer.max_steps=40000", "--eval.every_n_steps=10000",
                             "--eval.num_episodes=5")
     assert bc.expected_max_steps() == 40_000 and small[0].expected_max_steps() == 20_000
     assert small[0].overrides[:2] == ("--trainer.max_steps=20000", "--eval.every_n_steps=5000")
-    for bad in (dict(methods=["sac"]), dict(agents=0), dict(critic_steps=2)):
+    for bad in (dict(methods=["sac"]), dict(agents={"idql": 0}), dict(agents={"iql": 3}),
+                dict(critic_steps=2)):
         with pytest.raises(ConfigError):
             suite.expand("table5-local", **bad)
     with pytest.raises(ConfigError, match="--critic-steps applies to table5-local only"):
@@ -263,13 +269,18 @@ def test_table5_local_dry_run_and_resume_state(tmp_path, capsys):
               ckpts=["last.ckpt"])
     assert suite.main(["table5-local", "--root", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert "21 runs" in out[0] and "(1 done, 1 to resume, 19 new)" in out[0] and len(out) == 22
+    assert "15 runs" in out[0] and "(1 done, 1 to resume, 13 new)" in out[0] and len(out) == 16
     line = next(x for x in out if "idql-local-pointmaze-large-seeds0-2:" in x)
     assert line.startswith("resume ") and "--model.num_agents=3 --model.compile=step" in line
     assert line.endswith(f"--ckpt_path {tmp_path / 'idql-local-pointmaze-large-seeds0-2' / 'last.ckpt'}")
     assert next(x for x in out if "iql-local-pointmaze-umaze-seed1:" in x).startswith("done ")
-    assert suite.main(["table5-local", "--root", str(tmp_path), "--dry-run", "--idql-agents", "1"]) == 0
+    argv = ["table5-local", "--root", str(tmp_path), "--dry-run"]
+    assert suite.main([*argv, "--bc-agents", "1"]) == 0
+    assert "21 runs" in capsys.readouterr().out.splitlines()[0]
+    assert suite.main([*argv, "--idql-agents", "1", "--bc-agents", "1"]) == 0
     assert "27 runs" in capsys.readouterr().out.splitlines()[0]
+    assert suite.main([*argv, "--bc-agents", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --bc-agents 0: give K >= 1")
     assert suite.main(["table5-local", "--methods", "dqn", "--dry-run"]) == 2
     assert capsys.readouterr().err.startswith("error: --methods dqn not in suite table5-local")
 
