@@ -4,7 +4,9 @@ Reads each run folder's ``config.yaml`` (dataset, seed, configuration, ``trainer
 ``eval_episodes.csv`` (the evaluations: step, per-episode returns) and ``csv/metrics.csv``
 (``eval/normalized_score`` per evaluation; computed from the returns and the reference scores when absent).
 Runs are grouped by dataset and configuration (the resolved config without seed, run folder and hardware keys;
-configurations are named by the keys in which they differ within a domain). Writes into ``--out``:
+configurations are named by the keys in which they differ within a domain, and by their method, IDQL, IQL or
+diffusion BC, where the runs hold several). A run of K agents (``--model.num_agents K``) counts as K seeds,
+``seed_everything + k``. Writes into ``--out``:
 
 * ``report.md``, ``report.csv``, ``report.json``;
 * per dataset: the **final** normalized score (the last evaluation, at ``trainer.max_steps``: the paper's
@@ -15,8 +17,14 @@ configurations are named by the keys in which they differ within a domain). Writ
   of the final scores with stratified-bootstrap 95% confidence intervals (rliable: runs resampled within
   each dataset; rliable's definitions: mean and median of the per-dataset means, IQM and optimality gap over
   all runs of all datasets);
+* per dataset with IDQL and IQL runs: every method's final mean ± std and IDQL - IQL with a stratified-
+  bootstrap 95% interval (each method's seeds resampled independently), beside the paper's Table 5 IDQL and
+  IQL numbers for that maze2d layout (D4RL's, or the local recipe's of the same layout);
 * ``curve_<dataset>.png`` per dataset and ``curves.png``: mean normalized score vs critic steps with a 95%
-  band across seeds (the t-interval of the mean), ``aggregates.png``: the aggregate intervals.
+  band across seeds (the t-interval of the mean; diffusion BC's actor steps / 2 beside IDQL), every
+  configuration on one axes; ``aggregates.png``: the aggregate intervals;
+* the total wall time and the machine, from the runs' ``suite.log`` (``python -m idql_pl.suite`` writes them),
+  or ``--wall-time`` / ``--machine``.
 
 Runs that have not reached ``trainer.max_steps`` are listed and left out of the final-score columns
 (``--include-unfinished`` keeps their last evaluation).

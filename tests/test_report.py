@@ -181,6 +181,7 @@ def test_cli(tmp_path, capsys):
 
 # ------------------------------------------------------------------------- table5-local: methods, K agents
 MODELS = {"idql": "idql_pl.IDQL", "iql": "idql_pl.IQL", "bc": "idql_pl.DiffusionBehavior"}
+MAZE_U = "local/pointmaze-umaze"
 
 
 def write_method_run(root, method, dataset, seed, scores, *, agents=1, max_steps=None, log_seconds=None):
@@ -191,7 +192,9 @@ def write_method_run(root, method, dataset, seed, scores, *, agents=1, max_steps
     run = root / f"{method}-{report.slug(dataset)}-{tail}"
     (run / "csv").mkdir(parents=True)
     steps = sorted(scores)
-    init = {"num_agents": agents, "actor_updates_per_step": 2} if method == "idql" else {}
+    init = {"num_agents": agents} if agents > 1 else {}
+    if method == "idql":
+        init["actor_updates_per_step"] = 2
     cfg = {"seed_everything": seed, "trainer": {"max_steps": max_steps or steps[-1]},
            "model": {"class_path": MODELS[method], "init_args": init},
            "data": {"dataset": dataset, "ref_scores": None, "family": None},
@@ -239,9 +242,12 @@ def test_table5_local_report_compares_methods_per_maze(tmp_path):
               "local/pointmaze-large": ([90.0, 90.0, 90.0], [30.0, 30.0, 30.0], [5.0, 6.0, 7.0])}
     for dataset, (idql, iql, bc) in finals.items():
         write_method_run(tmp_path, "idql", dataset, 0, {50: [0.0] * 3, 100: idql}, agents=3, log_seconds=3600)
+        bc_runs = [(0, bc, 3, 5400)] if dataset == MAZE_U else [(s, [bc[s]], 1, 1800) for s in range(3)]
+        for seed, scores, agents, seconds in bc_runs:  # umaze: BC's three seeds as one run of 3 agents
+            write_method_run(tmp_path, "bc", dataset, seed, {100: [2.0] * agents, 200: scores}, agents=agents,
+                             log_seconds=seconds)
         for seed in range(3):
             write_method_run(tmp_path, "iql", dataset, seed, {50: [1.0], 100: [iql[seed]]}, log_seconds=900)
-            write_method_run(tmp_path, "bc", dataset, seed, {100: [2.0], 200: [bc[seed]]}, log_seconds=1800)
     rep = make_report([tmp_path], tmp_path / "out", reps=500)
     rows = {(r["dataset"], r["config"]): r for r in rep["rows"]}
     assert {c for _, c in rows} == {"IDQL", "IQL", "diffusion BC"} and len(rows) == 9
@@ -272,13 +278,13 @@ def test_table5_local_report_compares_methods_per_maze(tmp_path):
     assert curves[("local/pointmaze-medium", "diffusion BC")]["x"] == [50.0, 100.0]
     assert curves[("local/pointmaze-medium", "IQL")]["x"] == [50, 100]
     compute = rep["compute"]
-    assert compute["seconds"] == pytest.approx(3 * (3600 + 3 * 900 + 3 * 1800)) and compute["attempts"] == 21
+    assert compute["seconds"] == pytest.approx(3 * (3600 + 3 * 900 + 3 * 1800)) and compute["attempts"] == 19
     assert compute["machines"] == ["box (AMD EPYC, 2 usable cores)"] and compute["threads"] == ["1"]
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "## IDQL vs IQL vs diffusion BC" in md and "27 runs (21 run folders" in md
+    assert "## IDQL vs IQL vs diffusion BC" in md and "27 runs (19 run folders" in md
     assert "| local/pointmaze-medium | 45.0 ± 5.0 (n=3) | 45.0 ± 5.0 (n=3) | 10.0 ± 0.0 (n=3) | +0.0 [" \
         in md
-    assert "| 89.5 / 34.9 | +54.6 |" in md and "- wall time: 9.75 h summed over 21 run attempts" in md
+    assert "| 89.5 / 34.9 | +54.6 |" in md and "- wall time: 9.75 h summed over 19 run attempts" in md
     assert "- machine: box (AMD EPYC, 2 usable cores)" in md
     for png in ("curve_local-pointmaze-umaze.png", "curve_local-pointmaze-large.png", "curves.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000, png
