@@ -17,8 +17,8 @@ Suites (IDQL_SPEC Sec. 6-7):
   IQL (``configs/iql_maze2d_local.yaml``) and diffusion BC (``configs/bc_maze2d_local.yaml``) on
   ``local/pointmaze-umaze``, ``-medium``, ``-large``, seeds 0-2, at one CPU budget (100k critic steps; BC 200k
   actor steps), one thread per run by default. ``--idql-agents K`` / ``--bc-agents K`` (default 3) train K
-  seeds as one run (``--model.num_agents K``, agent k = seed + k; IDQL with ``--model.compile step``, BC with
-  ``--model.compile true``); ``--critic-steps N`` scales the budget (BC 2N actor steps, 4 evaluations per
+  seeds as one run (``--model.num_agents K``, agent k = seed + k, with ``--model.compile true``);
+  ``--critic-steps N`` scales the budget (BC 2N actor steps, 4 evaluations per
   run). See docs/table5-local.md.
 
 Table 1 runs follow the ``-1`` protocol by default (``--protocol 1``: 1M critic steps, IDQL_SPEC Sec. 6, and
@@ -114,7 +114,7 @@ SUITES: dict[str, SuiteSpec] = {
                                   "configs/quickstart.yaml on local/pointmaze-umaze (no download)"),
     "table5-local": SuiteSpec(
         "table5-local",
-        (Group("maze2d_local.yaml", LOCAL_MAZE2D_DATASETS, "idql", agent_args=("--model.compile=step",)),
+        (Group("maze2d_local.yaml", LOCAL_MAZE2D_DATASETS, "idql", agent_args=("--model.compile=true",)),
          Group("iql_maze2d_local.yaml", LOCAL_MAZE2D_DATASETS, "iql"),
          Group("bc_maze2d_local.yaml", LOCAL_MAZE2D_DATASETS, "bc", agent_args=("--model.compile=true",),
                steps_per_critic_step=2)),
@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default=None, help="comma-separated subset of the suite's datasets")
     p.add_argument("--methods", default=None, help="table5-local: comma-separated subset of idql,iql,bc")
     p.add_argument("--idql-agents", type=int, default=None, metavar="K",
-                   help="table5-local: IDQL seeds per run (--model.num_agents K --model.compile step)")
+                   help="table5-local: IDQL seeds per run (--model.num_agents K --model.compile true)")
     p.add_argument("--bc-agents", type=int, default=None, metavar="K",
                    help="table5-local: BC seeds per run (--model.num_agents K --model.compile true)")
     p.add_argument("--critic-steps", type=int, default=None, metavar="N",

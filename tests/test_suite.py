@@ -217,7 +217,7 @@ def test_table5_local_agents_and_budget(tmp_path):
     idql = [r for r in runs if r.name.startswith("idql-")]
     assert [r.name for r in idql] == [f"idql-{suite.slug(d)}-seeds0-2" for d in MAZES]
     assert all(r.seed == 0 and r.agents == 3 and r.seeds == (0, 1, 2) for r in idql)
-    assert idql[0].overrides == ("--model.num_agents=3", "--model.compile=step")
+    assert idql[0].overrides == ("--model.num_agents=3", "--model.compile=true")
     assert all(r.agents == 1 for r in runs if not r.name.startswith("idql-"))  # IQL and BC: one seed per run
     default = suite.expand("table5-local")  # the suite's default: IDQL and BC train their 3 seeds in one run
     assert len(default) == 15 and suite.SUITES["table5-local"].agents == {"idql": 3, "bc": 3}
@@ -271,7 +271,7 @@ def test_table5_local_dry_run_and_resume_state(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert "15 runs" in out[0] and "(1 done, 1 to resume, 13 new)" in out[0] and len(out) == 16
     line = next(x for x in out if "idql-local-pointmaze-large-seeds0-2:" in x)
-    assert line.startswith("resume ") and "--model.num_agents=3 --model.compile=step" in line
+    assert line.startswith("resume ") and "--model.num_agents=3 --model.compile=true" in line
     assert line.endswith(f"--ckpt_path {tmp_path / 'idql-local-pointmaze-large-seeds0-2' / 'last.ckpt'}")
     assert next(x for x in out if "iql-local-pointmaze-umaze-seed1:" in x).startswith("done ")
     argv = ["table5-local", "--root", str(tmp_path), "--dry-run"]
