@@ -106,7 +106,7 @@ def _maze2d() -> dict[str, D4RLSpec]:
 
 
 D4RL_DATASETS: dict[str, D4RLSpec] = {**_locomotion(), **_antmaze(), **_maze2d()}
-LOCAL_RECIPES = ("local/pointmaze-umaze", "local/bandit")
+LOCAL_RECIPES = ("local/pointmaze-umaze", "local/pointmaze-medium", "local/pointmaze-large", "local/bandit")
 
 
 def get_d4rl_spec(name: str) -> D4RLSpec | None:
