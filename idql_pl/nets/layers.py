@@ -123,7 +123,10 @@ class AgentLinear(nn.Module):
         if len(layers) != num_agents:
             raise ValueError(f"AgentLinear: {len(layers)} layers for {num_agents} agents")
         self.num_agents, self.in_dim, self.out_dim = num_agents, in_dim, out_dim
-        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        # [K, out, in], laid out as autograd lays out the gradient of ``x @ weight^T`` (as EnsembleMLP's weights
+        # are): they differ only in the stride of a size-1 dim (out_dim 1), which DDP's gradient buckets check
+        weight = torch.stack([layer.weight.detach().T for layer in layers]).transpose(1, 2).contiguous()
+        self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers])) if bias else None
 
     @classmethod

@@ -126,24 +126,6 @@ class IDQLCLI(LightningCLI):
         if sub == "fit":
             check_fit_trainer(cfg.trainer)
 
-    def _parse_ckpt_path(self) -> None:
-        """``--ckpt_path``: Lightning parses the checkpoint's model hyperparameters back into the config. They
-        name no class, and jsonargparse then reads them as the default model's (IDQL's), refusing an IQL's or
-        a DiffusionBehavior's keys (``Option 'beta' is not accepted``): IQL and diffusion BC could not resume.
-        Give them the configured model's class, then parse them as Lightning does."""
-        sub = self.config.get("subcommand")
-        model = self.config[sub].get("model") if sub else None
-        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if model is None or not model.get("class_path") or not ckpt_path or not Path(ckpt_path).is_file():
-            return super()._parse_ckpt_path()
-        hparams = dict(safe_load(ckpt_path).get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
-        if not hparams or "_class_path" in hparams:  # none, or a class Lightning knows how to read
-            return super()._parse_ckpt_path()
-        self.config = self.parser.parse_object(
-            {sub: {"model": {"class_path": model.class_path, "init_args": hparams}}}, self.config)
-        return None
-
     # ------------------------------------------------------------------------------------ run folder
     def _sub(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config

@@ -97,8 +97,8 @@ BASELINES = {
 @pytest.mark.parametrize("config", list(BASELINES))
 def test_iql_and_diffusion_bc_resume_from_a_checkpoint_path(tmp_path, config):
     """``--ckpt_path <run>/last.ckpt`` (what ``python -m idql_pl.suite`` passes): Lightning parses the
-    checkpoint's hyperparameters into the config; they name no class and were read as IDQL's, so IQL and
-    diffusion BC runs could not resume (``Option 'beta' is not accepted``)."""
+    checkpoint's hyperparameters into the config; when they named no class they were read as IDQL's, so IQL
+    and diffusion BC runs could not resume (``Option 'beta' is not accepted``). They carry ``_class_path``."""
     common = ["fit", "--config", CONFIGS / config, *SMALL_MAZE, *BASELINES[config], "--trainer.accelerator",
               "cpu", "--trainer.enable_progress_bar", "false", "--eval.every_n_steps", "0", "--eval.at_end",
               "false", "--checkpoint.every_n_train_steps", str(K), "--run_root", tmp_path,
