@@ -198,8 +198,8 @@ def _concat(episodes, key):
 
 
 def test_umaze_recipe_is_unchanged():
-    """``local/pointmaze-umaze`` is what the README's quickstart scores were measured on: the same cache id,
-    env spec, episode limit, default size and generator (the maze argument defaults to it; the first
+    """``local/pointmaze-umaze`` is what the quickstart scores (docs/results/) were measured on: the same cache
+    id, env spec, episode limit, default size and generator (the maze argument defaults to it; the first
     observations and sums of a small generation as the code before the medium/large recipes made them)."""
     assert L.minari_id("local/pointmaze-umaze") == "idql_pl/pointmaze-umaze-v1"
     assert L.RECIPES["local/pointmaze-umaze"]["default_size"] == 1_000_000 == R.POINTMAZE_DEFAULT_SIZE
