@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench soak gpu-check gpu-check-plan gpu-wheels clean
+.PHONY: install demo test test-tooling test-all lint bench soak gpu-check gpu-check-plan gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,13 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/python -m idql_pl fit --config configs/quickstart.yaml
 
+# unit and integration tests, without the slow ones: what CI runs, in under 10 minutes on 2 cores
 test: install
-	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" -q tests/unit tests/integration $(PYTEST_ARGS)
+
+# the tools' own tests (benchmarks, GPU check); CI runs them after `make test`
+test-tooling: install
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" -q tests/tooling $(PYTEST_ARGS)
 
 test-all: install
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -47,7 +52,7 @@ gpu-check-plan:
 	@$(PY) -m idql_pl.gpu_check --plan
 
 # On a networked machine: the wheels the GPU check installs (CPython 3.12, manylinux x86_64), each runtime
-# dependency named and pinned (--no-deps; idql_pl/gpu_check.py's WHEELS, which tests/test_gpu_check.py
+# dependency named and pinned (--no-deps; idql_pl/experiments/gpu_check.py's WHEELS, which tests/tooling/test_gpu_check.py
 # compares with this list). No torch, Lightning, W&B, rliable or submitit: the check does not need them.
 GPU_PY ?= 3.12
 GPU_WHEELS := gymnasium==1.4.0 gymnasium-robotics==1.4.2 mujoco==4.0.1 mujoco-core==4.0.1 minari==0.5.4 \
@@ -62,7 +67,7 @@ gpu-wheels:
 	du -sh wheels
 
 soak: install
-	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow -q -s tests/test_soak.py
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow -q -s tests/integration/test_soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -8,31 +8,25 @@ lacks them.
 from __future__ import annotations
 
 import importlib as _importlib
-import sys as _sys
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
-if _sys.argv[:1] == ["-m"]:  # `python -m idql_pl...`: before torch starts OpenMP (see idql_pl/threads.py)
-    from idql_pl.threads import passive_openmp_wait as _passive_openmp_wait
-
-    _passive_openmp_wait()
-
 if _TYPE_CHECKING:
-    from idql_pl.behavior import DiffusionBehavior
-    from idql_pl.critic import ImplicitCritic
     from idql_pl.data import OfflineDataModule
-    from idql_pl.idql import IDQL
-    from idql_pl.iql import IQL
-    from idql_pl.online import OnlineIDQL
+    from idql_pl.models.behavior import DiffusionBehavior
+    from idql_pl.models.critic import ImplicitCritic
+    from idql_pl.models.idql import IDQL
+    from idql_pl.models.iql import IQL
+    from idql_pl.models.online import OnlineIDQL
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "IDQL": "idql_pl.idql",
-    "IQL": "idql_pl.iql",
-    "DiffusionBehavior": "idql_pl.behavior",
-    "ImplicitCritic": "idql_pl.critic",
+    "IDQL": "idql_pl.models.idql",
+    "IQL": "idql_pl.models.iql",
+    "DiffusionBehavior": "idql_pl.models.behavior",
+    "ImplicitCritic": "idql_pl.models.critic",
     "OfflineDataModule": "idql_pl.data",
-    "OnlineIDQL": "idql_pl.online",
+    "OnlineIDQL": "idql_pl.models.online",
 }
 __all__ = ["IDQL", "IQL", "DiffusionBehavior", "ImplicitCritic", "OfflineDataModule", "OnlineIDQL"]
 __version__ = "0.1.0"

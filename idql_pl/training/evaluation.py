@@ -1,0 +1,335 @@
+"""PolicyEvaluation: roll the extracted policy out in the real environment and log the D4RL score."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from idql_pl.algorithm.extraction import Extraction, autocast_for, check_extraction
+from idql_pl.errors import ConfigError
+
+Policy = Callable[[Tensor, torch.Generator], Tensor]
+
+
+def rollout(env: Any, policy: Policy, seeds: list[int], device: torch.device, generator: torch.Generator,
+            num_agents: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Run one episode per seed and agent on a vector env of ``num_agents x n`` envs (agent-major: envs
+    ``k n .. k n + n - 1`` are agent ``k``'s), ``n`` episodes at a time; every agent plays the same seeds.
+
+    ``policy(states [K, c, S], generator) -> [K, c, A]`` gets, for each agent, the ``c`` env slots where any
+    agent's episode is still running (one batched call for all agents; a slot some agent has finished is
+    computed and its action ignored). Returns per-episode undiscounted returns and lengths, ``[K, len(seeds)]``
+    in ``seeds`` order. Steps of finished envs (auto-reset by the vector env) are ignored.
+    """
+    if env.num_envs % num_agents:
+        raise ValueError(f"rollout: {env.num_envs} envs do not split into {num_agents} agents")
+    n_envs = env.num_envs // num_agents
+    action_shape = env.single_action_space.shape
+    returns = np.zeros((num_agents, len(seeds)))
+    lengths = np.zeros((num_agents, len(seeds)), dtype=np.int64)
+    for start in range(0, len(seeds), n_envs):
+        chunk = seeds[start : start + n_envs]
+        padded = chunk + [chunk[-1] + 1_000_003 + i for i in range(n_envs - len(chunk))]
+        obs, _ = env.reset(seed=padded * num_agents)
+        active = np.tile(np.arange(n_envs) < len(chunk), (num_agents, 1))  # [K, n]
+        ret, length = np.zeros((num_agents, n_envs)), np.zeros((num_agents, n_envs), dtype=np.int64)
+        while active.any():
+            slots = active.any(axis=0)
+            actions = np.zeros((num_agents, n_envs, *action_shape), dtype=np.float32)
+            grid = np.asarray(obs).reshape(num_agents, n_envs, *np.shape(obs)[1:])
+            states = torch.as_tensor(grid[:, slots], dtype=torch.float32, device=device)
+            actions[:, slots] = policy(states, generator).cpu().numpy()
+            actions[~active] = 0.0
+            obs, reward, terminated, truncated, _ = env.step(actions.reshape(num_agents * n_envs, *action_shape))
+            reward = np.asarray(reward).reshape(num_agents, n_envs)
+            ret[active] += reward[active]
+            length[active] += 1
+            active &= ~(np.asarray(terminated) | np.asarray(truncated)).reshape(num_agents, n_envs)
+        returns[:, start : start + len(chunk)] = ret[:, : len(chunk)]
+        lengths[:, start : start + len(chunk)] = length[:, : len(chunk)]
+    return returns, lengths
+
+
+def interquartile_mean(values: np.ndarray) -> float:
+    """Mean of the middle 50% (the IQM of Agarwal et al. 2021): sorted values with weight 1 inside the
+    quartiles and fractional weights at their edges, so it is defined for any number of values."""
+    x = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    n = len(x)
+    lo, hi = 0.25 * n, 0.75 * n
+    weights = np.clip(np.minimum(np.arange(1, n + 1), hi) - np.maximum(np.arange(n), lo), 0.0, 1.0)
+    return float((weights * x).sum() / weights.sum())
+
+
+def resident_memory_mb() -> float:
+    """Current resident set size of this process (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def autocast_sample(behavior: Any, states: Tensor, generator: torch.Generator, precision: str) -> Tensor:
+    """One behavior-policy sample per state and agent (behavior cloning): ``[K, B, S] -> [K, B, A]``, float32."""
+    with torch.no_grad(), autocast_for(states.device, precision):
+        return behavior.sample(states, 1, generator=generator)[..., 0, :].float()
+
+
+def gather_episodes(strategy: Any, episodes: np.ndarray, returns: np.ndarray, lengths: np.ndarray, share: int,
+                    device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Every rank's episodes (a collective under DDP: every rank calls it, ``share`` the same on all of them).
+
+    Each rank sends one fixed-shape float64 tensor ``[share, 2 + 2K]`` (rows: valid flag, episode index, its
+    ``K`` returns, its ``K`` lengths; rows past its own episodes are padding with flag 0) through
+    ``strategy.all_gather``, so a rank with fewer episodes than the others, or none at all, sends the same
+    shape and dtype as every other rank. Returns the valid rows sorted by episode: indices ``[E]`` (int64),
+    returns and lengths ``[K, E]`` (float64), the same on every rank. ``returns``/``lengths`` are ``[K, n]``
+    with ``n = len(episodes) <= share``."""
+    agents, n = returns.shape[0], len(episodes)
+    if n > share:
+        raise ValueError(f"gather_episodes: {n} episodes on this rank, more than the share of {share}")
+    rows = torch.zeros((share, 2 + 2 * agents), dtype=torch.float64)
+    rows[:n, 0] = 1.0
+    rows[:n, 1] = torch.as_tensor(episodes, dtype=torch.float64)
+    rows[:n, 2 : 2 + agents] = torch.as_tensor(returns, dtype=torch.float64).reshape(agents, n).T
+    rows[:n, 2 + agents :] = torch.as_tensor(lengths, dtype=torch.float64).reshape(agents, n).T
+    gathered = strategy.all_gather(rows.to(device)).reshape(-1, rows.shape[1])  # [world * share, 2 + 2K]
+    valid = gathered[gathered[:, 0] > 0]
+    valid = valid[torch.argsort(valid[:, 1], stable=True)]
+    returns_, lengths_ = valid[:, 2 : 2 + agents].T.contiguous(), valid[:, 2 + agents :].T.contiguous()
+    return valid[:, 1].long(), returns_, lengths_
+
+
+class PolicyEvaluation(L.Callback):
+    """Every ``every_n_steps`` (and at the last step, and on ``validate``), run ``num_episodes`` episodes.
+
+    Episode ``i`` is seeded ``seed + i`` (the same episodes at every evaluation); diffusion noise comes from
+    a generator seeded by the step, so evaluation never perturbs the training RNG. Under DDP rank ``r`` runs
+    episodes ``r, r + world, ...`` (none when ``num_episodes`` < world size) and :func:`gather_episodes`
+    collects every rank's, so the logged mean covers exactly ``num_episodes``, each episode once. Logs
+    ``eval/return``, ``eval/normalized_score`` (0-100, the dataset's reference scores),
+    ``eval/episode_length``, ``perf/eval_env_steps_per_s``; writes ``eval_curve.png`` to the run dir (x axis:
+    the module's ``step_unit``). ``at_start`` also evaluates the starting weights as step 0.
+
+    A model of K agents (``num_agents``) plays the same seeded episodes with every agent, all agents in one
+    batched policy call over ``K x num_envs`` envs. ``eval/normalized_score`` is then the mean over agents of
+    each agent's mean score, beside ``eval/agent{k}/normalized_score``, ``eval/normalized_score_agent_std``
+    (across agents) and ``eval/normalized_score_iqm`` (interquartile mean of the agents' scores);
+    ``eval_episodes.csv`` has an ``agent`` column and the curve shows every agent and the mean.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50_000,
+        num_episodes: int = 10,
+        num_envs: int = 10,
+        num_samples: int | None = None,
+        extraction: Extraction | None = None,
+        precision: Literal["auto", "32", "bf16"] = "auto",
+        seed: int = 1_000_000,
+        at_end: bool = True,
+        plot: bool = True,
+        at_start: bool = False,
+    ):
+        if num_episodes < 1 or num_envs < 1 or every_n_steps < 0:
+            raise ConfigError("eval.num_episodes and eval.num_envs must be >= 1 and eval.every_n_steps >= 0 (0 = never)")
+        if num_samples is not None or extraction is not None:
+            check_extraction(extraction or "argmax", num_samples or 1)
+        self.every_n_steps, self.num_episodes, self.num_envs = every_n_steps, num_episodes, num_envs
+        self.num_samples, self.extraction, self.precision = num_samples, extraction, precision
+        self.seed, self.at_end, self.plot, self.at_start = seed, at_end, plot, at_start
+        self.history: list[tuple[int, float]] = []  # (step, score: the mean over agents)
+        self.agent_history: list[tuple[int, list[float]]] = []  # (step, each agent's score)
+        self._env: Any = None
+        self._last_step = -1
+
+    # ------------------------------------------------------------------------------------- triggers
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        due = self.every_n_steps and step % self.every_n_steps == 0
+        last = self.at_end and trainer.max_steps > 0 and step >= trainer.max_steps
+        if (due or last) and step != self._last_step:
+            self._last_step = step
+            self.evaluate(trainer, pl_module, log_to_module=False)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``at_start``: evaluate the starting weights as step 0 (finetuning: the pretrained score)."""
+        if self.at_start and trainer.global_step == 0 and self._last_step != 0:
+            self._last_step = 0
+            self.evaluate(trainer, pl_module, log_to_module=False)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self.evaluate(trainer, pl_module, log_to_module=True)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Create the envs up front, so a run that cannot be evaluated fails in seconds, not at its first eval."""
+        if self.policy_for(pl_module) is not None and self._env is None:
+            self._env = trainer.datamodule.make_vector_env(self._envs_per_rank(trainer) * num_agents_of(pl_module))
+
+    def _envs_per_rank(self, trainer: L.Trainer) -> int:
+        share = len(range(trainer.global_rank, self.num_episodes, trainer.world_size))
+        return max(1, min(self.num_envs, share))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+    # ----------------------------------------------------------------------------------------- core
+    def policy_for(self, pl_module: L.LightningModule) -> Policy | None:
+        """IDQL: reweighted extraction; a behavior model alone: its own samples (BC); a critic alone: none."""
+        if hasattr(pl_module, "act"):
+            return lambda s, g: pl_module.act(
+                s, num_samples=self.num_samples, extraction=self.extraction, generator=g, precision=self.precision
+            )
+        if hasattr(pl_module, "sample"):
+            return lambda s, g: autocast_sample(pl_module, s, g, self.precision)
+        return None
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, log_to_module: bool) -> dict[str, float] | None:
+        policy = self.policy_for(pl_module)
+        if policy is None:
+            rank_zero_info(f"[eval] skipped: {type(pl_module).__name__} has no policy to roll out")
+            return None
+        agents = num_agents_of(pl_module)
+        datamodule = trainer.datamodule
+        device = pl_module.device
+        rank, world = trainer.global_rank, trainer.world_size
+        seeds = [self.seed + i for i in range(rank, self.num_episodes, world)]
+        start = time.perf_counter()
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            if seeds:
+                if self._env is None:
+                    self._env = datamodule.make_vector_env(self._envs_per_rank(trainer) * agents)
+                generator = torch.Generator(device=device).manual_seed(self.seed + trainer.global_step)
+                returns, lengths = rollout(self._env, policy, seeds, device, generator, agents)
+            else:
+                returns, lengths = np.zeros((agents, 0)), np.zeros((agents, 0))
+        finally:
+            pl_module.train(was_training)
+        elapsed = time.perf_counter() - start
+        share = -(-self.num_episodes // world)  # the most episodes any rank runs
+        all_episodes, all_returns, all_lengths = gather_episodes(
+            trainer.strategy, np.asarray(seeds, dtype=np.int64) - self.seed, returns, lengths, share, device)
+        env_steps = float(all_lengths.sum())
+        metrics = {
+            "eval/return": float(all_returns.mean()),
+            "eval/return_std": float(all_returns.std(unbiased=False)),
+            "eval/episode_length": float(all_lengths.mean()),
+            "eval/num_episodes": float(all_returns.shape[1]),
+            "perf/eval_env_steps_per_s": env_steps / max(elapsed, 1e-9),
+            "perf/rss_mb": resident_memory_mb(),
+        }
+        info = datamodule.info
+        agent_scores: list[float] | None = None
+        if info.ref_min_score is not None and info.ref_max_score is not None:
+            scores = np.asarray(datamodule.normalized_score(all_returns.double().cpu().numpy()))  # [K, episodes]
+            agent_scores = [float(np.mean(row)) for row in scores]
+            metrics["eval/normalized_score"] = float(np.mean(agent_scores))
+            metrics["eval/normalized_score_std"] = float(np.std(scores))
+            if agents > 1:
+                for k, score in enumerate(agent_scores):
+                    metrics[f"eval/agent{k}/normalized_score"] = score
+                metrics["eval/normalized_score_agent_std"] = float(np.std(agent_scores))
+                metrics["eval/normalized_score_iqm"] = interquartile_mean(np.asarray(agent_scores))
+        self._report(trainer, pl_module, metrics, log_to_module, agent_scores)
+        if trainer.is_global_zero:
+            self._write_episodes(trainer, all_episodes, all_returns, all_lengths)
+        return metrics
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float], log_to_module: bool,
+                agent_scores: list[float] | None = None) -> None:
+        step = trainer.global_step
+        score = metrics.get("eval/normalized_score")
+        if score is not None and (not self.history or self.history[-1][0] != step):
+            self.history.append((step, score))
+            self.agent_history.append((step, list(agent_scores or [score])))
+        if log_to_module:
+            pl_module.log_dict(metrics, sync_dist=False)
+        elif trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        text = f"return {metrics['eval/return']:.2f} ± {metrics['eval/return_std']:.2f}"
+        if score is not None:
+            text += f", normalized score {score:.1f} ± {metrics['eval/normalized_score_std']:.1f}"
+            if agent_scores is not None and len(agent_scores) > 1:
+                text += f" (agents: {', '.join(f'{a:.1f}' for a in agent_scores)})"
+        rank_zero_info(
+            f"[eval] step {step}: {text} over {int(metrics['eval/num_episodes'])} episodes"
+            f" (length {metrics['eval/episode_length']:.0f}, {metrics['perf/eval_env_steps_per_s']:.0f} env steps/s)"
+        )
+        if self.plot and trainer.is_global_zero and len(self.history) > 0:
+            self._plot(Path(trainer.default_root_dir) / "eval_curve.png", getattr(pl_module, "step_unit", "critic steps"))
+
+    def _write_episodes(self, trainer: L.Trainer, episodes: Tensor, returns: Tensor, lengths: Tensor) -> None:
+        """Append one row per episode and agent (all ranks' episodes; ``returns``/``lengths`` ``[K, episodes]``)
+        to ``eval_episodes.csv`` in the run folder."""
+        path = Path(trainer.default_root_dir) / "eval_episodes.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.is_file()
+        order = torch.argsort(episodes)
+        with open(path, "a") as f:
+            if new:
+                f.write("stage,step,agent,episode,seed,return,length\n")
+            stage = trainer.state.fn.value if trainer.state.fn else "fit"
+            for agent in range(returns.shape[0]):
+                rows = zip(episodes[order].tolist(), returns[agent][order].tolist(), lengths[agent][order].tolist())
+                for e, r, n in rows:
+                    f.write(f"{stage},{trainer.global_step},{agent},{int(e)},{self.seed + int(e)},{r:.6f},{int(n)}\n")
+
+    def _plot(self, path: Path, unit: str = "critic steps") -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps, scores = zip(*self.history)
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+        per_agent = [row for _, row in self.agent_history] if len(self.agent_history) == len(self.history) else []
+        if per_agent and len(per_agent[-1]) > 1:
+            agent_steps = [step for step, _ in self.agent_history]
+            for k in range(len(per_agent[-1])):
+                ax.plot(agent_steps, [row[k] if k < len(row) else np.nan for row in per_agent], lw=0.8, alpha=0.5,
+                        label=f"agent {k}")
+            ax.plot(steps, scores, marker="o", color="black", lw=2, label="mean")
+            ax.legend(fontsize=6, ncol=2)
+        else:
+            ax.plot(steps, scores, marker="o")
+        ax.set_xlabel(f"{unit} (trainer.global_step)")
+        ax.set_ylabel("eval/normalized_score")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        tmp.replace(path)
+
+    # -------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [[int(s), float(v)] for s, v in self.history],
+                "agent_history": [[int(s), [float(x) for x in v]] for s, v in self.agent_history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(s), float(v)) for s, v in state_dict.get("history", [])]
+        self.agent_history = [(int(s), [float(x) for x in v]) for s, v in state_dict.get("agent_history", [])]
+
+
+def num_agents_of(pl_module: Any) -> int:
+    """The module's number of agents (1 for models without agents, e.g. IQL)."""
+    return int(getattr(pl_module, "num_agents", 1))
