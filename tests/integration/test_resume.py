@@ -35,7 +35,8 @@ def _assert_same(a, b, path=""):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize(("compile_", "agents"), [("false", 1), ("true", 1), ("false", 2)])
+@pytest.mark.parametrize(("compile_", "agents"),  # compile: true's fast version: tests/unit/test_compile.py
+                         [("false", 1), pytest.param("true", 1, marks=pytest.mark.slow), ("false", 2)])
 def test_resumed_run_equals_uninterrupted(tmp_path, compile_, agents, request):
     """Eager, with the whole iteration compiled (``compile: true``, aot_eager backend), and with two agents
     (each draws its batches from its own generator: all of them are restored)."""
