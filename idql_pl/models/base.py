@@ -46,6 +46,14 @@ def dims_mismatch(saved: Mapping[str, int] | None, obs_dim: int, action_dim: int
             " --ckpt_path")
 
 
+def check_sizes(obs_dim: int, action_dim: int, num_agents: int = 1) -> None:
+    """One-line errors for a data dimension or an agent count below 1."""
+    if obs_dim < 1 or action_dim < 1:
+        raise ConfigError(f"obs_dim and action_dim must be >= 1 (got {obs_dim}, {action_dim})")
+    if not isinstance(num_agents, int) or num_agents < 1:
+        raise ConfigError(f"num_agents must be an integer >= 1 (got {num_agents!r})")
+
+
 def class_path(cls: type) -> str:
     """``idql_pl.IDQL`` for a class the package exports, else ``module.Class``: saved in a checkpoint's
     hyperparameters as ``_class_path``, which LightningCLI reads when a run is given ``--ckpt_path`` (without it,

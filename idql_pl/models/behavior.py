@@ -22,7 +22,7 @@ from idql_pl.algorithm.diffusion import (
 from idql_pl.algorithm.iteration import IDQLOptimizers, algorithm1_iteration
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
-from idql_pl.models.base import IDQLModule, make_adam
+from idql_pl.models.base import IDQLModule, check_sizes, make_adam
 from idql_pl.nets import (
     ACTIVATIONS,
     LNResNet,
@@ -92,10 +92,7 @@ class DiffusionBehavior(IDQLModule):
         num_agents: int = 1,
     ):
         super().__init__()
-        if obs_dim < 1 or action_dim < 1:
-            raise ConfigError(f"obs_dim and action_dim must be >= 1 (got {obs_dim}, {action_dim})")
-        if not isinstance(num_agents, int) or num_agents < 1:
-            raise ConfigError(f"num_agents must be an integer >= 1 (got {num_agents!r})")
+        check_sizes(obs_dim, action_dim, num_agents)
         if schedule not in SCHEDULES:
             raise ConfigError(f"unknown diffusion schedule {schedule!r}: use one of {', '.join(SCHEDULES)} (paper: vp)")
         if score_net not in SCORE_NETS:
