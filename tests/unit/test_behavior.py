@@ -224,8 +224,7 @@ def test_fit_checkpoint_and_exact_resume(tmp_path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert "idql_rng" in ckpt and ckpt["lr_schedulers"][0]["last_epoch"] == k
     assert any(key.startswith("ema_net.") for key in ckpt["state_dict"])
-    restored = DiffusionBehavior(**ckpt["hyper_parameters"])
-    restored.load_state_dict(ckpt["state_dict"])
+    restored = DiffusionBehavior.load_from_checkpoint(path, map_location="cpu")
     assert all(torch.equal(v, model.state_dict()[key]) for key, v in restored.state_dict().items())
 
     resumed, tr_resumed, _ = fit(2 * k, ckpt=path, buffer_state=buf.state_dict())
