@@ -1,4 +1,4 @@
-"""DDPM pieces of the behavior policy (paper Sec. 3 Eq. 4-5, App. F.3, G; IDQL_SPEC Sec. 3).
+"""DDPM pieces of the behavior policy (paper Sec. 3 Eq. 4-5, App. F.3, G; docs/fidelity.md §3).
 
 Step indices ``k`` run over ``0..T-1``; ``alpha_bars[k] = prod_{j<=k} alphas[j]`` is the signal kept after
 ``k + 1`` noising steps, so ``k = T - 1`` is the (almost) pure-noise end and ``k = 0`` the last denoising step.

@@ -1,4 +1,4 @@
-"""Policy extraction by reweighting behavior samples (paper Alg. 2, Eq. 13; IDQL_SPEC Sec. 4)."""
+"""Policy extraction by reweighting behavior samples (paper Alg. 2, Eq. 13; docs/fidelity.md §4)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def check_extraction(extraction: str, num_samples: int | Sequence[int], num_agen
         raise ConfigError(f"unknown extraction {extraction!r}: use one of {', '.join(EXTRACTIONS)}")
     counts = [num_samples] if isinstance(num_samples, int) else list(num_samples)
     if not counts or min(counts) < 1:
-        raise ConfigError(f"num_samples must be >= 1 (got {num_samples}): the paper uses 32-128 (IDQL_SPEC Sec. 4)")
+        raise ConfigError(f"num_samples must be >= 1 (got {num_samples}): the paper uses 32-128")
     if not isinstance(num_samples, int) and num_agents is not None:
         per_agent(counts, num_agents, "num_samples")
 

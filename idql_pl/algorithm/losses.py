@@ -66,7 +66,7 @@ def value_loss(u: Tensor, kind: str, tau_or_alpha: Param, exp_clip: float = 6.0)
     - ``"expectile"`` (IQL, Eq. 1): ``|tau - 1[u<0]| u^2``.
     - ``"quantile"`` (the loss of Eq. 10): ``|tau - 1[u<0]| |u|``.
     - ``"exponential"`` (linex, Eq. 11): the paper's ``f(u) = exp(alpha u) - alpha u`` is unstable, so, as the
-      reference code (and IDQL_SPEC Sec. 1) does, this returns the guarded surrogate
+      reference code does (docs/fidelity.md §1), this returns the guarded surrogate
       ``(stopgrad(min(exp(alpha u), exp_clip)) - 1) * u``. Its gradient in ``u`` is
       ``min(exp(alpha u), exp_clip) - 1`` = ``f'(u) / alpha`` wherever the clip is inactive, so it has the same
       minimizer in ``V``; its *value* is not the linex value (it is >= 0 and 0 only at u = 0).
@@ -86,7 +86,7 @@ def implicit_log_weights(u: Tensor, kind: str, tau_or_alpha: Param, eps: float =
 
     - expectile (Eq. 9): ``w = tau`` if u >= 0 else ``1 - tau`` (the constant factor 2 of f' cancels in pi_imp).
     - quantile (Eq. 10): ``w = (tau or 1 - tau) / max(|u|, eps)``; always positive (the reference code divides
-      by the signed ``u`` and so produces negative weights for u < 0; IDQL_SPEC Sec. 2 says not to copy that).
+      by the signed ``u`` and so produces negative weights for u < 0; docs/fidelity.md, Deviations).
     - exponential (Eq. 12): ``w = alpha |exp(alpha u) - 1| / |u|``, with ``log|expm1|`` evaluated without
       overflow and the limit ``alpha^2 (1 + alpha u / 2)`` for ``|u| < eps``.
     """

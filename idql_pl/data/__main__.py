@@ -11,7 +11,8 @@ from idql_pl.errors import IDQLError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m idql_pl.data", description=__doc__)
-    parser.add_argument("dataset", help="D4RL name, .hdf5 path, Minari id, or local/pointmaze-umaze | local/bandit")
+    parser.add_argument("dataset", help="D4RL name, .hdf5 path, Minari id, or a local recipe: "
+                        "local/pointmaze-{umaze,medium,large} | local/bandit")
     parser.add_argument("--dataset-size", type=int, default=None, help="size of a local recipe")
     parser.add_argument("--reward-transform", default="auto", choices=["auto", "none", "locomotion", "antmaze"])
     parser.add_argument("--eval-env", default=None, help="evaluation env id (or a D4RL name for its env)")

@@ -13,7 +13,7 @@ FIELDS = ("observations", "actions", "rewards", "next_observations", "masks")
 
 
 class Batch(NamedTuple):
-    """A batch of transitions; rewards and masks are 1-D, ``masks = 1 - terminal`` (IDQL_SPEC Sec. 1)."""
+    """A batch of transitions; rewards and masks are 1-D, ``masks = 1 - terminal`` (docs/fidelity.md §1)."""
 
     observations: Tensor
     actions: Tensor

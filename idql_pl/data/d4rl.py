@@ -7,9 +7,9 @@ reused) and downloaded there when absent: streamed to a hidden temp file in the 
 (length, HDF5 signature) and renamed into place, so an interrupted download leaves nothing behind. A path
 to a local ``.hdf5`` file works too (its reference scores/env are known when the file name is a D4RL one).
 
-File layout (IDQL_SPEC Sec. 8): flat ``observations [N, obs_dim]``, ``actions [N, act_dim]``, ``rewards [N]``,
+File layout (docs/fidelity.md §8): flat ``observations [N, obs_dim]``, ``actions [N, act_dim]``, ``rewards [N]``,
 ``terminals [N]`` and ``timeouts [N]`` (optional for old files); converted with D4RL's q-learning convention
-(IDQL_SPEC Sec. 5, :func:`idql_pl.data.preprocess.d4rl_transitions`).
+(docs/fidelity.md §5, :func:`idql_pl.data.preprocess.d4rl_transitions`).
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def load_dataset(
     family: str | None = None,
     max_episode_steps: int | None = None,
 ) -> OfflineDataset:
-    """Resolve ``name`` and load it (IDQL_SPEC Sec. 5, 8).
+    """Resolve ``name`` and load it (docs/fidelity.md §5, 8).
 
     ``local/...`` -> local recipe (``dataset_size`` applies); a D4RL name (``hopper-medium-v2``) or a path to an
     ``.hdf5`` file -> D4RL reader; anything else containing ``/`` -> Minari id.
@@ -249,7 +249,7 @@ class OfflineDataModule(L.LightningDataModule):
     Args:
         dataset: D4RL name, ``.hdf5`` path, Minari id or ``local/pointmaze-umaze`` / ``local/bandit``.
         reward_transform: ``auto`` (by family: locomotion scaling, antmaze ``r - 1``, else none), or forced.
-        action_clip: actions are clipped to ``+-action_clip`` (IDQL_SPEC Sec. 5).
+        action_clip: actions are clipped to ``+-action_clip`` (docs/fidelity.md §5).
         val_fraction: fraction of transitions held out (random split by ``seed``); 0 trains on everything.
         dataset_size: size of a local recipe (default: the recipe's own default).
         seed: sampling seed; ``None`` uses ``torch.initial_seed()`` (set by ``seed_everything``). Rank ``r``
@@ -423,7 +423,7 @@ class OfflineDataModule(L.LightningDataModule):
             return "n/a"
 
     def normalized_score(self, returns: T) -> T:
-        """``100 * (R - ref_min) / (ref_max - ref_min)`` for a float, list, numpy array or tensor (IDQL_SPEC Sec. 6)."""
+        """``100 * (R - ref_min) / (ref_max - ref_min)`` for a float, list, numpy array or tensor (docs/fidelity.md §6)."""
         lo, hi = self.info.ref_min_score, self.info.ref_max_score
         if lo is None or hi is None or hi == lo:
             raise DatasetError(

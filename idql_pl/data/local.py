@@ -19,6 +19,13 @@ The generators live in :mod:`idql_pl.data.recipes`, the environments in :mod:`id
     Evaluation env: ``idql_pl/PointMaze2d-UMaze-v0`` (same observation/reward convention, fixed goal,
     300 steps).
 
+``local/pointmaze-medium``, ``local/pointmaze-large`` (D4RL maze2d-medium / -large style)
+    The same recipe in D4RL's medium and large layouts (:data:`idql_pl.envs.maze2d.MAZES`): the evaluation
+    goal is the layout's 'G' cell (medium: row 6, column 6; large: row 7, column 9), starts are random free
+    cells, and D4RL maze2d's episode limits (medium 600, large 800 steps) cut the data into episodes,
+    replace a goal not reached in time, bound the reference episodes and the evaluation env
+    (``idql_pl/PointMaze2d-Medium-v0``, ``-Large-v0``). Default sizes are D4RL's: 2,000,000 and 4,000,000.
+
 ``local/bandit`` (the paper's Fig. 1 toy)
     One-step 2-D bandit :class:`BanditEnv`: the observation is the constant ``[0.0]``, actions lie in
     ``[-1, 1]^2``, and the reward is ``BANDIT_REWARDS[k]`` when the action is within ``BANDIT_RADIUS`` of
@@ -56,7 +63,7 @@ from idql_pl.data.preprocess import SourceData, log
 from idql_pl.data.recipes import (
     BANDIT_DEFAULT_SIZE,
     GENERATION_SEED,
-    POINTMAZE_DEFAULT_SIZE,
+    POINTMAZE_DEFAULT_SIZES,
     REF_EPISODES,
     controller_policy,
     generate_bandit,
@@ -64,7 +71,7 @@ from idql_pl.data.recipes import (
     random_policy,
     rollout_returns,
 )
-from idql_pl.envs import BANDIT_ENV_ID, POINTMAZE_ENV_ID
+from idql_pl.envs import BANDIT_ENV_ID, MAZE2D_EPISODE_STEPS, POINTMAZE_ENV_IDS
 from idql_pl.envs.bandit import BANDIT_REWARDS
 from idql_pl.errors import DatasetError
 
@@ -74,7 +81,9 @@ NAMESPACE = "idql_pl"
 
 # ---------------------------------------------------------------------------------------------- recipes
 RECIPES = {
-    "local/pointmaze-umaze": {"stem": "pointmaze-umaze", "default_size": POINTMAZE_DEFAULT_SIZE, "family": "maze2d", "env_id": POINTMAZE_ENV_ID},
+    **{f"local/pointmaze-{maze}": {"stem": f"pointmaze-{maze}", "default_size": POINTMAZE_DEFAULT_SIZES[maze],
+                                   "family": "maze2d", "env_id": env_id, "maze": maze}
+       for maze, env_id in POINTMAZE_ENV_IDS.items()},
     "local/bandit": {"stem": "bandit", "default_size": BANDIT_DEFAULT_SIZE, "family": "bandit", "env_id": BANDIT_ENV_ID},
 }
 
@@ -189,17 +198,21 @@ def _write_dataset(dataset_id: str, name: str, size: int, final: Path) -> None:
     work.mkdir(parents=True)
     try:
         t0 = time.perf_counter()
-        if name == "local/pointmaze-umaze":
+        if recipe["family"] == "maze2d":
+            maze = recipe["maze"]
+            limit = MAZE2D_EPISODE_STEPS[maze]
             log(f"generating {name} ({size:,} steps) into {final} (one-time; ~30 s per million steps)")
-            episodes, stats = generate_pointmaze(size)
-            rand, _ = rollout_returns(random_policy, REF_EPISODES, seed=10_000)
-            ctrl, ctrl_success = rollout_returns(controller_policy(0.0), REF_EPISODES, seed=20_000)
+            episodes, stats = generate_pointmaze(size, maze=maze)
+            rand, _ = rollout_returns(random_policy, REF_EPISODES, seed=10_000, maze=maze, steps=limit)
+            ctrl, ctrl_success = rollout_returns(controller_policy(0.0), REF_EPISODES, seed=20_000, maze=maze,
+                                                 steps=limit)
             ref_min, ref_max = float(rand.mean()), float(ctrl.mean())
             stats.update(
                 {"ref_random_return_std": float(rand.std()), "ref_controller_return_std": float(ctrl.std()),
                  "controller_eval_success_rate": float(ctrl_success.mean()), "ref_episodes": REF_EPISODES}
             )
-            description = "maze2d-umaze-style data: noisy BFS+PD waypoint controller visiting random goals (idql_pl.data.local)"
+            description = (f"maze2d-{maze}-style data: noisy BFS+PD waypoint controller visiting random goals"
+                           " (idql_pl.data.local)")
         else:
             log(f"generating {name} ({size:,} samples) into {final}")
             episodes, stats = generate_bandit(size)

@@ -2,14 +2,14 @@
 
 Loaded with ``minari.load_dataset(id, download=True)`` from ``$MINARI_DATASETS_PATH`` (default
 ``~/.minari/datasets``); every stored step becomes a transition (Minari records the observation after a
-truncation, so nothing is dropped; IDQL_SPEC Sec. 5). Dict observations are flattened by
+truncation, so nothing is dropped; docs/fidelity.md §5). Dict observations are flattened by
 :func:`flatten_obs` in a fixed order: keys sorted alphabetically at every nesting level, each leaf raveled,
 e.g. ``achieved_goal (2) | desired_goal (2) | observation (n)`` for gymnasium-robotics mazes. The
 evaluation env (``recover_environment(eval_env=True)``) is wrapped to flatten identically.
 
 Reference scores come from the dataset metadata (``ref_min_score``/``ref_max_score``, absent for some).
 Note the ports' conventions: ``D4RL/antmaze/*-v1`` and ``D4RL/pointmaze/*-v2`` are continuing tasks
-re-collected in gymnasium-robotics envs, and ``mujoco/*-v0`` are not the D4RL datasets (IDQL_SPEC Sec. 8).
+re-collected in gymnasium-robotics envs, and ``mujoco/*-v0`` are not the D4RL datasets (docs/fidelity.md §8).
 """
 
 from __future__ import annotations

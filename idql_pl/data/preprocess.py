@@ -1,4 +1,4 @@
-"""Turning raw dataset arrays into training transitions (IDQL_SPEC Sec. 5).
+"""Turning raw dataset arrays into training transitions (docs/fidelity.md §5).
 
 * D4RL files (one flat row per step): the q-learning convention drops the row at each timeout (its next
   observation is not in the file) and the last row; ``next_obs[i] = obs[i + 1]`` otherwise. Terminals give
@@ -84,7 +84,7 @@ class SourceData:
 
 @dataclass(frozen=True)
 class RewardTransform:
-    """``r -> r * scale + shift`` (IDQL_SPEC Sec. 5); works on floats, numpy arrays and torch tensors."""
+    """``r -> r * scale + shift`` (docs/fidelity.md §5); works on floats, numpy arrays and torch tensors."""
 
     kind: str = "none"
     scale: float = 1.0
@@ -111,7 +111,7 @@ def resolve_reward_kind(kind: str, family: str) -> str:
 
 
 def make_reward_transform(kind: str, family: str, episode_returns: np.ndarray | None = None) -> RewardTransform:
-    """Build the transform; locomotion scaling needs the dataset's episode returns (IDQL_SPEC Sec. 5)."""
+    """Build the transform; locomotion scaling needs the dataset's episode returns (docs/fidelity.md §5)."""
     kind = resolve_reward_kind(kind, family)
     if kind == "antmaze":
         return RewardTransform("antmaze", 1.0, -1.0)
@@ -184,7 +184,7 @@ def clip_actions(actions: np.ndarray, clip: float = DEFAULT_ACTION_CLIP, source:
 def d4rl_transitions(
     data: Mapping[str, np.ndarray], max_episode_steps: int | None = None
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """D4RL's ``qlearning_dataset`` convention, vectorised (IDQL_SPEC Sec. 5).
+    """D4RL's ``qlearning_dataset`` convention, vectorised (docs/fidelity.md §5).
 
     Row ``i`` becomes ``(obs[i], act[i], rew[i], obs[i + 1], terminal[i])`` unless it is a timeout or the last
     row. Without a ``timeouts`` key, D4RL's step counter marks every ``max_episode_steps``-th step since the

@@ -1,6 +1,6 @@
 """The generators behind the local recipes (see :mod:`idql_pl.data.local`): the noisy waypoint controller in
-the U-maze (``local/pointmaze-umaze``), the three-cluster bandit data (``local/bandit``), and the seeded
-rollouts that measure their reference scores."""
+the U-, medium and large mazes (``local/pointmaze-umaze``, ``-medium``, ``-large``), the three-cluster bandit
+data (``local/bandit``), and the seeded rollouts that measure their reference scores."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from idql_pl.envs import MAZE2D_EPISODE_STEPS
 from idql_pl.envs.bandit import BANDIT_CENTERS, BANDIT_STATE, BANDIT_STD, bandit_reward
 from idql_pl.envs.maze2d import REWARD_RADIUS, Maze2dEnv, WaypointController
 
-POINTMAZE_DEFAULT_SIZE = 1_000_000
-POINTMAZE_EPISODE_STEPS = 300
+# D4RL maze2d-{umaze,medium,large}-v1's sizes (transitions): each recipe's default --data.dataset_size
+POINTMAZE_DEFAULT_SIZES: dict[str, int] = {"umaze": 1_000_000, "medium": 2_000_000, "large": 4_000_000}
+POINTMAZE_DEFAULT_SIZE = POINTMAZE_DEFAULT_SIZES["umaze"]
+POINTMAZE_EPISODE_STEPS = MAZE2D_EPISODE_STEPS["umaze"]
 POINTMAZE_NOISE = 0.5
 POINTMAZE_STREAMS = 16
 GOAL_REACHED_RADIUS = 0.25
@@ -75,13 +78,20 @@ def controller_policy(noise: float = 0.0) -> Callable[[np.ndarray, Maze2dEnv, np
     return policy
 
 
-def generate_pointmaze(size: int, seed: int = GENERATION_SEED, noise: float = POINTMAZE_NOISE) -> tuple[list[dict], dict]:
-    """Simulate ``size`` steps (maze2d-style); returns episode dicts (``T + 1`` observations) and stats."""
-    limit = POINTMAZE_EPISODE_STEPS
+def generate_pointmaze(
+    size: int, seed: int = GENERATION_SEED, noise: float = POINTMAZE_NOISE, maze: str = "umaze"
+) -> tuple[list[dict], dict]:
+    """Simulate ``size`` steps (maze2d-style) in ``maze``; returns episode dicts (``T + 1`` observations)
+    and stats.
+
+    As in D4RL's maze2d generator, the maze's episode limit (``MAZE2D_EPISODE_STEPS``: 300 / 600 / 800) both
+    cuts the streams into episodes and is the time after which a goal not reached is replaced.
+    """
+    limit = MAZE2D_EPISODE_STEPS[maze]
     num_episodes = -(-size // limit)
     streams = min(POINTMAZE_STREAMS, num_episodes)
     steps = -(-num_episodes // streams) * limit
-    envs = [Maze2dEnv("umaze", "gymnasium") for _ in range(streams)]
+    envs = [Maze2dEnv(maze, "gymnasium") for _ in range(streams)]
     grid = envs[0].grid
     ctrl = WaypointController(grid)
     rng = np.random.default_rng(seed)

@@ -1,7 +1,7 @@
 """The D4RL dataset table: download URL, reference returns, episode limit, family, evaluation env.
 
-Reference returns and episode limits are D4RL's own (IDQL_SPEC Sec. 6). Evaluation environments are
-gymnasium ones because the `d4rl` package needs gym<0.25 and mujoco-py (IDQL_SPEC Sec. 8):
+Reference returns and episode limits are D4RL's own (docs/fidelity.md §6). Evaluation environments are
+gymnasium ones because the `d4rl` package needs gym<0.25 and mujoco-py (docs/fidelity.md §8):
 
 * locomotion: ``Hopper-v4`` / ``HalfCheetah-v4`` / ``Walker2d-v4`` (the same model files as D4RL's v3 envs).
 * maze2d: ``idql_pl/Maze2dD4RL-v0`` (:class:`idql_pl.envs.maze2d.Maze2dEnv` in the D4RL frame): the
@@ -26,7 +26,7 @@ from idql_pl.envs import ANTMAZE_ENV_ID, MAZE2D_ENV_ID
 
 _BASE = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 
-LOCOMOTION_REF = {  # IDQL_SPEC Sec. 6 (D4RL infos.py)
+LOCOMOTION_REF = {  # docs/fidelity.md §6 (D4RL infos.py)
     "hopper": (-20.272305, 3234.3),
     "halfcheetah": (-280.178953, 12135.0),
     "walker2d": (1.629008, 4592.3),
@@ -106,7 +106,7 @@ def _maze2d() -> dict[str, D4RLSpec]:
 
 
 D4RL_DATASETS: dict[str, D4RLSpec] = {**_locomotion(), **_antmaze(), **_maze2d()}
-LOCAL_RECIPES = ("local/pointmaze-umaze", "local/bandit")
+LOCAL_RECIPES = ("local/pointmaze-umaze", "local/pointmaze-medium", "local/pointmaze-large", "local/bandit")
 
 
 def get_d4rl_spec(name: str) -> D4RLSpec | None:
@@ -121,7 +121,7 @@ def get_d4rl_spec(name: str) -> D4RLSpec | None:
 
 
 def infer_family(name: str) -> str:
-    """Dataset family from a name, id or path (chooses the reward transform, IDQL_SPEC Sec. 5)."""
+    """Dataset family from a name, id or path (chooses the reward transform, docs/fidelity.md §5)."""
     low = name.lower()
     if "antmaze" in low or "ant_maze" in low:
         return "antmaze"

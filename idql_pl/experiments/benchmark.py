@@ -222,7 +222,7 @@ def make_idql(obs_dim: int, action_dim: int, s: Sizes, num_agents: int = 1) -> A
                 behavior=functools.partial(make_behavior, s=s), num_samples=s.sampler_n, num_agents=num_agents)
 
 
-# per-agent throughput at K = 8 vs K = 1 (DESIGN.md, "Many agents per process")
+# the project's per-agent throughput targets at K = 8 vs K = 1 (docs/performance.md, "Many agents per process")
 AGENT_TARGETS = {"critic": 1.7, "actor": 1.2, "joint": 1.3}
 
 
@@ -463,7 +463,7 @@ class Bench:
         labels = {"critic": f"critic step (B={self.s.critic_batch})", "actor": f"actor step (B={self.s.actor_batch})",
                   "joint": "joint step (2 actor + 1 critic)"}
         for kind in ("critic", "actor", "joint"):
-            target = AGENT_TARGETS[kind] if base == 1 else None  # DESIGN.md's, for K = 8 against K = 1
+            target = AGENT_TARGETS[kind] if base == 1 else None  # the target for K = 8 against K = 1
             for precision, wrap, suffix in self.precisions():
                 fns = [wrap(self.agent_step(kind, k)) for k in counts]
                 fns.append(wrap(self.agent_step(kind, 1, sizes=batch2)))

@@ -1,19 +1,27 @@
 """``python -m idql_pl.suite SUITE``: the runs of a paper table, on this machine or as a SLURM job array.
 
 A suite expands into runs (dataset x seed, with the per-domain config and the protocol's overrides); each run
-is one ``python -m idql_pl fit`` with a deterministic folder ``<root>/<dataset>-seed<N>``. Runs whose final
-evaluation is already in their folder are skipped; runs with a checkpoint resume from the newest one
-(``last.ckpt``, or the ``hpc_ckpt_*.ckpt`` that Lightning's SLURM integration writes before a requeue).
+is one ``python -m idql_pl fit`` with a deterministic folder ``<root>/<dataset>-seed<N>`` (suites that compare
+methods: ``<root>/<method>-<dataset>-seed<N>``; K seeds trained as one run: ``...-seeds<N>-<N+K-1>``). Runs
+whose final evaluation is already in their folder are skipped; runs with a checkpoint resume from the newest
+one (``last.ckpt``, or the ``hpc_ckpt_*.ckpt`` that Lightning's SLURM integration writes before a requeue).
 
-Suites (IDQL_SPEC Sec. 6-7):
+Suites (docs/fidelity.md §6-7):
 
 * ``table1-loco``: the 9 D4RL locomotion datasets of Table 1 with ``configs/loco.yaml``;
 * ``table1-antmaze``: the 6 antmaze datasets with ``configs/antmaze.yaml``;
 * ``table1``: both (15 datasets);
 * ``table5``: the 3 maze2d datasets of Table 5 with ``configs/maze2d.yaml``;
-* ``quickstart-seeds``: ``configs/quickstart.yaml`` on ``local/pointmaze-umaze`` (no download), 3 seeds.
+* ``quickstart-seeds``: ``configs/quickstart.yaml`` on ``local/pointmaze-umaze`` (no download), 3 seeds;
+* ``table5-local``: Table 5's comparison where it can run (no download): IDQL (``configs/maze2d_local.yaml``),
+  IQL (``configs/iql_maze2d_local.yaml``) and diffusion BC (``configs/bc_maze2d_local.yaml``) on
+  ``local/pointmaze-umaze``, ``-medium``, ``-large``, seeds 0-2, at one CPU budget (100k critic steps; BC 200k
+  actor steps), one thread per run by default. ``--idql-agents K`` / ``--bc-agents K`` (default 3) train K
+  seeds as one run (``--model.num_agents K``, agent k = seed + k, with ``--model.compile true``);
+  ``--critic-steps N`` scales the budget (BC 2N actor steps, 4 evaluations per
+  run). See docs/table5-local.md.
 
-Table 1 runs follow the ``-1`` protocol by default (``--protocol 1``: 1M critic steps, IDQL_SPEC Sec. 6, and
+Table 1 runs follow the ``-1`` protocol by default (``--protocol 1``: 1M critic steps, docs/fidelity.md §6, and
 N = 64 candidate actions, Sec. 4's one-hyperparameter runs; tau stays the domain config's); ``--protocol A``
 keeps the domain config as it is (1.5M steps, N 128 / 32). The two protocols use different default roots.
 
@@ -57,7 +65,8 @@ ANTMAZE_DATASETS = tuple(
     f"antmaze-{task}-v2" for task in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
 )
 MAZE2D_DATASETS = ("maze2d-umaze-v1", "maze2d-medium-v1", "maze2d-large-v1")
-# the "-1" protocol (IDQL_SPEC Sec. 6: 1M critic / 2M actor steps; Sec. 4: N = 64 in the one-hyperparameter runs)
+LOCAL_MAZE2D_DATASETS = ("local/pointmaze-umaze", "local/pointmaze-medium", "local/pointmaze-large")
+# the "-1" protocol (docs/fidelity.md §6: 1M critic / 2M actor steps; Sec. 4: N = 64 in the one-hyperparameter runs)
 PROTOCOLS: dict[str, tuple[str, ...]] = {
     "1": ("--trainer.max_steps=1000000", "--model.num_samples=64"),
     "A": (),
@@ -66,10 +75,14 @@ PROTOCOLS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Group:
-    """Datasets that share one config file."""
+    """Datasets that share one config file (and, in suites that compare methods, one method)."""
 
     config: str  # file name under configs/
     datasets: tuple[str, ...]
+    method: str = ""  # folder prefix where a suite compares methods: <method>-<dataset>-seed<N>
+    # K seeds as one run: --model.num_agents K (agent k = seed + k) and these arguments (None: one per run)
+    agent_args: tuple[str, ...] | None = None
+    steps_per_critic_step: int = 1  # trainer steps per critic step under --critic-steps (BC: 2 actor steps)
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,9 @@ class SuiteSpec:
     uses_protocol: bool = False
     sweep_files: tuple[str, ...] = ()  # configs/sweeps/<file> per group
     about: str = ""
+    threads: int | None = None  # the local launcher's default --threads (None: usable cores // --parallel)
+    agents: dict[str, int] = field(default_factory=dict)  # method -> seeds per run (--<method>-agents)
+    evals_per_run: int = 0  # evaluations per run under --critic-steps (0: the suite has no such option)
 
 
 SUITES: dict[str, SuiteSpec] = {
@@ -96,6 +112,15 @@ SUITES: dict[str, SuiteSpec] = {
     "quickstart-seeds": SuiteSpec("quickstart-seeds", (Group("quickstart.yaml", ("local/pointmaze-umaze",)),),
                                   (0, 1, 2), "quickstart-seeds", False, ("quickstart_seeds.yaml",),
                                   "configs/quickstart.yaml on local/pointmaze-umaze (no download)"),
+    "table5-local": SuiteSpec(
+        "table5-local",
+        (Group("maze2d_local.yaml", LOCAL_MAZE2D_DATASETS, "idql", agent_args=("--model.compile=true",)),
+         Group("iql_maze2d_local.yaml", LOCAL_MAZE2D_DATASETS, "iql"),
+         Group("bc_maze2d_local.yaml", LOCAL_MAZE2D_DATASETS, "bc", agent_args=("--model.compile=true",),
+               steps_per_critic_step=2)),
+        (0, 1, 2), "table5-local", False, (),
+        "Table 5 on the local maze2d recipes: IDQL vs IQL vs diffusion BC",
+        threads=1, agents={"idql": 3, "bc": 3}, evals_per_run=4),
 }
 
 
@@ -114,8 +139,13 @@ class Run:
     config: str  # absolute
     dataset: str
     seed: int
-    overrides: tuple[str, ...] = ()  # the protocol's, then the user's (--set / after --)
+    overrides: tuple[str, ...] = ()  # the suite's (protocol, budget, agents), then the user's (--set, --)
     threads: int | None = None  # --threads of the CLI (and OMP_NUM_THREADS of the process)
+    agents: int = 1  # seeds trained in this run: seed .. seed + agents - 1 (--model.num_agents)
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(range(self.seed, self.seed + self.agents))
 
     @property
     def run_dir(self) -> Path:
@@ -174,6 +204,23 @@ def expected_max_steps(args: Sequence[str]) -> int:
     return steps
 
 
+def seed_chunks(seeds: Sequence[int], size: int) -> list[tuple[int, ...]]:
+    """Sorted seeds in runs of consecutive seeds of at most ``size`` (``0-4``, 3 -> ``(0, 1, 2), (3, 4)``)."""
+    chunks: list[list[int]] = []
+    for s in sorted(set(seeds)):
+        if chunks and len(chunks[-1]) < size and chunks[-1][-1] == s - 1:
+            chunks[-1].append(s)
+        else:
+            chunks.append([s])
+    return [tuple(c) for c in chunks]
+
+
+def budget_args(spec: SuiteSpec, group: Group, critic_steps: int) -> tuple[str, ...]:
+    """``--critic-steps N``: ``trainer.max_steps`` and ``eval.every_n_steps`` of one group's runs."""
+    steps = critic_steps * group.steps_per_critic_step
+    return (f"--trainer.max_steps={steps}", f"--eval.every_n_steps={max(1, steps // spec.evals_per_run)}")
+
+
 def expand(
     suite: str,
     *,
@@ -183,13 +230,36 @@ def expand(
     extra: Sequence[str] = (),
     datasets: Sequence[str] | None = None,
     config_dir: str | os.PathLike = CONFIG_DIR,
+    methods: Sequence[str] | None = None,
+    agents: dict[str, int] | None = None,
+    critic_steps: int | None = None,
 ) -> list[Run]:
-    """The suite's runs in a fixed order (group, dataset, seed)."""
+    """The suite's runs in a fixed order (group, dataset, seed; suites that compare methods: dataset first).
+
+    ``methods``: a subset of the suite's methods; ``agents``: method -> seeds per run, for the methods that
+    can train several in one run (default the suite's); ``critic_steps``: the budget, where the suite has
+    ``evals_per_run`` (:func:`budget_args`).
+    """
     if suite not in SUITES:
         raise ConfigError(f"unknown suite '{suite}'; available: {', '.join(SUITES)}")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol '{protocol}'; use 1 (the -1 protocol) or A")
     spec = SUITES[suite]
+    agents = {**spec.agents, **(agents or {})}
+    for method, k in agents.items():
+        if not any(g.method == method and g.agent_args is not None for g in spec.groups) or int(k) < 1:
+            raise ConfigError(f"--{method}-agents {k}: give K >= 1 for a method of {suite} that trains "
+                              f"several seeds in one run ({', '.join(spec.agents) or 'none has'})")
+    if critic_steps is not None and (not spec.evals_per_run or critic_steps < spec.evals_per_run):
+        allowed = ", ".join(n for n, s in SUITES.items() if s.evals_per_run)
+        raise ConfigError(f"--critic-steps applies to {allowed} only, and must be >= "
+                          f"{spec.evals_per_run or 1} (got {critic_steps} for {suite})")
+    known_methods = [g.method for g in spec.groups if g.method]
+    if methods:
+        unknown = [m for m in methods if m not in known_methods]
+        if unknown:
+            raise ConfigError(f"--methods {', '.join(unknown)} not in suite {suite}; it has "
+                              f"{', '.join(known_methods) or 'no method dimension'}")
     seeds = tuple(seeds) if seeds is not None else spec.seeds
     default_root = Path("runs") / (spec.root if not spec.uses_protocol or protocol == "1" else f"{spec.root}-A")
     root_path = Path(root if root is not None else default_root).expanduser().resolve()
@@ -201,15 +271,27 @@ def expand(
             raise ConfigError(f"--datasets {', '.join(unknown)} not in suite {suite}; it has {', '.join(sorted(known))}")
     runs = []
     for group in spec.groups:
+        if methods and group.method not in methods:
+            continue
         config = (Path(config_dir) / group.config).resolve()
         if not config.is_file():
             raise ConfigError(f"config {config} not found; run from the repository (or pass --config-dir)")
+        budget = budget_args(spec, group, critic_steps) if critic_steps is not None else ()
+        prefix = f"{group.method}-" if group.method else ""
         for dataset in group.datasets:
             if datasets and dataset not in datasets:
                 continue
-            for seed in seeds:
-                runs.append(Run(f"{slug(dataset)}-seed{seed}", str(root_path), str(config), dataset, int(seed),
-                                (*proto, *extra)))
+            per_run = int(agents.get(group.method, 1)) if group.agent_args is not None else 1
+            for chunk in seed_chunks(seeds, per_run):
+                k = len(chunk)
+                many = (f"--model.num_agents={k}", *(group.agent_args or ())) if k > 1 else ()
+                tail = f"seeds{chunk[0]}-{chunk[-1]}" if k > 1 else f"seed{chunk[0]}"
+                name = f"{prefix}{slug(dataset)}-{tail}"
+                runs.append(Run(name, str(root_path), str(config), dataset, int(chunk[0]),
+                                (*proto, *budget, *many, *extra), agents=k))
+    if known_methods:  # suites that compare methods: dataset by dataset, so a partial suite already compares
+        order = {d: i for i, d in enumerate(dict.fromkeys(r.dataset for r in runs))}
+        runs.sort(key=lambda r: order[r.dataset])
     return runs
 
 
@@ -255,6 +337,31 @@ def status(run: Run) -> tuple[str, Path | None]:
     return ("resume", ckpt) if ckpt is not None else ("new", None)
 
 
+def machine() -> str:
+    """This machine in a few words (host, CPU model, usable cores), for the runs' ``suite.log``."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"{platform.node() or 'unknown host'} ({model}, {cpu_count()} usable cores)"
+
+
+END_LINE = re.compile(r"^# (?P<time>\S+ \S+) end: (?P<how>exit -?\d+|interrupted) after (?P<seconds>[\d.]+) s"
+                      r" on (?P<machine>.*), (?P<threads>\S+) thread\(s\)$")
+
+
+def _log_end(out: Any, how: str, seconds: float, threads: int | None) -> None:
+    """The line that closes one attempt in ``suite.log`` (:data:`END_LINE`; the report sums these)."""
+    out.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} end: {how} after {seconds:.1f} s on {machine()}, "
+              f"{threads or 'default'} thread(s)\n")
+    out.flush()
+
+
 def execute(run: Run) -> dict[str, Any]:
     """Run one suite entry to completion in a subprocess (skip when done, resume when a checkpoint exists)."""
     state, ckpt = status(run)
@@ -277,7 +384,9 @@ def execute(run: Run) -> dict[str, Any]:
         except BaseException:
             proc.terminate()
             proc.wait()
+            _log_end(out, "interrupted", time.perf_counter() - t0, run.threads)
             raise
+        _log_end(out, f"exit {code}", time.perf_counter() - t0, run.threads)
     result.update(returncode=code, seconds=round(time.perf_counter() - t0, 1), log=str(log_path))
     word = "finished" if code == 0 else f"FAILED (exit {code}, see {log_path})"
     print(f"[suite] {run.name}: {word} in {result['seconds']:.0f} s", flush=True)
@@ -429,6 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="e.g. 0-9 or 0,3,5 (default: 0-9; quickstart-seeds: 0-2)")
     p.add_argument("--protocol", default="1", choices=list(PROTOCOLS), help="table1: '1' (1M steps, N 64) or 'A' (configs as they are)")
     p.add_argument("--datasets", default=None, help="comma-separated subset of the suite's datasets")
+    p.add_argument("--methods", default=None, help="table5-local: comma-separated subset of idql,iql,bc")
+    p.add_argument("--idql-agents", type=int, default=None, metavar="K",
+                   help="table5-local: IDQL seeds per run (--model.num_agents K --model.compile true)")
+    p.add_argument("--bc-agents", type=int, default=None, metavar="K",
+                   help="table5-local: BC seeds per run (--model.num_agents K --model.compile true)")
+    p.add_argument("--critic-steps", type=int, default=None, metavar="N",
+                   help="table5-local: N critic steps per run (BC: 2N actor steps), 4 evaluations each")
     p.add_argument("--root", default=None, help="run folders go under ROOT (default runs/<suite>)")
     p.add_argument("--config-dir", default=str(CONFIG_DIR), help="where loco.yaml, antmaze.yaml, ... live")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
@@ -436,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default="local", choices=["local", "slurm"])
     g = p.add_argument_group("local launcher")
     g.add_argument("--parallel", type=int, default=1, help="runs at a time (threads split between them)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: usable cores // parallel)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per run (default: usable cores // parallel; table5-local: 1)")
     s = p.add_argument_group("slurm launcher (submitit job array)")
     s.add_argument("--partition", default=None)
     s.add_argument("--time", type=int, default=24 * 60, help="minutes per run (default 1440)")
@@ -487,8 +604,11 @@ def _main(args: argparse.Namespace, passthrough: list[str]) -> int:
     extra = [*set_to_args(args.set), *passthrough]
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    agents = {m: k for m, k in (("idql", args.idql_agents), ("bc", args.bc_agents)) if k is not None}
     runs = expand(args.suite, seeds=seeds, root=args.root, protocol=args.protocol, extra=extra, datasets=datasets,
-                  config_dir=args.config_dir)
+                  config_dir=args.config_dir, methods=methods, agents=agents,
+                  critic_steps=args.critic_steps)
     states = [status(r) for r in runs]
     pending = [r for r, (s, _) in zip(runs, states) if s != "done"]
     counts = {k: sum(s == k for s, _ in states) for k in ("done", "resume", "new")}
@@ -503,7 +623,7 @@ def _main(args: argparse.Namespace, passthrough: list[str]) -> int:
         print("[suite] nothing to do: every run has its final evaluation", flush=True)
         return 0
     if args.launcher == "local":
-        threads = args.threads or max(1, cpu_count() // args.parallel)
+        threads = args.threads or SUITES[args.suite].threads or max(1, cpu_count() // args.parallel)
         pending = [replace(r, threads=threads) for r in pending]
         print(f"[suite] running {len(pending)} locally, {args.parallel} at a time, {threads} thread(s) each", flush=True)
         results = launch_local(pending, args.parallel)

@@ -46,6 +46,24 @@ def dims_mismatch(saved: Mapping[str, int] | None, obs_dim: int, action_dim: int
             " --ckpt_path")
 
 
+def check_sizes(obs_dim: int, action_dim: int, num_agents: int = 1) -> None:
+    """One-line errors for a data dimension or an agent count below 1."""
+    if obs_dim < 1 or action_dim < 1:
+        raise ConfigError(f"obs_dim and action_dim must be >= 1 (got {obs_dim}, {action_dim})")
+    if not isinstance(num_agents, int) or num_agents < 1:
+        raise ConfigError(f"num_agents must be an integer >= 1 (got {num_agents!r})")
+
+
+def class_path(cls: type) -> str:
+    """``idql_pl.IDQL`` for a class the package exports, else ``module.Class``: saved in a checkpoint's
+    hyperparameters as ``_class_path``, which LightningCLI reads when a run is given ``--ckpt_path`` (without it,
+    the saved arguments of an IQL or a behavior model were parsed as IDQL's)."""
+    import idql_pl
+
+    exported = cls.__name__ in idql_pl.__all__ and getattr(idql_pl, cls.__name__) is cls
+    return f"idql_pl.{cls.__name__}" if exported else f"{cls.__module__}.{cls.__qualname__}"
+
+
 class IDQLModule(L.LightningModule):
     """Shared plumbing; subclasses set ``hparams.obs_dim``/``hparams.action_dim`` (via :meth:`save_init_args`).
 
@@ -76,13 +94,14 @@ class IDQLModule(L.LightningModule):
         self._lrs: Tensor | None = None  # compiled: the scheduled LRs of one iteration
 
     def save_init_args(self, init_locals: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> None:
-        """Save this class's own ``__init__`` arguments (from ``locals()``) as ``hparams``.
+        """Save this class's own ``__init__`` arguments (from ``locals()``) and its :func:`class_path` as
+        ``hparams``.
 
         They are passed explicitly: ``save_hyperparameters()`` without arguments records, under LightningCLI,
         the config of the top-level model for every module built while it is instantiated, so the critic and
         behavior built inside IDQL would get IDQL's arguments."""
         names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self" and n not in ignore]
-        self.save_hyperparameters({n: init_locals[n] for n in names})
+        self.save_hyperparameters({"_class_path": class_path(type(self)), **{n: init_locals[n] for n in names}})
 
     def updates_per_step(self) -> dict[str, int]:
         """Optimizer updates per ``training_step`` by kind ("critic", "actor"), for the ``perf/*`` rates."""

@@ -1,5 +1,5 @@
 """The diffusion behavior policy mu(a|s): DDPM behavior cloning with an EMA copy for sampling
-(paper Sec. 3 Eq. 4-5, Sec. 5, App. G; IDQL_SPEC Sec. 3)."""
+(paper Sec. 3 Eq. 4-5, Sec. 5, App. G; docs/fidelity.md §3)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from idql_pl.algorithm.diffusion import (
 from idql_pl.algorithm.iteration import IDQLOptimizers, algorithm1_iteration
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
-from idql_pl.models.base import IDQLModule, make_adam
+from idql_pl.models.base import IDQLModule, check_sizes, make_adam
 from idql_pl.nets import (
     ACTIVATIONS,
     LNResNet,
@@ -38,7 +38,7 @@ SCORE_NETS = ("ln_resnet", "mlp")
 
 class CosineDecay:
     """LR multiplier ``0.5 (1 + cos(pi min(start + step, total) / total))``: cosine decay to 0 over
-    ``total_steps`` (optax ``cosine_decay_schedule``, as the reference code; IDQL_SPEC Sec. 3). ``start``: the
+    ``total_steps`` (optax ``cosine_decay_schedule``, as the reference code; docs/fidelity.md §3). ``start``: the
     steps already taken on the same schedule (online finetuning continues the pretraining's cosine). A callable
     object, so ``LambdaLR.state_dict`` stores ``total_steps`` and ``start`` (ints) and a resumed run keeps them."""
 
@@ -92,10 +92,7 @@ class DiffusionBehavior(IDQLModule):
         num_agents: int = 1,
     ):
         super().__init__()
-        if obs_dim < 1 or action_dim < 1:
-            raise ConfigError(f"obs_dim and action_dim must be >= 1 (got {obs_dim}, {action_dim})")
-        if not isinstance(num_agents, int) or num_agents < 1:
-            raise ConfigError(f"num_agents must be an integer >= 1 (got {num_agents!r})")
+        check_sizes(obs_dim, action_dim, num_agents)
         if schedule not in SCHEDULES:
             raise ConfigError(f"unknown diffusion schedule {schedule!r}: use one of {', '.join(SCHEDULES)} (paper: vp)")
         if score_net not in SCORE_NETS:
@@ -164,7 +161,7 @@ class DiffusionBehavior(IDQLModule):
     def make_optimizer(self, total_steps: int, start_step: int = 0,
                        state: dict[str, Any] | None = None) -> tuple[torch.optim.Optimizer, LambdaLR]:
         """AdamW (weight decay set explicitly: PyTorch's default is 0.01) and cosine decay to 0 over
-        ``total_steps`` actor steps (IDQL_SPEC Sec. 3), the first ``start_step`` of which are already done.
+        ``total_steps`` actor steps (docs/fidelity.md §3), the first ``start_step`` of which are already done.
         ``state``: an AdamW ``state_dict`` of this network to continue from (its moments and step counts; the
         learning rate and other hyperparameters stay this model's)."""
         if total_steps is None or int(total_steps) < 1:

@@ -1,4 +1,4 @@
-"""The generalized-IQL critic: twin Q, V and the Polyak target (paper Sec. 3, 4.1, Alg. 1; IDQL_SPEC Sec. 1)."""
+"""The generalized-IQL critic: twin Q, V and the Polyak target (paper Sec. 3, 4.1, Alg. 1; docs/fidelity.md §1)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from idql_pl.algorithm.iteration import IDQLOptimizers, algorithm1_iteration
 from idql_pl.algorithm.losses import ValueLossKind, check_value_loss, implicit_weights, value_loss
 from idql_pl.data.buffer import Batch, TransitionBuffer
 from idql_pl.errors import ConfigError
-from idql_pl.models.base import IDQLModule, make_adam
+from idql_pl.models.base import IDQLModule, check_sizes, make_adam
 from idql_pl.nets import AgentMLP, TwinQ, build_agents, ema_update_, per_agent
 
 
@@ -54,12 +54,9 @@ class ImplicitCritic(IDQLModule):
         num_agents: int = 1,
     ):
         super().__init__()
-        if obs_dim < 1 or action_dim < 1:
-            raise ConfigError(f"obs_dim and action_dim must be >= 1 (got {obs_dim}, {action_dim})")
+        check_sizes(obs_dim, action_dim, num_agents)
         if len(hidden_dims) == 0 or any(int(h) < 1 for h in hidden_dims):
             raise ConfigError(f"critic hidden_dims must be a non-empty list of sizes >= 1 (got {list(hidden_dims)})")
-        if not isinstance(num_agents, int) or num_agents < 1:
-            raise ConfigError(f"num_agents must be an integer >= 1 (got {num_agents!r})")
         name = "alpha" if value_loss == "exponential" else "tau"
         params = per_agent(alpha if value_loss == "exponential" else tau, num_agents, f"critic {name}")
         for param in params:
@@ -153,7 +150,7 @@ class ImplicitCritic(IDQLModule):
         return {"critic": 1}
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """``[v_opt, q_opt]``: Adam, lr 3e-4, no weight decay (IDQL_SPEC Sec. 1)."""
+        """``[v_opt, q_opt]``: Adam, lr 3e-4, no weight decay (docs/fidelity.md §1)."""
         lr = self.hparams.lr
         return [make_adam(list(self.v_net.parameters()), lr), make_adam(list(self.q_net.parameters()), lr)]
 

@@ -13,7 +13,7 @@ from idql_pl.algorithm.extraction import Extraction, check_extraction, extract_a
 from idql_pl.algorithm.iteration import IDQLOptimizers, algorithm1_iteration
 from idql_pl.data.buffer import TransitionBuffer
 from idql_pl.errors import ConfigError
-from idql_pl.models.base import IDQLModule
+from idql_pl.models.base import IDQLModule, check_sizes
 from idql_pl.models.behavior import DiffusionBehavior
 from idql_pl.models.critic import ImplicitCritic
 from idql_pl.training.checkpointing import load_submodule_state
@@ -25,7 +25,7 @@ BehaviorFactory = Callable[[int, int], DiffusionBehavior]
 class IDQL(IDQLModule):
     """IDQL (paper Alg. 1 for training, Alg. 2 for acting). One ``training_step`` is one iteration of
     Algorithm 1: ``actor_updates_per_step`` behavior steps (batch 1024 each), then one critic step (batch 256:
-    V, Q, target), the paper's schedule of two actor steps per critic step (IDQL_SPEC Sec. 6).
+    V, Q, target), the paper's schedule of two actor steps per critic step (docs/fidelity.md §6).
 
     ``trainer.global_step`` (and ``max_steps``) count these iterations, i.e. *critic steps*
     (:meth:`IDQLModule.count_step`); actor steps are ``actor_updates_per_step * global_step``. The paper's
@@ -64,8 +64,7 @@ class IDQL(IDQLModule):
     ):
         super().__init__()
         check_extraction(extraction, num_samples, num_agents)
-        if not isinstance(num_agents, int) or num_agents < 1:
-            raise ConfigError(f"num_agents must be an integer >= 1 (got {num_agents!r})")
+        check_sizes(obs_dim, action_dim, num_agents)
         if actor_updates_per_step < 0:
             raise ConfigError(f"actor_updates_per_step must be >= 0 (got {actor_updates_per_step}); the paper uses 2")
         if freeze_behavior and freeze_critic:

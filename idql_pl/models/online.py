@@ -1,5 +1,5 @@
 """Online finetuning from a pretrained IDQL checkpoint: IDQL-Max and IDQL-Imp (paper Sec. 4.2, 6.2, App. D.3;
-IDQL_SPEC Sec. 6)."""
+docs/fidelity.md §6)."""
 
 from __future__ import annotations
 

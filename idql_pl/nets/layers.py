@@ -123,7 +123,10 @@ class AgentLinear(nn.Module):
         if len(layers) != num_agents:
             raise ValueError(f"AgentLinear: {len(layers)} layers for {num_agents} agents")
         self.num_agents, self.in_dim, self.out_dim = num_agents, in_dim, out_dim
-        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        # [K, out, in], laid out as autograd lays out the gradient of ``x @ weight^T`` (as EnsembleMLP's weights
+        # are): they differ only in the stride of a size-1 dim (out_dim 1), which DDP's gradient buckets check
+        weight = torch.stack([layer.weight.detach().T for layer in layers]).transpose(1, 2).contiguous()
+        self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers])) if bias else None
 
     @classmethod
@@ -162,7 +165,7 @@ class AgentLayerNorm(nn.Module):
 @torch.no_grad()
 def ema_update_(target_params: Iterable[Tensor], source_params: Iterable[Tensor], rate: float) -> None:
     """Polyak/EMA update ``target <- (1 - rate) target + rate source``, all tensors in one foreach call
-    (critic target: rate 0.005, IDQL_SPEC Sec. 1; behavior EMA: rate 0.001, Sec. 3)."""
+    (critic target: rate 0.005, docs/fidelity.md §1; behavior EMA: rate 0.001, Sec. 3)."""
     targets, sources = list(target_params), list(source_params)
     if len(targets) != len(sources):
         raise ValueError(f"ema_update_: {len(targets)} target tensors but {len(sources)} source tensors")

@@ -85,7 +85,7 @@ class EnsembleMLP(nn.Module):
 
 
 class TwinQ(nn.Module):
-    """The critic's Q pair (IDQL_SPEC Sec. 1) for each of ``K`` agents: independent ``MLP([s, a])`` of 2x256
+    """The critic's Q pair (docs/fidelity.md §1) for each of ``K`` agents: independent ``MLP([s, a])`` of 2x256
     ReLU, all ``K x num_members`` of them one :class:`EnsembleMLP` (agent-major members).
     ``forward(s [K, B, S], a [K, B, A]) -> [K, num_members, B]``; every member of agent ``k`` reads agent
     ``k``'s rows."""

@@ -20,7 +20,7 @@ from idql_pl.nets.mlp import AgentMLP
 
 
 class FourierTimeEmbedding(nn.Module):
-    """Learnable Fourier features of the step index (paper App. G; IDQL_SPEC Sec. 3): per agent ``W ~ N(0, 0.2^2)``
+    """Learnable Fourier features of the step index (paper App. G; docs/fidelity.md §3): per agent ``W ~ N(0, 0.2^2)``
     of shape ``[fourier_dim/2, 1]`` (stored ``[K, fourier_dim/2, 1]``), ``[cos(2 pi k W), sin(2 pi k W)]`` (64
     dims), then ``Dense(time_dim) -> act -> Dense(time_dim)`` (128). ``k [K, ...]``; output
     ``[K, ..., time_dim]``."""

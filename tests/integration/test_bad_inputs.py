@@ -1,5 +1,5 @@
 """Each bad input exits 2 with one ``error:`` line naming the problem and the fix, no traceback, and leaves
-the existing run folder untouched (IDQL_SPEC / DESIGN "Reliability targets")."""
+the existing run folder untouched (docs/operations.md, "Errors")."""
 
 from __future__ import annotations
 

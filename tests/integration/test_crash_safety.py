@@ -36,7 +36,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left behind
 
 
-@pytest.mark.parametrize("compile_", ["false", "true"])
+@pytest.mark.parametrize("compile_", ["false", pytest.param("true", marks=pytest.mark.slow)])  # fast: test_compile
 def test_nan_rewards_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys, compile_, request):
     if compile_ == "true":  # the whole iteration compiled (aot_eager backend): the guard reads its metrics
         request.getfixturevalue("aot_eager")

@@ -211,6 +211,19 @@ def test_imp_trains_behavior_twice_per_env_step(pretrained, tmp_path, behavior_o
     assert any(not torch.equal(ckpt["state_dict"][k], v) for k, v in _half(start, "behavior.ema_net.").items())
 
 
+def test_compiled_imp_finetuning_makes_the_same_updates(pretrained, tmp_path, aot_eager):
+    """``--model.compile true`` compiles online finetuning's iteration too (IDQL-Imp: behavior steps and the
+    critic step on half-online batches), with the same update counts as eager."""
+    assert _finetune(pretrained, tmp_path, "imp", "imp", 7, "--model.warmup_steps", "4",
+                     "--model.compile", "true") == 0
+    assert aot_eager == ["IDQLModule.compile_training.<locals>.functional"]
+    ckpt = load_state(tmp_path / "imp" / "last.ckpt")
+    actor, v_opt, q_opt = ckpt["optimizer_states"]
+    assert {int(s["step"]) for s in actor["state"].values()} == {6 + 6}  # pretraining's 6, then 2 per update
+    assert {int(s["step"]) for o in (v_opt, q_opt) for s in o["state"].values()} == {3}
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
 def test_continued_behavior_optimizer_keeps_moments_and_cosine():
     """The pretraining's AdamW moments and step count are loaded, the LR is the cosine's value at step P of
     P + U, and a checkpoint without a behavior optimizer (frozen behavior model, or IDQL-Max) gives None."""

@@ -6,6 +6,7 @@ import csv
 
 import pytest
 import torch
+import yaml
 
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, load_state, run_cli
 
@@ -34,7 +35,8 @@ def _assert_same(a, b, path=""):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize(("compile_", "agents"), [("false", 1), ("true", 1), ("false", 2)])
+@pytest.mark.parametrize(("compile_", "agents"),  # compile: true's fast version: tests/unit/test_compile.py
+                         [("false", 1), pytest.param("true", 1, marks=pytest.mark.slow), ("false", 2)])
 def test_resumed_run_equals_uninterrupted(tmp_path, compile_, agents, request):
     """Eager, with the whole iteration compiled (``compile: true``, aot_eager backend), and with two agents
     (each draws its batches from its own generator: all of them are restored)."""
@@ -84,3 +86,30 @@ def test_resumed_run_keeps_the_metrics_history(tmp_path):
     straight, split = _train_losses(tmp_path / "straight"), _train_losses(tmp_path / "split")
     assert len(straight) >= 2 * K and {s for s, _ in straight} == {s for s, _ in split}
     assert split == straight
+
+
+BASELINES = {
+    "iql_quickstart.yaml": ["--model.critic.hidden_dims", "[32, 32]", "--model.critic.batch_size", "32",
+                            "--model.actor_hidden_dims", "[32, 32]"],
+    "bc_quickstart.yaml": ["--model.hidden_dim", "32", "--model.ff_dim", "64", "--model.batch_size", "64"],
+}
+
+
+@pytest.mark.parametrize("config", list(BASELINES))
+def test_iql_and_diffusion_bc_resume_from_a_checkpoint_path(tmp_path, config):
+    """``--ckpt_path <run>/last.ckpt`` (what ``python -m idql_pl.suite`` passes): Lightning parses the
+    checkpoint's hyperparameters into the config; when they named no class they were read as IDQL's, so IQL
+    and diffusion BC runs could not resume (``Option 'beta' is not accepted``). They carry ``_class_path``."""
+    common = ["fit", "--config", CONFIGS / config, *SMALL_MAZE, *BASELINES[config], "--trainer.accelerator",
+              "cpu", "--trainer.enable_progress_bar", "false", "--eval.every_n_steps", "0", "--eval.at_end",
+              "false", "--checkpoint.every_n_train_steps", str(K), "--run_root", tmp_path,
+              "--run_name", "run"]
+    assert run_cli(*common, "--trainer.max_steps", K) == 0
+    ckpt = tmp_path / "run" / "last.ckpt"
+    first = load_state(ckpt)
+    assert run_cli(*common, "--trainer.max_steps", 2 * K, "--ckpt_path", ckpt) == 0
+    resumed = load_state(ckpt)
+    assert (first["global_step"], resumed["global_step"]) == (K, 2 * K)
+    assert resumed["hyper_parameters"] == first["hyper_parameters"]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["class_path"]
+    assert saved == yaml.safe_load((CONFIGS / config).read_text())["model"]["class_path"]

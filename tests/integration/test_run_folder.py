@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 # once on a small machine would take long to reach the barrier.
 LOAD = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('run_folder', {path!r}); "
         "run_folder = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_folder)\n")
-CLAIMER = LOAD.format(path=str(REPO / "idql_pl" / "run_folder.py")) + """
+CLAIMER = LOAD.format(path=str(REPO / "idql_pl" / "training" / "run_folder.py")) + """
 import json, os, time
 from pathlib import Path
 print("ready", flush=True)
@@ -33,7 +33,7 @@ path = run_folder.claim_fresh(Path(sys.argv[1]))
 print(json.dumps(str(path)), flush=True)
 time.sleep(2)  # hold the claim while the others try
 """
-CLAIM_ONCE = LOAD.format(path=str(REPO / "idql_pl" / "run_folder.py")) + (
+CLAIM_ONCE = LOAD.format(path=str(REPO / "idql_pl" / "training" / "run_folder.py")) + (
     "from pathlib import Path; print(run_folder.claim_fresh(Path(sys.argv[1])))")
 
 
@@ -120,7 +120,7 @@ def test_two_fits_started_at_once_with_one_name_get_two_folders(tmp_path):
 
 def test_resume_refuses_a_folder_a_live_fit_holds(tmp_path, capsys):
     assert run_cli(*FIT, "--run_root", tmp_path, "--run_name", "busy") == 0
-    code = LOAD.format(path=str(REPO / "idql_pl" / "run_folder.py")) + (
+    code = LOAD.format(path=str(REPO / "idql_pl" / "training" / "run_folder.py")) + (
         "import time; from pathlib import Path; run_folder.try_claim(Path(sys.argv[1])); print('held', flush=True); "
         "time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "busy")], stdout=subprocess.PIPE, text=True)

@@ -111,6 +111,8 @@ def test_local_launcher_runs_then_skips(tmp_path, capsys):
     assert _finished(run)
     cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text())
     assert cfg["seed_everything"] == 0 and cfg["trainer"]["max_steps"] == 6 and cfg["data"]["dataset_size"] == 4000
+    ends = [m for m in map(suite.END_LINE.match, (run.run_dir / "suite.log").read_text().splitlines()) if m]
+    assert [(m["how"], m["threads"]) for m in ends] == [("exit 0", "1")] and float(ends[0]["seconds"]) > 0
     capsys.readouterr()
     assert suite.main(argv) == 0  # second time: nothing to do
     assert "nothing to do" in capsys.readouterr().out
@@ -186,3 +188,137 @@ def test_importing_submitit_keeps_the_logging_handlers(tmp_path):
     code = ("import logging; h = logging.FileHandler(r'%s'); logging.getLogger('lightning').addHandler(h);"
             "from idql_pl.experiments.suite import import_submitit; import_submitit(); assert not h.stream.closed") % (tmp_path / "x.log")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------ table5-local
+MAZES = ("local/pointmaze-umaze", "local/pointmaze-medium", "local/pointmaze-large")
+
+
+def test_table5_local_expands_methods_mazes_and_seeds(tmp_path):
+    runs = suite.expand("table5-local", root=tmp_path, agents={"idql": 1, "bc": 1})
+    assert len(runs) == 27 and len({r.name for r in runs}) == 27 and len({r.run_dir for r in runs}) == 27
+    assert [r.dataset for r in runs] == [d for d in MAZES for _ in range(9)]  # maze by maze
+    configs = {"idql": "maze2d_local.yaml", "iql": "iql_maze2d_local.yaml", "bc": "bc_maze2d_local.yaml"}
+    for r in runs:
+        method = r.name.split("-")[0]
+        assert r.name == f"{method}-{suite.slug(r.dataset)}-seed{r.seed}"
+        assert r.seed in (0, 1, 2) and r.agents == 1
+        assert Path(r.config) == CONFIGS / configs[method] and r.overrides == ()
+        assert r.expected_max_steps() == (200_000 if method == "bc" else 100_000)
+    args = runs[0].fit_args()
+    assert args[:5] == ["fit", "--config", str(CONFIGS / "maze2d_local.yaml"), "--data.dataset", MAZES[0]]
+    assert args[-4:] == ["--run_root", str(tmp_path.resolve()), "--run_name", runs[0].name]
+    assert runs[0].name == "idql-local-pointmaze-umaze-seed0"
+
+
+def test_table5_local_agents_and_budget(tmp_path):
+    runs = suite.expand("table5-local", root=tmp_path, agents={"idql": 3, "bc": 1})
+    assert len(runs) == 21
+    idql = [r for r in runs if r.name.startswith("idql-")]
+    assert [r.name for r in idql] == [f"idql-{suite.slug(d)}-seeds0-2" for d in MAZES]
+    assert all(r.seed == 0 and r.agents == 3 and r.seeds == (0, 1, 2) for r in idql)
+    assert idql[0].overrides == ("--model.num_agents=3", "--model.compile=true")
+    assert all(r.agents == 1 for r in runs if not r.name.startswith("idql-"))  # IQL and BC: one seed per run
+    default = suite.expand("table5-local")  # the suite's default: IDQL and BC train their 3 seeds in one run
+    assert len(default) == 15 and suite.SUITES["table5-local"].agents == {"idql": 3, "bc": 3}
+    bc = [r for r in default if r.name.startswith("bc-")]
+    assert [r.name for r in bc] == [f"bc-{suite.slug(d)}-seeds0-2" for d in MAZES]
+    assert bc[0].overrides == ("--model.num_agents=3", "--model.compile=true") and bc[0].seeds == (0, 1, 2)
+    assert sum(r.name.startswith("iql-") for r in default) == 9  # IQL trains one agent
+    uneven = suite.expand("table5-local", seeds=[0, 1, 2, 3, 7], agents={"idql": 2}, methods=["idql"],
+                          datasets=[MAZES[1]])
+    assert [(r.name, r.seeds) for r in uneven] == [("idql-local-pointmaze-medium-seeds0-1", (0, 1)),
+                                                   ("idql-local-pointmaze-medium-seeds2-3", (2, 3)),
+                                                   ("idql-local-pointmaze-medium-seed7", (7,))]
+    assert "--model.num_agents=2" not in uneven[-1].overrides
+    small = suite.expand("table5-local", critic_steps=20_000, extra=["--eval.num_episodes=5"],
+                         agents={"bc": 1})
+    bc = next(r for r in small if r.name.startswith("bc-"))
+    assert bc.overrides == ("--trainer.max_steps=40000", "--eval.every_n_steps=10000",
+                            "--eval.num_episodes=5")
+    assert bc.expected_max_steps() == 40_000 and small[0].expected_max_steps() == 20_000
+    assert small[0].overrides[:2] == ("--trainer.max_steps=20000", "--eval.every_n_steps=5000")
+    for bad in (dict(methods=["sac"]), dict(agents={"idql": 0}), dict(agents={"iql": 3}),
+                dict(critic_steps=2)):
+        with pytest.raises(ConfigError):
+            suite.expand("table5-local", **bad)
+    with pytest.raises(ConfigError, match="--critic-steps applies to table5-local only"):
+        suite.expand("table1", critic_steps=1000)
+
+
+def test_other_suites_keep_their_folder_names():
+    names = [r.name for r in suite.expand("table5", seeds=[0])]
+    assert names == [f"{d}-seed0" for d in suite.MAZE2D_DATASETS]
+    names = [r.name for r in suite.expand("quickstart-seeds")]
+    assert names == [f"local-pointmaze-umaze-seed{s}" for s in range(3)]
+    assert suite.expand("table1-loco", seeds=[2])[0].name == "halfcheetah-medium-v2-seed2"
+    assert all(r.agents == 1 for r in suite.expand("table1"))
+
+
+def test_seed_chunks():
+    assert suite.seed_chunks([0, 1, 2], 3) == [(0, 1, 2)]
+    assert suite.seed_chunks([4, 0, 1, 2, 3], 3) == [(0, 1, 2), (3, 4)]
+    assert suite.seed_chunks([0, 2, 3, 9], 2) == [(0,), (2, 3), (9,)]
+    assert suite.seed_chunks([0, 1, 2], 1) == [(0,), (1,), (2,)]
+
+
+def test_table5_local_dry_run_and_resume_state(tmp_path, capsys):
+    done = tmp_path / "iql-local-pointmaze-umaze-seed1"
+    _fake_run(done, 100_000, eval_steps=[25_000, 100_000])
+    _fake_run(tmp_path / "idql-local-pointmaze-large-seeds0-2", 100_000, eval_steps=[25_000],
+              ckpts=["last.ckpt"])
+    assert suite.main(["table5-local", "--root", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "15 runs" in out[0] and "(1 done, 1 to resume, 13 new)" in out[0] and len(out) == 16
+    line = next(x for x in out if "idql-local-pointmaze-large-seeds0-2:" in x)
+    assert line.startswith("resume ") and "--model.num_agents=3 --model.compile=true" in line
+    assert line.endswith(f"--ckpt_path {tmp_path / 'idql-local-pointmaze-large-seeds0-2' / 'last.ckpt'}")
+    assert next(x for x in out if "iql-local-pointmaze-umaze-seed1:" in x).startswith("done ")
+    argv = ["table5-local", "--root", str(tmp_path), "--dry-run"]
+    assert suite.main([*argv, "--bc-agents", "1"]) == 0
+    assert "21 runs" in capsys.readouterr().out.splitlines()[0]
+    assert suite.main([*argv, "--idql-agents", "1", "--bc-agents", "1"]) == 0
+    assert "27 runs" in capsys.readouterr().out.splitlines()[0]
+    assert suite.main([*argv, "--bc-agents", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --bc-agents 0: give K >= 1")
+    assert suite.main(["table5-local", "--methods", "dqn", "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith("error: --methods dqn not in suite table5-local")
+
+
+def test_table5_local_runs_one_thread_each_by_default(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(suite, "launch_local",
+                        lambda runs, parallel: seen.extend((r.threads, parallel) for r in runs) or [])
+    argv = ["table5-local", "--root", str(tmp_path), "--methods", "iql"]
+    assert suite.main([*argv, "--datasets", MAZES[0]]) == 0
+    assert seen == [(1, 1)] * 3 and "3 locally, 1 at a time, 1 thread(s) each" in capsys.readouterr().out
+    seen.clear()
+    assert suite.main([*argv, "--threads", "2"]) == 0
+    assert {t for t, _ in seen} == {2}
+
+
+@pytest.mark.parametrize("name", ["maze2d_local.yaml", "iql_maze2d_local.yaml", "bc_maze2d_local.yaml"])
+def test_table5_local_configs(name, capsys):
+    """Each method's config parses and has the quickstart's network sizes, the data, evaluation, budget."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", CONFIGS / name, "--data.dataset", MAZES[2], "--print_config")
+    assert exit_info.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    quick = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
+    model = cfg["model"]["init_args"]
+    bc = name.startswith("bc_")
+    assert cfg["data"]["dataset"] == MAZES[2] and cfg["data"]["dataset_size"] is None  # the recipe's size
+    assert cfg["data"]["reward_transform"] == "none" and cfg["trainer"]["precision"] == "32-true"
+    assert (cfg["eval"]["num_episodes"], cfg["eval"]["seed"]) == (30, 1_000_000)
+    assert cfg["trainer"]["max_steps"] == (200_000 if bc else 100_000)
+    assert cfg["eval"]["every_n_steps"] == cfg["trainer"]["max_steps"] // 4
+    behavior = quick["model"]["init_args"]["behavior"]["init_args"]
+    critic = quick["model"]["init_args"]["critic"]["init_args"]
+    if bc:
+        assert cfg["model"]["class_path"] == "idql_pl.DiffusionBehavior"
+        assert {k: model[k] for k in behavior} == behavior
+    else:
+        assert {k: model["critic"]["init_args"][k] for k in critic} == critic
+    if name == "maze2d_local.yaml":
+        assert {k: model["behavior"]["init_args"][k] for k in behavior} == behavior
+        assert (model["num_samples"], model["actor_updates_per_step"]) == (32, 2)

@@ -35,7 +35,7 @@ def mlp(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 
 def test_critic_update_equals_a_hand_written_reference_step():
-    """IDQL_SPEC Sec. 1 written out by hand: V step (expectile, Eq. 1) on min of the target Qs, Q step (Eq. 2)
+    """docs/fidelity.md §1 written out by hand: V step (expectile, Eq. 1) on min of the target Qs, Q step (Eq. 2)
     with the new V, Polyak target; Adam 3e-4. Paper size (2x256), batch 256, 3 steps."""
     torch.manual_seed(0)
     critic = ImplicitCritic(S, A)
@@ -107,7 +107,7 @@ def score_net(p: dict[str, torch.Tensor], x: torch.Tensor, k: torch.Tensor, s: t
 
 
 def test_behavior_update_equals_a_hand_written_reference_step():
-    """IDQL_SPEC Sec. 3 written out by hand: k ~ U{0..T-1}, eps ~ N(0, I), Eq. 4 loss through the LN-ResNet with
+    """docs/fidelity.md §3 written out by hand: k ~ U{0..T-1}, eps ~ N(0, I), Eq. 4 loss through the LN-ResNet with
     dropout 0.1, AdamW (wd 0) with cosine decay, EMA 0.001. Paper size (256/1024 x 3), batch 1024, 3 steps; the
     same seeds give both the same diffusion steps, noise and dropout masks."""
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """Paper Fig. 1 on ``local/bandit``: the behavior model covers all three action clusters while the argmax
-extraction picks the highest-reward one (IDQL_SPEC Sec. 4)."""
+extraction picks the highest-reward one (docs/fidelity.md §4)."""
 
 from __future__ import annotations
 

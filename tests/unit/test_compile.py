@@ -6,6 +6,7 @@ the default inductor backend."""
 
 from __future__ import annotations
 
+import io
 from functools import partial
 
 import pytest
@@ -80,9 +81,8 @@ def test_inductor_critic_update_matches_eager() -> None:
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), k
 
 
-@pytest.mark.parametrize("num_agents", [1, 3])
-def test_agent_batched_losses_trace_without_graph_breaks(num_agents) -> None:
-    """The training losses of K agents are one graph each, no graph break, at K = 1 and K > 1."""
+def test_agent_batched_losses_trace_without_graph_breaks(num_agents: int = 2) -> None:
+    """The training losses of K agents are one graph each, no graph break (one code path for every K)."""
     buf = _buffer()
     critic = ImplicitCritic(S, A, hidden_dims=[16, 16], num_agents=num_agents)
     behavior = DiffusionBehavior(S, A, hidden_dim=16, ff_dim=32, num_agents=num_agents)
@@ -95,7 +95,7 @@ def test_agent_batched_losses_trace_without_graph_breaks(num_agents) -> None:
     torch._dynamo.reset()
 
 
-def _iterations(num_agents: int, functional: bool, steps: int = 3, backend=None):
+def _iterations(num_agents: int, functional: bool, steps: int = 3, backend=None, after_each=None):
     """``steps`` iterations of Algorithm 1 outside a Trainer: eager, or with the functional gradient step of
     ``compile: true`` (compiled with ``backend`` if given); returns (model, optimizers, metrics)."""
     model, opts, scheduler = _tiny_idql(num_agents)
@@ -116,11 +116,12 @@ def _iterations(num_agents: int, functional: bool, steps: int = 3, backend=None)
             lrs = torch.tensor(lrs, dtype=torch.float64)  # as IDQLModule.scheduled_lrs gives them, compiled
         metrics.append(run(model.behavior, model.critic, batches[:2], batches[2], opts, lrs, step))
         IDQL.advance(scheduler, 2)
+        if after_each is not None:
+            after_each(i)
     return model, opts, metrics
 
 
-@pytest.mark.parametrize("num_agents", [1, 3])
-def test_functional_iteration_is_the_eager_one_bit_for_bit(num_agents) -> None:
+def test_functional_iteration_is_the_eager_one_bit_for_bit(num_agents: int = 2) -> None:
     """``compile: true``'s functional step (torch.func gradients, the functional fused Adam on the optimizers'
     own state, the LRs as a tensor), uncompiled, computes exactly the eager iteration: weights, EMA, target, Adam
     state, metrics."""
@@ -135,8 +136,7 @@ def test_functional_iteration_is_the_eager_one_bit_for_bit(num_agents) -> None:
             assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("num_agents", [1, 3])
-def test_whole_iteration_compiles_to_one_graph_without_breaks(num_agents) -> None:
+def test_whole_iteration_compiles_to_one_graph_without_breaks(num_agents: int = 2) -> None:
     """2 behavior steps + V, Q, target, for K agents: one graph, no graph break (so no host sync either: an
     ``.item()``/``bool(tensor)`` would break the graph); compiled once for several iterations whose LRs change
     (no recompile); and it trains what eager trains."""
@@ -159,12 +159,10 @@ def test_whole_iteration_compiles_to_one_graph_without_breaks(num_agents) -> Non
         graphs.append(len(gm.graph.nodes))
         return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
 
-    _iterations(num_agents, functional=True, steps=1, backend=counting_aot_eager)
-    first_call = len(graphs)
-    torch._dynamo.reset()
-    graphs.clear()
-    compiled, _, compiled_out = _iterations(num_agents, functional=True, backend=counting_aot_eager)
-    assert len(graphs) == first_call, graphs  # 3 iterations, LRs changing each: compiled in the first only
+    first_call: list[int] = []
+    compiled, _, compiled_out = _iterations(num_agents, functional=True, backend=counting_aot_eager,
+                                            after_each=lambda i: first_call.append(len(graphs)) if i == 0 else None)
+    assert len(graphs) == first_call[0], graphs  # 3 iterations, LRs changing each: compiled in the first only
     for a, b in zip(eager_out, compiled_out):
         for k in a:
             assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
@@ -193,19 +191,67 @@ def _static(t: torch.Tensor) -> bool:
     return getattr(t, "_dynamo_static_input_type", None) is not None
 
 
-def test_compiled_optimizer_state_is_static_and_on_the_parameters_device(aot_eager) -> None:
+def _save_and_load(obj):
+    saved = io.BytesIO()
+    torch.save(obj, saved)
+    saved.seek(0)
+    return torch.load(saved, map_location="cpu", weights_only=True)
+
+
+def test_compiled_training_resumes_exactly_and_trips_the_guard(aot_eager) -> None:
+    """``compile: true`` resumes as the eager run does (whose CLI resume tests/integration/test_resume.py runs):
+    4 compiled iterations in one go equal 2, then the state a checkpoint holds (weights, Adam states with their
+    LR tensors, the LR schedule, the sampling generators, the RNG) loaded into a fresh model that compiles
+    again, then 2 more. Then a NaN reward reaches the compiled iteration's metrics, and the non-finite guard
+    names the loss (the CLI version, eager: tests/integration/test_crash_safety.py)."""
+    from idql_pl.errors import NonFiniteLossError
+
+    def fresh():
+        model, opts, scheduler = _tiny_idql(2)
+        model.compile_training()
+        return model, opts, scheduler, _buffer()
+
+    torch.manual_seed(7)
+    straight, opts, scheduler, buf = fresh()
+    for _ in range(2):
+        straight.update(buf, opts, scheduler)
+    ckpt = _save_and_load({"model": straight.state_dict(), "opts": [o.state_dict() for o in opts],
+                           "scheduler": scheduler.state_dict(), "buffer": buf.state_dict(), "rng": torch.get_rng_state()})
+    for _ in range(2):
+        straight.update(buf, opts, scheduler)
+    resumed, opts, scheduler, buf = fresh()
+    resumed.load_state_dict(ckpt["model"])
+    for opt, state in zip(opts, ckpt["opts"], strict=True):
+        opt.load_state_dict(state)
+    scheduler.load_state_dict(ckpt["scheduler"])
+    buf.load_state_dict(ckpt["buffer"])
+    torch.set_rng_state(ckpt["rng"])
+    for _ in range(2):
+        resumed.track_losses(resumed.update(buf, opts, scheduler))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    resumed.raise_if_nonfinite()  # finite so far
+    buf.data[:, S + A] = float("nan")  # every reward
+    resumed.track_losses(resumed.update(buf, opts, scheduler))
+    with pytest.raises(NonFiniteLossError, match="train/critic/q_loss"):
+        resumed.raise_if_nonfinite()
+
+
+def test_compiled_optimizer_state_is_static_and_on_the_parameters_device() -> None:
     """What CUDA graphs (``compile_mode: reduce-overhead``) need to capture the step instead of skipping it for
     "mutated inputs": every tensor the functional Adam mutates (moments, step counts, LRs) and the behavior LRs
     of an iteration are static inputs on the parameters' device, also after a resume, whose checkpoint brings
-    the LRs back as CPU tensors and the moments as new tensors. The "meta" device stands in for a GPU here."""
+    the LRs back as CPU tensors and the moments as new tensors. The "meta" device stands in for a GPU here. (What
+    ``IDQLModule.run`` does before the first compiled step; the compile itself is tested above.)"""
     model, opts, scheduler = _tiny_idql(2)
-    model.compile_training()
-    model.update(_buffer(), opts, scheduler)  # the first compiled run prepares the optimizers
+    model.compile_training()  # lazy: nothing is traced until the first step
+    for opt in opts:
+        prepare_functional_adam(opt)
     assert _static(model.scheduled_lrs(scheduler, 2))
     for opt in opts:
         (group,) = opt.param_groups
         assert _static(group["lr"]) and all(_static(t) for state in opt.state.values() for t in state.values())
-    saved = opts.q.state_dict()  # as a checkpoint holds it: the LR a tensor
+    saved = _save_and_load(opts.q.state_dict())  # as a checkpoint holds it: the LR a tensor
     assert isinstance(saved["param_groups"][0]["lr"], torch.Tensor)
     on_meta = [p.detach().to("meta").requires_grad_() for p in opts.q.param_groups[0]["params"]]
     resumed = torch.optim.Adam(on_meta, lr=1.0)

@@ -38,7 +38,7 @@ def member_forward(ensemble: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor
 
 @pytest.mark.parametrize("kind", ["expectile", "quantile", "exponential"])
 def test_update_matches_a_hand_written_step(kind):
-    """V step on min target Q, then Q step with the *updated* V, then Polyak target (IDQL_SPEC Sec. 1)."""
+    """V step on min target Q, then Q step with the *updated* V, then Polyak target (docs/fidelity.md §1)."""
     L.seed_everything(0, verbose=False)
     critic = small_critic(value_loss=kind, tau=0.8, alpha=0.5)
     with torch.no_grad():  # make the target differ from the online pair, so using the wrong one would show
@@ -233,8 +233,7 @@ def test_fit_checkpoint_and_exact_resume(tmp_path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert "idql_rng" in ckpt and len(ckpt["optimizer_states"]) == 2
     assert any(key.startswith("q_target_net.") for key in ckpt["state_dict"])
-    restored = ImplicitCritic(**ckpt["hyper_parameters"])
-    restored.load_state_dict(ckpt["state_dict"])
+    restored = ImplicitCritic.load_from_checkpoint(path, map_location="cpu")
     assert all(torch.equal(v, model.state_dict()[key]) for key, v in restored.state_dict().items())
 
     resumed, tr_resumed, _ = fit(small_critic, 2 * k, ckpt=path, buffer_state=buf.state_dict())

@@ -23,8 +23,8 @@ def _assert_written(out, name):
 def test_fig1_idql_extraction_vs_awr_gaussian(out):
     """Paper Sec. 1 / Fig. 1 on the 2-D bandit r = a1 + a2 with an expectile (tau 0.9) critic.
 
-    Measured (see README): IDQL's implicit extraction puts most actions in the best cluster and almost all in some
-    cluster. The AWR Gaussian leaves most actions outside the best cluster at beta 1 and 3 (IQL's locomotion
+    Measured (docs/figures.md): IDQL's implicit extraction puts most actions in the best cluster and almost all in
+    some cluster. The AWR Gaussian leaves most actions outside the best cluster at beta 1 and 3 (IQL's locomotion
     value), lying between the clusters; at beta 10 (IQL's antmaze value) its mean and most of its mass do reach
     the best cluster, so the claim that holds at *every* listed temperature is the out-of-distribution one: the
     unimodal Gaussian puts clearly more actions outside every data cluster than IDQL does.

@@ -186,3 +186,121 @@ def test_antmaze_d4rl_frame():
     obs2, r, terminated, truncated, _ = env.step(np.zeros(8, np.float32))
     assert r == 0.0 and not terminated and obs2.shape == (29,)
     env.close()
+
+
+# ------------------------------------------------------------------ local/pointmaze-medium and -large
+LIMITS = {"umaze": 300, "medium": 600, "large": 800}
+GOAL_CELLS = {"umaze": (1, 1), "medium": (6, 6), "large": (7, 9)}
+
+
+def _concat(episodes, key):
+    return np.concatenate([e[key] for e in episodes])
+
+
+def test_umaze_recipe_is_unchanged():
+    """``local/pointmaze-umaze`` is what the quickstart scores (docs/results/) were measured on: the same cache
+    id, env spec, episode limit, default size and generator (the maze argument defaults to it; the first
+    observations and sums of a small generation as the code before the medium/large recipes made them)."""
+    assert L.minari_id("local/pointmaze-umaze") == "idql_pl/pointmaze-umaze-v1"
+    assert L.RECIPES["local/pointmaze-umaze"]["default_size"] == 1_000_000 == R.POINTMAZE_DEFAULT_SIZE
+    spec = E.gym.spec(E.POINTMAZE_ENV_ID)
+    assert (spec.id, spec.entry_point, spec.max_episode_steps, spec.kwargs) == (
+        "idql_pl/PointMaze2d-UMaze-v0", "idql_pl.envs.maze2d:Maze2dEnv", 300,
+        {"maze": "umaze", "frame": "gymnasium"})
+    episodes, stats = R.generate_pointmaze(1200)
+    again, _ = R.generate_pointmaze(1200, maze="umaze")
+    for key in ("observations", "actions", "rewards", "terminations", "truncations"):
+        np.testing.assert_array_equal(_concat(episodes, key), _concat(again, key))
+    assert [len(e["actions"]) for e in episodes] == [300] * 4 and stats["streams"] == 4
+    first = [-0.04604266, -1.0918053, 0.01049001, -0.05356694]
+    np.testing.assert_allclose(episodes[0]["observations"][0], first, rtol=1e-6)
+    obs = _concat(episodes, "observations").astype(np.float64)
+    act = _concat(episodes, "actions").astype(np.float64)
+    assert (obs.sum(), np.abs(obs).sum(), act.sum(), np.abs(act).sum()) == pytest.approx(
+        (106.65766763139982, 6306.343363920227, 17.722225455450825, 1619.1235325381858), rel=1e-6)
+    assert stats["goals_reached"] == 16 and stats["goals_not_reached"] == 0
+
+
+def test_umaze_reference_scores_are_the_readme_ones(pointmaze):
+    assert (pointmaze.info.ref_min_score, pointmaze.info.ref_max_score) == (45.54, 240.43)
+    assert pointmaze.info.extra["recipe"]["ref_episodes"] == 100
+
+
+@pytest.mark.parametrize("maze", ["medium", "large"])
+def test_pointmaze_medium_large_generation(maze):
+    """Four episodes of the maze's limit, one per stream: shapes, dtypes, the fixed-goal reward, continuity,
+    and the same arrays for the same seed (other arrays for another)."""
+    limit = LIMITS[maze]
+    episodes, stats = R.generate_pointmaze(4 * limit, maze=maze)
+    assert len(episodes) == 4 and stats["streams"] == 4 and stats["goals_reached"] > 0
+    for e in episodes:
+        assert e["observations"].shape == (limit + 1, 4) and e["actions"].shape == (limit, 2)
+        assert e["observations"].dtype == e["actions"].dtype == e["rewards"].dtype == np.float32
+        assert not e["terminations"].any() and e["truncations"].tolist() == [False] * (limit - 1) + [True]
+        assert np.abs(e["actions"]).max() <= 1.0
+    grid = M.MazeGrid(M.MAZES[maze])
+    goal = grid.center_of(GOAL_CELLS[maze])
+    next_obs = np.concatenate([e["observations"][1:] for e in episodes])
+    near = np.linalg.norm(next_obs[:, :2] - goal, axis=1) <= M.REWARD_RADIUS
+    np.testing.assert_array_equal(_concat(episodes, "rewards"), near.astype(np.float32))
+    cells = grid.cell_of(_concat(episodes, "observations")[:, :2].astype(np.float64))
+    assert len(np.unique(cells)) >= grid.n // 2  # random goals: the points roam the maze
+    again, _ = R.generate_pointmaze(4 * limit, maze=maze)
+    other, _ = R.generate_pointmaze(4 * limit, maze=maze, seed=1)
+    np.testing.assert_array_equal(_concat(again, "observations"), _concat(episodes, "observations"))
+    np.testing.assert_array_equal(_concat(again, "actions"), _concat(episodes, "actions"))
+    assert not np.array_equal(_concat(other, "actions"), _concat(episodes, "actions"))
+
+
+@pytest.mark.parametrize("maze", ["medium", "large"])
+def test_pointmaze_medium_large_eval_env(maze):
+    """The evaluation env: D4RL's episode limit, the 'G' cell as the fixed goal, random start cells."""
+    env = E.make_env(E.POINTMAZE_ENV_IDS[maze], f"local/pointmaze-{maze}")
+    assert env.spec.max_episode_steps == LIMITS[maze]
+    assert env.spec.kwargs == {"maze": maze, "frame": "gymnasium"}
+    grid = M.MazeGrid(M.MAZES[maze])
+    np.testing.assert_allclose(env.unwrapped.goal_xy, grid.center_of(GOAL_CELLS[maze]))
+    assert env.observation_space.shape == (4,) and env.action_space.shape == (2,)
+    starts = {int(grid.cell_of(env.reset(seed=s)[0][:2].astype(np.float64))) for s in range(40)}
+    assert len(starts) >= grid.n // 3
+    env.reset(seed=0)
+    steps, truncated = 0, False
+    while not truncated:
+        _, reward, terminated, truncated, _ = env.step(np.zeros(2, np.float32))
+        steps += 1
+        assert not terminated and reward in (0.0, 1.0)
+    assert steps == LIMITS[maze]
+    env.close()
+
+
+@pytest.mark.parametrize("maze", ["medium", "large"])
+def test_pointmaze_medium_large_recipe(maze, monkeypatch):
+    """Through the recipe (Minari cache, metadata, reference scores) with few reference episodes (the slow
+    test below uses the recipe's 100): random < controller, the env and limits the data carries."""
+    monkeypatch.setattr(L, "REF_EPISODES", 6)
+    name, limit = f"local/pointmaze-{maze}", LIMITS[maze]
+    assert L.RECIPES[name]["default_size"] == {"medium": 2_000_000, "large": 4_000_000}[maze]
+    assert L.minari_id(name) == f"idql_pl/pointmaze-{maze}-v{L.RECIPE_VERSION}"
+    dm = OfflineDataModule(name, dataset_size=2 * limit + 7)
+    info, recipe = dm.info, dm.info.extra["recipe"]
+    assert (info.num_transitions, info.num_episodes, info.max_episode_steps) == (2 * limit + 7, 3, limit)
+    assert info.env_id == E.POINTMAZE_ENV_IDS[maze] and info.family == "maze2d" and info.source == "local"
+    assert 0 <= info.ref_min_score < info.ref_max_score and recipe["controller_eval_success_rate"] == 1.0
+    assert recipe["recipe"] == name and recipe["ref_episodes"] == 6
+    env = dm.make_env()
+    assert env.observation_space.shape == (dm.obs_dim,) and env.action_space.shape == (dm.action_dim,) == (2,)
+    assert env.spec.max_episode_steps == limit
+    env.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("maze", ["medium", "large"])
+def test_pointmaze_medium_large_reference_scores(maze):
+    """The recipe's own reference episodes (100 of the maze's limit): the noise-free controller reaches the
+    goal from every start and scores far above the random policy; the noisy data reaches its goals."""
+    dm = OfflineDataModule(f"local/pointmaze-{maze}", dataset_size=16 * LIMITS[maze])
+    info, recipe = dm.info, dm.info.extra["recipe"]
+    print(f"\n{maze}: ref min {info.ref_min_score:.2f}, max {info.ref_max_score:.2f}, goal success "
+          f"{recipe['goal_success_rate']:.3f}")
+    assert recipe["ref_episodes"] == 100 and recipe["controller_eval_success_rate"] >= 0.95
+    assert info.ref_max_score > 3 * max(info.ref_min_score, 1.0) and recipe["goal_success_rate"] >= 0.9

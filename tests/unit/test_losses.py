@@ -84,7 +84,7 @@ def test_exponential_weight_limit_at_zero():
 
 
 def test_quantile_weights_never_negative():
-    """The reference code divides by the signed u; weights must stay positive for u < 0 (IDQL_SPEC Sec. 2)."""
+    """The reference code divides by the signed u; weights must stay positive for u < 0 (docs/fidelity.md §2)."""
     u = -torch.rand(1000) * 10 - 1e-3
     assert (implicit_weights(u, "quantile", 0.8) > 0).all()
 

@@ -1,4 +1,4 @@
-"""IDQL_SPEC Sec. 5 preprocessing against hand-computed numbers."""
+"""docs/fidelity.md §5 preprocessing against hand-computed numbers."""
 
 import numpy as np
 import pytest

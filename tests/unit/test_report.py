@@ -177,3 +177,127 @@ def test_cli(tmp_path, capsys):
     assert report.main([str(tmp_path / "empty"), "--out", str(tmp_path / "rep2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no run with an evaluation") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------- table5-local: methods, K agents
+MODELS = {"idql": "idql_pl.IDQL", "iql": "idql_pl.IQL", "bc": "idql_pl.DiffusionBehavior"}
+MAZE_U = "local/pointmaze-umaze"
+
+
+def write_method_run(root, method, dataset, seed, scores, *, agents=1, max_steps=None, log_seconds=None):
+    """A run folder of the table5-local suite: ``scores`` = {step: [score of agent 0, agent 1, ...]} (one
+    value per agent); ``agents`` > 1 writes what ``--model.num_agents K`` writes (an ``agent`` column and
+    ``eval/agent<k>/normalized_score``); ``log_seconds`` adds the suite.log lines of one attempt."""
+    tail = f"seeds{seed}-{seed + agents - 1}" if agents > 1 else f"seed{seed}"
+    run = root / f"{method}-{report.slug(dataset)}-{tail}"
+    (run / "csv").mkdir(parents=True)
+    steps = sorted(scores)
+    init = {"num_agents": agents} if agents > 1 else {}
+    if method == "idql":
+        init["actor_updates_per_step"] = 2
+    cfg = {"seed_everything": seed, "trainer": {"max_steps": max_steps or steps[-1]},
+           "model": {"class_path": MODELS[method], "init_args": init},
+           "data": {"dataset": dataset, "ref_scores": None, "family": None},
+           "run_name": run.name, "run_root": str(root)}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = ["stage,step,agent,episode,seed,return,length"]
+    for s in steps:
+        for k in range(agents):
+            rows += [f"fit,{s},{k},{e},{1_000_000 + e},{scores[s][k] + d:.6f},600"
+                     for e, d in enumerate((-1, 1))]
+    (run / "eval_episodes.csv").write_text("\n".join(rows) + "\n")
+    per_agent = [f"eval/agent{k}/normalized_score" for k in range(agents)] if agents > 1 else []
+    lines = [",".join(["eval/normalized_score", *per_agent, "step"])]
+    lines += [",".join(map(str, [np.mean(scores[s]), *(scores[s] if agents > 1 else []), s])) for s in steps]
+    (run / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    if log_seconds is not None:
+        (run / "suite.log").write_text(
+            f"\n# 2026-01-02 03:04:05 new: python -m idql_pl fit --run_name {run.name}\nlog text\n"
+            f"# 2026-01-02 04:00:00 end: exit 0 after {log_seconds:.1f} s on box (AMD EPYC, 2 usable cores), "
+            "1 thread(s)\n")
+    return run
+
+
+def test_a_run_of_k_agents_is_k_seeds(tmp_path):
+    """``--model.num_agents 3`` (agent k = seed_everything + k): three seeds, each scored by its own agent."""
+    scores = {100: [10.0, 20.0, 60.0], 200: [30.0, 50.0, 70.0]}
+    run = write_method_run(tmp_path, "idql", "local/pointmaze-umaze", 4, scores, agents=3)
+    records = report.read_runs(run)
+    assert [(r.seed, r.agent, r.scores) for r in records] == [
+        (4, 0, [10.0, 30.0]), (5, 1, [20.0, 50.0]), (6, 2, [60.0, 70.0])]
+    assert {r.method for r in records} == {"IDQL"} and all(r.returns == r.scores for r in records)
+    (tmp_path / "other").mkdir()  # without the logged per-agent scores: each agent's own episodes (returns)
+    (run / "csv" / "metrics.csv").unlink()
+    assert [r.final for r in report.read_runs(run)] == [30.0, 50.0, 70.0]
+    rep = make_report([tmp_path], tmp_path / "out", reps=100, plots=False)
+    (row,) = rep["rows"]
+    assert row["seeds"] == [4, 5, 6] and row["final_mean"] == pytest.approx(50.0)
+    assert row["runs"] == [str(run)]
+    assert rep["run_folders"] == 1 and len(rep["runs"]) == 3
+
+
+def test_table5_local_report_compares_methods_per_maze(tmp_path):
+    finals = {"local/pointmaze-umaze": ([60.0, 70.0, 80.0], [50.0, 52.0, 54.0], [20.0, 30.0, 40.0]),
+              "local/pointmaze-medium": ([40.0, 45.0, 50.0], [40.0, 45.0, 50.0], [10.0, 10.0, 10.0]),
+              "local/pointmaze-large": ([90.0, 90.0, 90.0], [30.0, 30.0, 30.0], [5.0, 6.0, 7.0])}
+    for dataset, (idql, iql, bc) in finals.items():
+        write_method_run(tmp_path, "idql", dataset, 0, {50: [0.0] * 3, 100: idql}, agents=3, log_seconds=3600)
+        bc_runs = [(0, bc, 3, 5400)] if dataset == MAZE_U else [(s, [bc[s]], 1, 1800) for s in range(3)]
+        for seed, scores, agents, seconds in bc_runs:  # umaze: BC's three seeds as one run of 3 agents
+            write_method_run(tmp_path, "bc", dataset, seed, {100: [2.0] * agents, 200: scores}, agents=agents,
+                             log_seconds=seconds)
+        for seed in range(3):
+            write_method_run(tmp_path, "iql", dataset, seed, {50: [1.0], 100: [iql[seed]]}, log_seconds=900)
+    rep = make_report([tmp_path], tmp_path / "out", reps=500)
+    rows = {(r["dataset"], r["config"]): r for r in rep["rows"]}
+    assert {c for _, c in rows} == {"IDQL", "IQL", "diffusion BC"} and len(rows) == 9
+    comparisons = {c["dataset"]: c for c in rep["comparisons"]}
+    assert list(comparisons) == list(finals)  # every maze, in the order of the rows
+    for dataset, (idql, iql, bc) in finals.items():
+        for label, values in (("IDQL", idql), ("IQL", iql), ("diffusion BC", bc)):
+            r = rows[(dataset, label)]
+            assert r["seeds"] == [0, 1, 2] and r["final_mean"] == pytest.approx(np.mean(values))
+            assert r["final_std"] == pytest.approx(np.std(values, ddof=1))
+        c = comparisons[dataset]
+        d = c["idql_minus_iql"]
+        assert d["value"] == pytest.approx(np.mean(idql) - np.mean(iql))
+        # resampled means of each method's seeds lie between its smallest and largest seed
+        lowest, highest = min(idql) - max(iql) - 1e-9, max(idql) - min(iql) + 1e-9
+        assert lowest <= d["ci_low"] <= d["value"] <= d["ci_high"] <= highest
+        assert c["methods"]["diffusion BC"]["mean"] == pytest.approx(np.mean(bc))
+    large = comparisons["local/pointmaze-large"]["idql_minus_iql"]
+    assert large == {"value": 60.0, "ci_low": 60.0, "ci_high": 60.0}  # no spread in either method
+    umaze = comparisons["local/pointmaze-umaze"]["idql_minus_iql"]
+    assert umaze["ci_low"] < umaze["value"] < umaze["ci_high"]
+    paper = comparisons["local/pointmaze-medium"]["paper"]
+    assert paper == pytest.approx({"IDQL": 89.5, "IQL": 34.9, "IDQL - IQL": 54.6})
+    assert comparisons["local/pointmaze-umaze"]["paper"]["IDQL - IQL"] == pytest.approx(10.5)
+    assert comparisons["local/pointmaze-large"]["paper"]["IDQL - IQL"] == pytest.approx(31.5)
+    # one axes per maze: BC's actor steps on the critic-step axis (/ IDQL's 2 actor updates per critic step)
+    curves = {(c["dataset"], c["config"]): c for c in rep["curves"]}
+    assert curves[("local/pointmaze-medium", "diffusion BC")]["x"] == [50.0, 100.0]
+    assert curves[("local/pointmaze-medium", "IQL")]["x"] == [50, 100]
+    compute = rep["compute"]
+    assert compute["seconds"] == pytest.approx(3 * (3600 + 3 * 900 + 3 * 1800)) and compute["attempts"] == 19
+    assert compute["machines"] == ["box (AMD EPYC, 2 usable cores)"] and compute["threads"] == ["1"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## IDQL vs IQL vs diffusion BC" in md and "27 runs (19 run folders" in md
+    assert "| local/pointmaze-medium | 45.0 ± 5.0 (n=3) | 45.0 ± 5.0 (n=3) | 10.0 ± 0.0 (n=3) | +0.0 [" \
+        in md
+    assert "| 89.5 / 34.9 | +54.6 |" in md and "- wall time: 9.75 h summed over 19 run attempts" in md
+    assert "- machine: box (AMD EPYC, 2 usable cores)" in md
+    for png in ("curve_local-pointmaze-umaze.png", "curve_local-pointmaze-large.png", "curves.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000, png
+    rep = make_report([tmp_path], tmp_path / "out2", reps=100, plots=False, wall_time="7 h", machine="laptop")
+    assert rep["compute"]["wall_time"] == "7 h" and rep["compute"]["machines"] == ["laptop"]
+
+
+def test_bootstrap_difference_interval():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(60.0, 5.0, 10), rng.normal(40.0, 5.0, 10)
+    d = report.bootstrap_difference(a, b, reps=4000, seed=0)
+    assert d["value"] == pytest.approx(a.mean() - b.mean()) and d["ci_low"] < 20.0 < d["ci_high"]
+    # near the normal-theory width 2 * 1.96 * sqrt(s_a^2 / 10 + s_b^2 / 10) (the bootstrap's is a bit smaller)
+    width = 2 * 1.96 * math.sqrt(a.var(ddof=1) / 10 + b.var(ddof=1) / 10)
+    assert 0.7 * width < d["ci_high"] - d["ci_low"] < 1.1 * width
+    assert report.bootstrap_difference(a, b, reps=4000, seed=0) == d
