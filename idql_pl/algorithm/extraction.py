@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Literal, Protocol
@@ -51,7 +52,7 @@ def extract_actions(
     behavior: BehaviorSampler,
     critic: Critic,
     states: Tensor,
-    num_samples: int | Sequence[int],
+    num_samples: int | Sequence[int] | Tensor,
     extraction: Extraction = "argmax",
     value_loss: str = "expectile",
     loss_param: float | Tensor = 0.7,
@@ -70,23 +71,34 @@ def extract_actions(
     in float32.
 
     ``num_samples`` may be one count per agent (a sweep over N, paper App. D.2): all agents then draw
-    ``max(N)`` candidates and agent ``k`` extracts from its first ``N_k`` (the others are masked out).
+    ``max(N)`` candidates and agent ``k`` extracts from its first ``N_k`` (the others are masked out). An
+    integer tensor ``[K, B]`` on the CPU gives one count per agent and state (several N evaluated side by
+    side): one sampler call then draws each state's own N candidates (:func:`ragged_candidates`), and each
+    state extracts from its own N, the others masked out as above.
     """
-    check_extraction(extraction, num_samples)
     own_counts = None
-    if not isinstance(num_samples, int):
-        counts = [int(n) for n in num_samples]
-        num_samples = max(counts)
-        if min(counts) < num_samples:  # [K, 1, N]: which of the max(N) candidates each agent keeps
-            own_counts = torch.tensor(counts, device=states.device).view(-1, 1, 1)
-    with autocast_for(states.device, precision):  # bf16 (on CUDA by default) for the T denoising passes only
-        candidates = behavior.sample(states, num_samples, generator=generator).float()  # [K, B, N, A]
-    # Candidates are scored in float32: at Q ~ 60 a bf16 step is 0.25-0.5, enough to change the argmax.
+    if isinstance(num_samples, Tensor):  # [K, B] counts per agent and state
+        check_extraction(extraction, int(num_samples.min()))
+        counts, num_samples = num_samples.cpu(), int(num_samples.max())
+        own_counts = counts.to(states.device).unsqueeze(-1)  # row b of agent k keeps its first N
+        states = states.expand(counts.shape[0], *states.shape[-2:])
+        candidates, q = ragged_candidates(behavior, critic, states, counts, generator, precision)
+    else:
+        check_extraction(extraction, num_samples)
+        if not isinstance(num_samples, int):
+            counts = [int(n) for n in num_samples]
+            num_samples = max(counts)
+            if min(counts) < num_samples:  # [K, 1, N]: which of the max(N) candidates each agent keeps
+                own_counts = torch.tensor(counts, device=states.device).view(-1, 1, 1)
+        with autocast_for(states.device, precision):  # bf16 (on CUDA by default) for the T denoising passes only
+            candidates = behavior.sample(states, num_samples, generator=generator).float()  # [K, B, N, A]
+        # Candidates are scored in float32: at Q ~ 60 a bf16 step is 0.25-0.5, enough to change the argmax.
+        agents, batch, _, action_dim = candidates.shape
+        obs_dim = states.shape[-1]
+        states = states.expand(agents, batch, obs_dim)
+        flat_states = states.unsqueeze(2).expand(agents, batch, num_samples, obs_dim).reshape(agents, -1, obs_dim)
+        q = critic.q_target(flat_states, candidates.reshape(agents, -1, action_dim)).view(agents, batch, num_samples)
     agents, batch, _, action_dim = candidates.shape
-    obs_dim = states.shape[-1]
-    states = states.expand(agents, batch, obs_dim)
-    flat_states = states.unsqueeze(2).expand(agents, batch, num_samples, obs_dim).reshape(agents, -1, obs_dim)
-    q = critic.q_target(flat_states, candidates.reshape(agents, -1, action_dim)).view(agents, batch, num_samples)
     dropped = None if own_counts is None else torch.arange(num_samples, device=states.device) >= own_counts
     if extraction == "argmax":
         index = (q if dropped is None else q.masked_fill(dropped, -torch.inf)).argmax(dim=-1)
@@ -100,3 +112,40 @@ def extract_actions(
     rows = candidates.reshape(agents * batch, num_samples, action_dim)
     picked = rows[torch.arange(agents * batch, device=states.device), index.reshape(-1)]
     return picked.view(agents, batch, action_dim)
+
+
+def ragged_candidates(behavior: BehaviorSampler, critic: Critic, states: Tensor, counts: Tensor,
+                      generator: torch.Generator | None = None, precision: str = "auto") -> tuple[Tensor, Tensor]:
+    """Each state's own number of candidates from ONE sampler call, and their ``min(Q1_target, Q2_target)``.
+
+    ``states [K, B, S]``, ``counts [K, B]`` (CPU integers). With ``g`` the greatest common divisor of the counts,
+    state ``b`` of agent ``k`` is repeated ``counts[k, b] / g`` times and every repeat draws ``g`` candidates, so
+    the sampler draws exactly ``sum(counts)`` candidates per agent (agents with fewer get padding repeats,
+    dropped), not ``B x max(counts)``. Returns ``[K, B, max N, A]`` candidates and ``[K, B, max N]`` scores;
+    position ``n >= counts[k, b]`` holds zeros and a score of ``-inf``.
+    """
+    agents, batch, obs_dim = states.shape
+    device = states.device
+    unit = math.gcd(*(int(c) for c in counts.unique()))
+    repeats = counts // unit  # [K, B] repeats of each state
+    rows = int(repeats.sum(dim=1).max())
+    source = torch.zeros(agents, rows, dtype=torch.long)  # the state each repeat samples for
+    valid = torch.zeros(agents, rows, dtype=torch.bool)
+    for k in range(agents):  # host-side index building, once per call (K is small)
+        index = torch.repeat_interleave(torch.arange(batch), repeats[k])
+        source[k, : len(index)], valid[k, : len(index)] = index, True
+    first = torch.cumsum(repeats, dim=1) - repeats  # [K, B] the first repeat of each state
+    rank = torch.arange(rows).expand(agents, rows) - torch.gather(first, 1, source)  # repeat's rank in its state
+    max_n = int(counts.max())
+    dest = (source * max_n + rank * unit).unsqueeze(-1) + torch.arange(unit)  # [K, rows, g] slot in [B x max N]
+    dest = torch.where(valid.unsqueeze(-1), dest, batch * max_n).reshape(agents, -1).to(device)  # padding: spare
+    repeated = torch.gather(states, 1, source.to(device).unsqueeze(-1).expand(agents, rows, obs_dim))
+    with autocast_for(device, precision):  # bf16 (on CUDA by default) for the T denoising passes only
+        drawn = behavior.sample(repeated, unit, generator=generator).float()  # [K, rows, g, A]
+    action_dim = drawn.shape[-1]
+    flat_states = repeated.unsqueeze(2).expand(agents, rows, unit, obs_dim).reshape(agents, -1, obs_dim)
+    scores = critic.q_target(flat_states, drawn.reshape(agents, -1, action_dim))  # [K, rows x g], float32
+    q = torch.full((agents, batch * max_n + 1), -torch.inf, device=device).scatter_(1, dest, scores)
+    candidates = torch.zeros(agents, batch * max_n + 1, action_dim, device=device)
+    candidates.scatter_(1, dest.unsqueeze(-1).expand(-1, -1, action_dim), drawn.reshape(agents, -1, action_dim))
+    return (candidates[:, :-1].view(agents, batch, max_n, action_dim), q[:, :-1].view(agents, batch, max_n))

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -147,8 +148,10 @@ def load_d4rl(name: str, max_episode_steps: int | None = None) -> SourceData:
     return SourceData(info=info, episode_returns=returns, env_factory=factory, **arrays)
 
 
-def make_d4rl_env(name: str) -> gym.Env:
-    """The gymnasium evaluation env for a D4RL dataset (see :mod:`idql_pl.data.registry`), float32 obs."""
+def make_d4rl_env(name: str, **make_kwargs: Any) -> gym.Env:
+    """The gymnasium evaluation env for a D4RL dataset (see :mod:`idql_pl.data.registry`), float32 obs
+    (``make_kwargs``, e.g. ``render_mode``, go to ``gym.make``)."""
     spec = D4RL_DATASETS[name]
-    env = make_env(spec.env_id, f"'{name}'", max_episode_steps=spec.max_episode_steps, **spec.env_kwargs)
+    env = make_env(spec.env_id, f"'{name}'", max_episode_steps=spec.max_episode_steps,
+                   **{**spec.env_kwargs, **make_kwargs})
     return wrap_eval_env(env, spec.max_episode_steps)

@@ -212,13 +212,15 @@ def _apply_overrides(src: SourceData, name: str, given: dict[str, Any]) -> None:
     info.provenance = prov
 
 
-def make_given_env(env_id: str, kwargs: dict[str, Any], max_episode_steps: int | None) -> gym.Env:
-    """``gym.make(env_id, max_episode_steps, **kwargs)``, observations flattened to float32 like the dataset."""
+def make_given_env(env_id: str, kwargs: dict[str, Any], max_episode_steps: int | None,
+                   **make_kwargs: Any) -> gym.Env:
+    """``gym.make(env_id, max_episode_steps, **kwargs)``, observations flattened to float32 like the dataset
+    (``make_kwargs``, e.g. ``render_mode``, added to ``kwargs``)."""
     from idql_pl.data.minari_source import wrap_eval_env
 
     extra = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
     try:
-        env = gym.make(env_id, **extra, **kwargs)
+        env = gym.make(env_id, **extra, **{**kwargs, **make_kwargs})
     except Exception as e:
         raise EvalEnvError(
             f"cannot create evaluation env {env_id} with {kwargs or 'no kwargs'} ({type(e).__name__}: "
@@ -432,8 +434,9 @@ class OfflineDataModule(L.LightningDataModule):
             return type(returns)(100.0 * (float(r) - lo) / (hi - lo) for r in returns)  # type: ignore[return-value]
         return 100.0 * (returns - lo) / (hi - lo)  # type: ignore[operator,return-value]
 
-    def make_env(self) -> gym.Env:
-        """One evaluation env: observations flattened/cast exactly like the dataset, TimeLimit = episode limit."""
+    def make_env(self, **make_kwargs: Any) -> gym.Env:
+        """One evaluation env: observations flattened/cast exactly like the dataset, TimeLimit = episode
+        limit; ``make_kwargs`` (e.g. ``render_mode="rgb_array"``) go to ``gym.make``."""
         if self._env_factory is None:
             raise EvalEnvError(
                 f"no evaluation environment is known for dataset '{self.info.name}'; give one with "
@@ -441,7 +444,7 @@ class OfflineDataModule(L.LightningDataModule):
                 "--eval.every_n_steps 0 --eval.at_end false to train without evaluation"
             )
         try:
-            env = self._env_factory()
+            env = self._env_factory(**make_kwargs)
         except EvalEnvError:
             raise
         except Exception as e:
@@ -462,12 +465,17 @@ class OfflineDataModule(L.LightningDataModule):
                 "was collected in"
             )
 
-    def make_vector_env(self, num_envs: int, **kwargs: Any) -> gym.vector.VectorEnv:
-        """``SyncVectorEnv`` of :meth:`make_env` (``kwargs`` go to ``SyncVectorEnv``, e.g. ``autoreset_mode``)."""
+    def make_vector_env(self, num_envs: int, render_envs: int = 0, **kwargs: Any) -> gym.vector.VectorEnv:
+        """``SyncVectorEnv`` of :meth:`make_env` (``kwargs`` go to ``SyncVectorEnv``, e.g.
+        ``autoreset_mode``); the first ``render_envs`` envs render frames (``render_mode="rgb_array"``), the
+        others never do."""
         if num_envs < 1:
             raise EvalEnvError(f"num_envs must be >= 1, got {num_envs}")
         self.make_env().close()  # fail early, with the one-line message
+        render = min(render_envs, num_envs)
+        rendering = functools.partial(self._env_factory, render_mode="rgb_array")  # type: ignore[arg-type]
+        factories = [rendering] * render + [self._env_factory] * (num_envs - render)
         try:
-            return gym.vector.SyncVectorEnv([self._env_factory] * num_envs, **kwargs)  # type: ignore[list-item]
+            return gym.vector.SyncVectorEnv(factories, **kwargs)  # type: ignore[arg-type]
         except Exception as e:
             raise env_error(f"{num_envs} vectorised {self.info.env_id} envs for '{self.info.name}'", e) from e

@@ -186,14 +186,17 @@ def load_minari(
     return SourceData(info=info, episode_returns=returns, env_factory=factory, **arrays)
 
 
-def make_minari_env(data_path: str, max_episode_steps: int | None = None, override_limit: bool = False) -> gym.Env:
+def make_minari_env(data_path: str, max_episode_steps: int | None = None, override_limit: bool = False,
+                    **make_kwargs: Any) -> gym.Env:
     """``recover_environment(eval_env=True)``, observations flattened like the dataset, TimeLimit ensured.
 
     ``override_limit``: ``max_episode_steps`` replaces the recorded env spec's own limit (a user-given limit).
+    ``make_kwargs`` (e.g. ``render_mode``) go to ``gym.make``.
     """
     import minari
 
     kwargs = {"max_episode_steps": max_episode_steps} if override_limit and max_episode_steps else {}
+    kwargs.update(make_kwargs)
     env = minari.MinariDataset(data_path).recover_environment(eval_env=True, **kwargs)
     return wrap_eval_env(env, max_episode_steps)
 

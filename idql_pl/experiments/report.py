@@ -204,7 +204,8 @@ def read_runs(run_dir: str | Path) -> list[RunRecord]:
 
     episodes: dict[int, dict[int, list[float]]] = {}  # agent -> step -> returns
     for row in _read_csv(run_dir / "eval_episodes.csv"):
-        if row.get("stage", "fit") == "fit" and _float(row.get("return")) is not None:
+        own_n = row.get("model_n", "1") != "0"  # other rows: extra N settings (--eval.num_samples "[...]")
+        if row.get("stage", "fit") == "fit" and own_n and _float(row.get("return")) is not None:
             agent = int(row.get("agent") or 0)
             episodes.setdefault(agent, {}).setdefault(int(row["step"]), []).append(float(row["return"]))
     agents = max(agents, max(episodes, default=0) + 1)

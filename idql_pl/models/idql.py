@@ -142,18 +142,20 @@ class IDQL(IDQLModule):
     def act(
         self,
         states: Tensor,
-        num_samples: int | list[int] | None = None,
+        num_samples: int | list[int] | Tensor | None = None,
         extraction: Extraction | None = None,
         generator: torch.Generator | None = None,
         precision: str = "auto",
     ) -> Tensor:
         """Extracted actions of every agent (paper Alg. 2): argmax or implicit resampling;
-        ``states [K, B, S]`` or ``[B, S]`` (the same states for every agent) ``-> [K, B, A]``."""
+        ``states [K, B, S]`` or ``[B, S]`` (the same states for every agent) ``-> [K, B, A]``.
+        ``num_samples``: one N, one per agent, or a ``[K, B]`` tensor of one per agent and state (default: the
+        model's)."""
         return extract_actions(
             self.behavior,
             self.critic,
             states,
-            num_samples=num_samples or self.hparams.num_samples,
+            num_samples=self.hparams.num_samples if num_samples is None else num_samples,
             extraction=extraction or self.hparams.extraction,
             value_loss=self.critic.hparams.value_loss,
             loss_param=self.critic.loss_param,

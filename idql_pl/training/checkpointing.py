@@ -205,13 +205,15 @@ def load_submodule_state(module: nn.Module, path: str | os.PathLike, prefix: str
     module.load_state_dict({k: state[k] for k in own})
 
 
-def export_agent(path: str | os.PathLike, agent: int, out: str | os.PathLike) -> None:
+def export_agent(path: str | os.PathLike, agent: int, out: str | os.PathLike,
+                 overrides: dict[str, Any] | None = None) -> None:
     """Write agent ``agent`` of a checkpoint of ``K`` agents (``--model.num_agents K``) to ``out`` as an
     ordinary single-agent checkpoint: every network tensor's leading dimension holds ``K`` agents' blocks of
     equal size (1 row per agent; the twin Q's 2 members per agent), of which agent ``agent``'s block is kept;
     ``num_agents`` becomes 1 in the saved hyperparameters. Optimizer and LR-scheduler states are dropped (the
     export is for evaluation: ``validate --ckpt_path out --model.num_agents 1``, with the agent's own
-    ``tau``/``alpha`` when they differed)."""
+    ``tau``/``alpha`` when they differed). ``overrides``: hyperparameters to replace (``num_samples``,
+    ``extraction``)."""
     checkpoint = safe_load(path)
     hparams = checkpoint.get("hyper_parameters") or {}
     agents = int(hparams.get("num_agents", 1))
@@ -229,5 +231,6 @@ def export_agent(path: str | os.PathLike, agent: int, out: str | os.PathLike) ->
     exported["hyper_parameters"] = {**hparams, "num_agents": 1}
     if isinstance(hparams.get("num_samples"), list | tuple):  # one candidate count per agent: this agent's
         exported["hyper_parameters"]["num_samples"] = int(hparams["num_samples"][agent])
+    exported["hyper_parameters"].update(overrides or {})
     exported["idql_exported_agent"] = {"source": str(path), "agent": agent, "num_agents": agents}
     _atomic_save(exported, Path(out))

@@ -85,6 +85,8 @@ class IDQLCLI(LightningCLI):
         parser.add_argument("--run_name", type=str | None, default=None, help="run folder under --run_root (default: model-dataset-seedN)")
         parser.add_argument("--run_root", type=str, default="checkpoints", help="where run folders live")
         parser.add_argument("--wandb_project", type=str, default="idql_pl", help="W&B project (offline when no API key)")
+        parser.add_argument("--tensorboard", type=bool, default=False,
+                            help="also log to TensorBoard in <run folder>/tensorboard (needs tensorboard)")
         parser.add_argument("--threads", type=int | None, default=None,
                             help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else the CPUs this process may"
                                  " use, from its affinity mask, fewer while other processes use them)")
@@ -198,10 +200,21 @@ class IDQLCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _default_loggers(self, run_dir: Path, cfg: Any) -> list[Logger]:
-        """CSV always; W&B for ``fit`` is added in :meth:`before_fit` (see :meth:`_add_wandb`)."""
-        csv_name = "csv" if self.subcommand == "fit" else f"csv_{self.subcommand}"
+        """CSV always; TensorBoard with ``--tensorboard true`` (``<run>/tensorboard``); W&B for ``fit`` is
+        added in :meth:`before_fit` (see :meth:`_add_wandb`)."""
+        suffix = "" if self.subcommand == "fit" else f"_{self.subcommand}"
         self._wandb_wanted = self.subcommand == "fit" and os.environ.get("WANDB_MODE", "") != "disabled"
-        return [CSVLogger(save_dir=str(run_dir), name=csv_name, version="")]
+        loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name=f"csv{suffix}", version="")]
+        if cfg.get("tensorboard"):
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            try:
+                board = TensorBoardLogger(save_dir=str(run_dir), name=f"tensorboard{suffix}", version="")
+            except ModuleNotFoundError:
+                raise ConfigError("--tensorboard true needs TensorBoard: pip install tensorboard (or pip"
+                                  " install 'idql_pl[tensorboard]'), or drop the flag") from None
+            loggers.append(board)
+        return loggers
 
     def _add_wandb(self) -> None:
         """Start the W&B run ourselves (rank 0) and hand it to ``WandbLogger(experiment=...)``: Lightning's own
@@ -421,22 +434,6 @@ def _where(err: yaml.MarkedYAMLError, with_line: bool = True) -> str:
     return f"{where}: {problem}" if with_line else f"{problem} at column {mark.column + 1}"
 
 
-def export_command(argv: list[str]) -> None:
-    """``python -m idql_pl export --ckpt_path RUN/last.ckpt --agent K --out agentK.ckpt``: one agent of a
-    many-agent checkpoint as an ordinary single-agent checkpoint (validate it with ``--model.num_agents 1``)."""
-    import argparse
-
-    from idql_pl.training.checkpointing import export_agent
-
-    parser = argparse.ArgumentParser(prog="python -m idql_pl export", description=export_command.__doc__)
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint of a run with --model.num_agents K")
-    parser.add_argument("--agent", type=int, required=True, help="the agent to extract, 0 .. K-1")
-    parser.add_argument("--out", required=True, help="where to write the single-agent checkpoint")
-    ns = parser.parse_args(argv)
-    export_agent(ns.ckpt_path, ns.agent, ns.out)
-    print(f"[idql_pl] wrote agent {ns.agent} of {ns.ckpt_path} to {ns.out}")
-
-
 def main(args: list[str] | None = None) -> int:
     """Entry point: user errors print one ``error:`` line and exit 2 instead of a traceback; SIGTERM/SIGINT
     during training save last.ckpt and exit 143/130 (see idql_pl/training/stop.py)."""
@@ -447,6 +444,8 @@ def main(args: list[str] | None = None) -> int:
     try:
         argv = with_bundled_configs(sys.argv[1:] if args is None else [str(a) for a in args])
         if argv[:1] == ["export"]:
+            from idql_pl.training.export import export_command
+
             export_command(argv[1:])
             return 0
         if args is None:
