@@ -75,7 +75,8 @@ class _SeededEnv:
 class _Data:
     info = SimpleNamespace(ref_min_score=0.0, ref_max_score=10.0)
 
-    def make_vector_env(self, num_envs: int) -> _SeededEnv:
+    def make_vector_env(self, num_envs: int, render_envs: int = 0) -> _SeededEnv:
+        assert render_envs == 0  # these evaluations film nothing
         return _SeededEnv(num_envs)
 
     def normalized_score(self, returns: np.ndarray) -> np.ndarray:
