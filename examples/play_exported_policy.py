@@ -1,14 +1,16 @@
-"""Score (and film) an exported IDQL policy on the U-maze point mass, with torch and gymnasium alone.
+r"""Score (and film) an exported IDQL policy on the U-maze point mass, with torch and gymnasium alone.
 
-The policy file comes from ``python -m idql_pl export --ckpt_path RUN/last.ckpt --out policy.pt2`` (or ``.pt``,
-TorchScript). This script never imports idql_pl: it builds the evaluation env of ``local/pointmaze-umaze``
-(idql_pl's ``idql_pl/PointMaze2d-UMaze-v0``) from gymnasium-robotics' ``PointMazeEnv`` with the same conventions
-(observation ``[x, y, vx, vy]``, start in a random free cell with position noise U(-0.1, 0.1) and velocity noise
-N(0, 0.1), reward 1 within 0.5 of the goal cell's centre, 300 steps), so episode ``i`` seeded ``seed + i``
-starts where ``python -m idql_pl validate`` starts it (``--eval.seed``, default 1000000).
+The policy file comes from ``python -m idql_pl export --ckpt_path RUN/last.ckpt --out policy.pt2`` (or
+``.pt``, TorchScript). This script never imports idql_pl: it builds the evaluation env of
+``local/pointmaze-umaze`` (idql_pl's ``idql_pl/PointMaze2d-UMaze-v0``) from gymnasium-robotics'
+``PointMazeEnv`` with the same conventions (observation ``[x, y, vx, vy]``, start in a random free cell with
+position noise U(-0.1, 0.1) and velocity noise N(0, 0.1), reward 1 within 0.5 of the goal cell's centre, 300
+steps), so episode ``i`` seeded ``seed + i`` starts where ``python -m idql_pl validate`` starts it
+(``--eval.seed``, default 1000000).
 
     python examples/play_exported_policy.py quickstart.pt2 --episodes 30 --ref_scores MIN MAX
-    python examples/play_exported_policy.py quickstart.pt2 --gif docs/figures/quickstart.gif --gif_seed 1000003
+    python examples/play_exported_policy.py quickstart.pt2 --gif docs/figures/quickstart.gif \
+        --gif_seed 1000003
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ EPISODE_STEPS, REWARD_RADIUS = 300, 0.5
 
 
 class UMazePoint:
-    """The point mass in the U-maze, gymnasium-robotics' frame: reset(seed) -> obs, step(action) -> (obs, reward)."""
+    """The point mass in the U-maze, gymnasium-robotics' frame: reset(seed) -> obs, step(action) -> (obs,
+    reward)."""
 
     def __init__(self, render_size: int | None = None):
         from gymnasium_robotics.envs.maze.point_maze import PointMazeEnv
@@ -37,11 +40,12 @@ class UMazePoint:
         height, width = walls.shape
         cells = np.argwhere(~walls)  # free cells, row-major
         self.starts = np.stack([cells[:, 1] + 0.5 - width / 2, height / 2 - cells[:, 0] - 0.5], axis=1)
-        goal_row, goal_col = next((i, j) for i, row in enumerate(UMAZE) for j, c in enumerate(row) if c == "G")
+        goal_row, goal_col = next((i, j) for i, row in enumerate(UMAZE) for j, c in enumerate(row)
+                                  if c == "G")
         self.goal = np.array([goal_col + 0.5 - width / 2, height / 2 - goal_row - 0.5])
         render_mode = "rgb_array" if render_size else None
-        self.maze = PointMazeEnv(maze_map=walls.astype(int).tolist(), render_mode=render_mode, continuing_task=True,
-                                 reset_target=False)
+        self.maze = PointMazeEnv(maze_map=walls.astype(int).tolist(), render_mode=render_mode,
+                                 continuing_task=True, reset_target=False)
         with contextlib.suppress(OSError):
             os.remove(self.maze.tmp_xml_file_path)
         self.maze.goal = self.goal.copy()
@@ -111,30 +115,36 @@ def film(policy: torch.nn.Module, seed: int, path: str, size: int, after_goal: i
         if reached is not None and step >= reached + after_goal:
             break
     images = [Image.fromarray(f).quantize(colors=48, method=Image.Quantize.MEDIANCUT) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, optimize=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
+                   optimize=True)
     return len(frames)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("policy", help="an exported policy file (.pt2 or TorchScript .pt)")
     parser.add_argument("--episodes", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=1_000_000, help="episode i is seeded seed + i (validate's)")
+    parser.add_argument("--seed", type=int, default=1_000_000,
+                        help="episode i is seeded seed + i (validate's)")
     parser.add_argument("--policy_seed", type=int, default=0, help="torch.manual_seed for the policy's noise")
     parser.add_argument("--ref_scores", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
-                        help="the dataset's reference returns, for the normalized score 100 (R - MIN) / (MAX - MIN)")
+                        help="the dataset's reference returns, for the normalized score"
+                             " 100 (R - MIN) / (MAX - MIN)")
     parser.add_argument("--gif", default=None, help="also film one episode into this GIF")
     parser.add_argument("--gif_seed", type=int, default=1_000_000)
     parser.add_argument("--gif_size", type=int, default=200)
     parser.add_argument("--gif_fps", type=float, default=10.0)
-    parser.add_argument("--gif_after_goal", type=int, default=15, help="frames kept after the goal is reached")
+    parser.add_argument("--gif_after_goal", type=int, default=15,
+                        help="frames kept after the goal is reached")
     args = parser.parse_args()
     if args.gif:
         os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering without a display
     torch.manual_seed(args.policy_seed)
     policy = load_policy(args.policy)
     returns, rate = score(policy, args.episodes, args.seed)
-    line = f"{args.episodes} episodes (seeds {args.seed}..{args.seed + args.episodes - 1}): return {returns.mean():.2f}"
+    line = (f"{args.episodes} episodes (seeds {args.seed}..{args.seed + args.episodes - 1}):"
+            f" return {returns.mean():.2f}")
     line += f" ± {returns.std():.2f}"
     if args.ref_scores:
         low, high = args.ref_scores

@@ -1,6 +1,7 @@
-"""Time ``python -m idql_pl export`` and the exported policy's actions/s beside ``IDQL.act``'s (same batch).
+r"""Time ``python -m idql_pl export`` and the exported policy's actions/s beside ``IDQL.act``'s (same batch).
 
-    OMP_NUM_THREADS=1 python examples/time_exported_policy.py checkpoints/<run>/last.ckpt --batch 10 --N 32 128
+    OMP_NUM_THREADS=1 python examples/time_exported_policy.py checkpoints/<run>/last.ckpt \
+        --batch 10 --N 32 128
 
 Per N: exports the pt2 and TorchScript files (seconds, in this process), then acts ``--repeats`` times on the
 same ``[batch, obs_dim]`` states with ``IDQL.act`` (float32 on the CPU), the pt2 program and the TorchScript
@@ -30,7 +31,8 @@ def rate(fn, obs: torch.Tensor, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt")
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--N", type=int, nargs="+", default=[32, 128])

@@ -1,4 +1,5 @@
-"""``python -m idql_pl.benchmark_concurrency``: the command line of :mod:`idql_pl.experiments.benchmark_concurrency`."""
+"""``python -m idql_pl.benchmark_concurrency``: the command line of
+:mod:`idql_pl.experiments.benchmark_concurrency`."""
 
 import sys
 

@@ -6,7 +6,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MUJOCO_GL", "disable")
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny test nets gain nothing from threads; spin-waits hurt on 2 cores
+# tiny test nets gain nothing from threads; spin-waits hurt on 2 cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -32,8 +33,8 @@ def _isolated_dataset_dirs(tmp_path_factory):
 
 @pytest.fixture
 def aot_eager(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """``torch.compile`` with the ``aot_eager`` backend (traced forward and backward, no C++ build; other options,
-    e.g. ``fullgraph``, kept); returns the names of the functions it wrapped."""
+    """``torch.compile`` with the ``aot_eager`` backend (traced forward and backward, no C++ build; other
+    options, e.g. ``fullgraph``, kept); returns the names of the functions it wrapped."""
     real, wrapped = torch.compile, []
 
     def compile_(fn, *args, **kwargs):

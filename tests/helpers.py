@@ -9,7 +9,8 @@ import torch
 
 from idql_pl.training.cli import main
 
-CONFIGS = Path(__file__).resolve().parent.parent / "idql_pl" / "configs"  # the configs/ of the README link here
+# the configs/ of the README link here
+CONFIGS = Path(__file__).resolve().parent.parent / "idql_pl" / "configs"
 SMALL_MAZE = ["--data.dataset", "local/pointmaze-umaze", "--data.dataset_size", "4000"]
 TINY_IDQL = [
     "--model.critic.hidden_dims", "[32, 32]", "--model.critic.batch_size", "32",

@@ -1,7 +1,8 @@
 """DDPM pieces of the behavior policy (paper Sec. 3 Eq. 4-5, App. F.3, G; docs/fidelity.md §3).
 
 Step indices ``k`` run over ``0..T-1``; ``alpha_bars[k] = prod_{j<=k} alphas[j]`` is the signal kept after
-``k + 1`` noising steps, so ``k = T - 1`` is the (almost) pure-noise end and ``k = 0`` the last denoising step.
+``k + 1`` noising steps, so ``k = T - 1`` is the (almost) pure-noise end and ``k = 0`` the last denoising
+step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ DenoiseFn = Callable[[Tensor, int], Tensor]
 
 
 class Schedule(NamedTuple):
-    """Noise schedule, float32 tensors of shape ``[T]``: ``alphas = 1 - betas``, ``alpha_bars = cumprod(alphas)``."""
+    """Noise schedule, float32 tensors of shape ``[T]``: ``alphas = 1 - betas``,
+    ``alpha_bars = cumprod(alphas)``."""
 
     betas: Tensor
     alphas: Tensor
@@ -38,15 +40,17 @@ class Schedule(NamedTuple):
 def make_schedule(name: str = "vp", T: int = 5) -> Schedule:
     """Noise schedule by name (paper App. F.3 compares them; computed in float64, returned as float32).
 
-    - ``"vp"`` (default, paper Sec. 5 / App. G): ``alpha_t = exp(-b_min/T - (b_max - b_min)(2t - 1)/(2 T^2))``,
-      ``t = 1..T``, ``b_min = 0.1``, ``b_max = 10`` (the discretized variance-preserving SDE).
+    - ``"vp"`` (default, paper Sec. 5 / App. G):
+      ``alpha_t = exp(-b_min/T - (b_max - b_min)(2t - 1)/(2 T^2))``, ``t = 1..T``, ``b_min = 0.1``,
+      ``b_max = 10`` (the discretized variance-preserving SDE).
     - ``"cosine"`` (Nichol & Dhariwal 2021): ``alpha_bar(t) = cos^2((t/T + s)/(1 + s) pi/2)`` normalized by
       ``alpha_bar(0)``, ``s = 0.008``, betas clipped to ``[0, 0.999]``.
-    - ``"linear"`` (Ho et al. 2020): ``betas = linspace(1e-4, 0.02, T)``, as in the reference code. Designed for
-      T ~ 1000: at T = 5 it leaves ``alpha_bar_T ~ 0.95`` (almost no noise), so use it with large T only.
+    - ``"linear"`` (Ho et al. 2020): ``betas = linspace(1e-4, 0.02, T)``, as in the reference code. Designed
+      for T ~ 1000: at T = 5 it leaves ``alpha_bar_T ~ 0.95`` (almost no noise), so use it with large T only.
     """
     if name not in SCHEDULES:
-        raise ConfigError(f"unknown diffusion schedule {name!r}: use one of {', '.join(SCHEDULES)} (the paper uses vp)")
+        raise ConfigError(f"unknown diffusion schedule {name!r}:"
+                          f" use one of {', '.join(SCHEDULES)} (the paper uses vp)")
     if not isinstance(T, int) or T < 1:
         raise ConfigError(f"diffusion steps T must be an integer >= 1 (got {T!r}); the paper uses T = 5")
     if name == "vp":
@@ -121,10 +125,11 @@ def reverse_sample(
 ) -> Tensor:
     """DDPM ancestral sampler of Eq. 5, batched over every leading dimension of ``x_T ~ N(0, I)``.
 
-    For ``k = T-1..0``: ``x <- (x - beta_k / sqrt(1 - alpha_bar_k) eps_hat(x, k)) / sqrt(alpha_k)``; if ``k > 0``
-    add ``sqrt(beta_k) z`` (variance ``beta_k``, not the posterior variance, as in the paper and reference
-    code); clip to ``[-clip, clip]`` after every step (``clip=None``: no clipping). ``denoise_fn(x, k)`` gets
-    the Python int ``k``. ``schedule`` may be pre-converted with :func:`reverse_coefficients`.
+    For ``k = T-1..0``: ``x <- (x - beta_k / sqrt(1 - alpha_bar_k) eps_hat(x, k)) / sqrt(alpha_k)``; if
+    ``k > 0`` add ``sqrt(beta_k) z`` (variance ``beta_k``, not the posterior variance, as in the paper and
+    reference code); clip to ``[-clip, clip]`` after every step (``clip=None``: no clipping).
+    ``denoise_fn(x, k)`` gets the Python int ``k``. ``schedule`` may be pre-converted with
+    :func:`reverse_coefficients`.
     """
     coefs = reverse_coefficients(schedule) if isinstance(schedule, Schedule) else schedule
     x = x_T

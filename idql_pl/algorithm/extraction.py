@@ -19,7 +19,8 @@ EXTRACTIONS = ("argmax", "implicit")
 
 
 class BehaviorSampler(Protocol):
-    def sample(self, states: Tensor, num_samples: int = 1, generator: torch.Generator | None = None) -> Tensor: ...
+    def sample(self, states: Tensor, num_samples: int = 1,
+               generator: torch.Generator | None = None) -> Tensor: ...
 
 
 class Critic(Protocol):
@@ -27,7 +28,8 @@ class Critic(Protocol):
     def v(self, states: Tensor) -> Tensor: ...
 
 
-def check_extraction(extraction: str, num_samples: int | Sequence[int], num_agents: int | None = None) -> None:
+def check_extraction(extraction: str, num_samples: int | Sequence[int],
+                     num_agents: int | None = None) -> None:
     """A one-line error for an unknown extraction, or a candidate count (one, or one per agent) below 1."""
     if extraction not in EXTRACTIONS:
         raise ConfigError(f"unknown extraction {extraction!r}: use one of {', '.join(EXTRACTIONS)}")
@@ -65,8 +67,8 @@ def extract_actions(
     space, so the exponential weights cannot overflow).
 
     Agent-batched: ``states [K, B, S]`` (or ``[B, S]``, the same states for every agent), candidates
-    ``[K, B, N, A]``, each agent's own Q and V score its own candidates, output ``[K, B, A]``; ``loss_param`` a
-    float or per-agent ``[K, 1]`` values. All agents x states x N candidates x T diffusion steps run as one
+    ``[K, B, N, A]``, each agent's own Q and V score its own candidates, output ``[K, B, A]``; ``loss_param``
+    a float or per-agent ``[K, 1]`` values. All agents x states x N candidates x T diffusion steps run as one
     batch, under ``precision``'s autocast (bf16 on CUDA by default); the candidates are scored, and returned,
     in float32.
 
@@ -90,14 +92,17 @@ def extract_actions(
             num_samples = max(counts)
             if min(counts) < num_samples:  # [K, 1, N]: which of the max(N) candidates each agent keeps
                 own_counts = torch.tensor(counts, device=states.device).view(-1, 1, 1)
-        with autocast_for(states.device, precision):  # bf16 (on CUDA by default) for the T denoising passes only
+        # bf16 (on CUDA by default) for the T denoising passes only
+        with autocast_for(states.device, precision):
             candidates = behavior.sample(states, num_samples, generator=generator).float()  # [K, B, N, A]
         # Candidates are scored in float32: at Q ~ 60 a bf16 step is 0.25-0.5, enough to change the argmax.
         agents, batch, _, action_dim = candidates.shape
         obs_dim = states.shape[-1]
         states = states.expand(agents, batch, obs_dim)
-        flat_states = states.unsqueeze(2).expand(agents, batch, num_samples, obs_dim).reshape(agents, -1, obs_dim)
-        q = critic.q_target(flat_states, candidates.reshape(agents, -1, action_dim)).view(agents, batch, num_samples)
+        flat_states = (states.unsqueeze(2).expand(agents, batch, num_samples, obs_dim)
+                       .reshape(agents, -1, obs_dim))
+        q = critic.q_target(flat_states,
+                            candidates.reshape(agents, -1, action_dim)).view(agents, batch, num_samples)
     agents, batch, _, action_dim = candidates.shape
     dropped = None if own_counts is None else torch.arange(num_samples, device=states.device) >= own_counts
     if extraction == "argmax":
@@ -115,14 +120,15 @@ def extract_actions(
 
 
 def ragged_candidates(behavior: BehaviorSampler, critic: Critic, states: Tensor, counts: Tensor,
-                      generator: torch.Generator | None = None, precision: str = "auto") -> tuple[Tensor, Tensor]:
+                      generator: torch.Generator | None = None,
+                      precision: str = "auto") -> tuple[Tensor, Tensor]:
     """Each state's own number of candidates from ONE sampler call, and their ``min(Q1_target, Q2_target)``.
 
-    ``states [K, B, S]``, ``counts [K, B]`` (CPU integers). With ``g`` the greatest common divisor of the counts,
-    state ``b`` of agent ``k`` is repeated ``counts[k, b] / g`` times and every repeat draws ``g`` candidates, so
-    the sampler draws exactly ``sum(counts)`` candidates per agent (agents with fewer get padding repeats,
-    dropped), not ``B x max(counts)``. Returns ``[K, B, max N, A]`` candidates and ``[K, B, max N]`` scores;
-    position ``n >= counts[k, b]`` holds zeros and a score of ``-inf``.
+    ``states [K, B, S]``, ``counts [K, B]`` (CPU integers). With ``g`` the greatest common divisor of the
+    counts, state ``b`` of agent ``k`` is repeated ``counts[k, b] / g`` times and every repeat draws ``g``
+    candidates, so the sampler draws exactly ``sum(counts)`` candidates per agent (agents with fewer get
+    padding repeats, dropped), not ``B x max(counts)``. Returns ``[K, B, max N, A]`` candidates and
+    ``[K, B, max N]`` scores; position ``n >= counts[k, b]`` holds zeros and a score of ``-inf``.
     """
     agents, batch, obs_dim = states.shape
     device = states.device
@@ -135,10 +141,13 @@ def ragged_candidates(behavior: BehaviorSampler, critic: Critic, states: Tensor,
         index = torch.repeat_interleave(torch.arange(batch), repeats[k])
         source[k, : len(index)], valid[k, : len(index)] = index, True
     first = torch.cumsum(repeats, dim=1) - repeats  # [K, B] the first repeat of each state
-    rank = torch.arange(rows).expand(agents, rows) - torch.gather(first, 1, source)  # repeat's rank in its state
+    # repeat's rank in its state
+    rank = torch.arange(rows).expand(agents, rows) - torch.gather(first, 1, source)
     max_n = int(counts.max())
-    dest = (source * max_n + rank * unit).unsqueeze(-1) + torch.arange(unit)  # [K, rows, g] slot in [B x max N]
-    dest = torch.where(valid.unsqueeze(-1), dest, batch * max_n).reshape(agents, -1).to(device)  # padding: spare
+    # [K, rows, g] slot in [B x max N]
+    dest = (source * max_n + rank * unit).unsqueeze(-1) + torch.arange(unit)
+    # padding: spare
+    dest = torch.where(valid.unsqueeze(-1), dest, batch * max_n).reshape(agents, -1).to(device)
     repeated = torch.gather(states, 1, source.to(device).unsqueeze(-1).expand(agents, rows, obs_dim))
     with autocast_for(device, precision):  # bf16 (on CUDA by default) for the T denoising passes only
         drawn = behavior.sample(repeated, unit, generator=generator).float()  # [K, rows, g, A]
@@ -147,5 +156,6 @@ def ragged_candidates(behavior: BehaviorSampler, critic: Critic, states: Tensor,
     scores = critic.q_target(flat_states, drawn.reshape(agents, -1, action_dim))  # [K, rows x g], float32
     q = torch.full((agents, batch * max_n + 1), -torch.inf, device=device).scatter_(1, dest, scores)
     candidates = torch.zeros(agents, batch * max_n + 1, action_dim, device=device)
-    candidates.scatter_(1, dest.unsqueeze(-1).expand(-1, -1, action_dim), drawn.reshape(agents, -1, action_dim))
+    candidates.scatter_(1, dest.unsqueeze(-1).expand(-1, -1, action_dim),
+                        drawn.reshape(agents, -1, action_dim))
     return (candidates[:, :-1].view(agents, batch, max_n, action_dim), q[:, :-1].view(agents, batch, max_n))

@@ -44,8 +44,8 @@ def algorithm1_iteration(
     3. the Q step with the V just updated: ``y = r + gamma mask V(s')`` (Eq. 2);
     4. the Polyak update of the target Q pair (rate 0.005).
 
-    ``step`` takes one gradient step (:mod:`idql_pl.algorithm.steps`: eager, or functional inside ``compile: true``'s
-    graph). Returns detached means over agents, with no host sync.
+    ``step`` takes one gradient step (:mod:`idql_pl.algorithm.steps`: eager, or functional inside
+    ``compile: true``'s graph). Returns detached means over agents, with no host sync.
     """
     metrics: dict[str, Tensor] = {}
     for batch, lr in zip(behavior_batches, behavior_lrs, strict=True):

@@ -1,7 +1,7 @@
 """Generalized-IQL value losses and the implicit-actor weights they induce (paper Sec. 4.1, Eq. 1, 8-12).
 
-``u = Q(s, a) - V(s)`` throughout. Every ``value_loss`` is convex in ``V`` with ``f'(u)`` of the sign of ``u``,
-so by Theorem 4.1 the minimizer ``V*`` of ``E_mu[f(Q - V)]`` satisfies ``E_{pi_imp}[Q - V*] = 0`` for
+``u = Q(s, a) - V(s)`` throughout. Every ``value_loss`` is convex in ``V`` with ``f'(u)`` of the sign of
+``u``, so by Theorem 4.1 the minimizer ``V*`` of ``E_mu[f(Q - V)]`` satisfies ``E_{pi_imp}[Q - V*] = 0`` for
 ``pi_imp(a|s) ∝ mu(a|s) |f'(u)| / |u|`` (Eq. 8): ``implicit_weights`` returns that ``|f'(u)| / |u|``.
 """
 
@@ -18,8 +18,8 @@ from idql_pl.errors import ConfigError
 ValueLossKind = Literal["expectile", "quantile", "exponential"]
 VALUE_LOSSES: tuple[str, ...] = ("expectile", "quantile", "exponential")
 
-# |u| below this counts as 0 for the quantile weight (tau / |u|, Eq. 10) and switches the exponential weight to
-# its Taylor expansion around 0 (Eq. 12).
+# |u| below this counts as 0 for the quantile weight (tau / |u|, Eq. 10) and switches the exponential weight
+# to its Taylor expansion around 0 (Eq. 12).
 WEIGHT_EPS = 1e-6
 
 
@@ -36,13 +36,15 @@ def check_value_loss(kind: str, tau_or_alpha: float, exp_clip: float = 6.0) -> N
     else:
         if not (tau_or_alpha > 0.0 and math.isfinite(tau_or_alpha)):
             raise ConfigError(
-                f"exponential alpha must be > 0 (got {tau_or_alpha}); the paper uses 1.0 locomotion / 0.5 antmaze"
+                f"exponential alpha must be > 0 (got {tau_or_alpha});"
+                " the paper uses 1.0 locomotion / 0.5 antmaze"
             )
         if not exp_clip > 1.0:
             raise ConfigError(f"exp_clip must be > 1 (got {exp_clip}); the reference code uses 6")
 
 
-Param = float | Tensor  # one value, or a tensor of per-agent values broadcasting against ``u`` (checked at init)
+# one value, or a tensor of per-agent values broadcasting against ``u`` (checked at init)
+Param = float | Tensor
 
 
 def _check(kind: str, tau_or_alpha: Param, exp_clip: float = 6.0) -> None:
@@ -68,8 +70,8 @@ def value_loss(u: Tensor, kind: str, tau_or_alpha: Param, exp_clip: float = 6.0)
     - ``"exponential"`` (linex, Eq. 11): the paper's ``f(u) = exp(alpha u) - alpha u`` is unstable, so, as the
       reference code does (docs/fidelity.md §1), this returns the guarded surrogate
       ``(stopgrad(min(exp(alpha u), exp_clip)) - 1) * u``. Its gradient in ``u`` is
-      ``min(exp(alpha u), exp_clip) - 1`` = ``f'(u) / alpha`` wherever the clip is inactive, so it has the same
-      minimizer in ``V``; its *value* is not the linex value (it is >= 0 and 0 only at u = 0).
+      ``min(exp(alpha u), exp_clip) - 1`` = ``f'(u) / alpha`` wherever the clip is inactive, so it has the
+      same minimizer in ``V``; its *value* is not the linex value (it is >= 0 and 0 only at u = 0).
     """
     _check(kind, tau_or_alpha, exp_clip)
     if kind == "expectile":
@@ -84,7 +86,8 @@ def value_loss(u: Tensor, kind: str, tau_or_alpha: Param, exp_clip: float = 6.0)
 def implicit_log_weights(u: Tensor, kind: str, tau_or_alpha: Param, eps: float = WEIGHT_EPS) -> Tensor:
     """``log w(u)`` with ``w = |f'(u)| / |u|`` (Eq. 8), computed stably (finite for every finite ``u``).
 
-    - expectile (Eq. 9): ``w = tau`` if u >= 0 else ``1 - tau`` (the constant factor 2 of f' cancels in pi_imp).
+    - expectile (Eq. 9): ``w = tau`` if u >= 0 else ``1 - tau`` (the constant factor 2 of f' cancels in
+      pi_imp).
     - quantile (Eq. 10): ``w = (tau or 1 - tau) / max(|u|, eps)``; always positive (the reference code divides
       by the signed ``u`` and so produces negative weights for u < 0; docs/fidelity.md, Deviations).
     - exponential (Eq. 12): ``w = alpha |exp(alpha u) - 1| / |u|``, with ``log|expm1|`` evaluated without

@@ -1,12 +1,13 @@
-"""One trained IDQL agent as a module of plain torch operations, for export (paper Alg. 2 with the Eq. 5 sampler).
+"""One trained IDQL agent as a module of plain torch operations, for export (paper Alg. 2 with the Eq. 5
+sampler).
 
 :class:`StandalonePolicy` holds copies of one agent's tensors (the behavior model's EMA score network, the
 target twin Q and V) and maps observations ``[B, obs_dim]`` (float32) to actions ``[B, action_dim]`` in
 ``[-clip, clip]``: ``N`` candidates per state from the T-step reverse diffusion (Eq. 5), scored by
 ``min(Q1_target, Q2_target)``, then the argmax (Eq. 13) or one candidate resampled with probability
 ``w / sum(w)`` (the implicit-actor weights of Eq. 8-12). It runs the same operations in the same order as
-:meth:`idql_pl.models.idql.IDQL.act` (agent-batched matmuls with one agent), so given the same noise it returns
-the same actions, bit for bit.
+:meth:`idql_pl.models.idql.IDQL.act` (agent-batched matmuls with one agent), so given the same noise it
+returns the same actions, bit for bit.
 
 It is written in the subset of Python that both ``torch.export`` and ``torch.jit.script`` accept, and it uses
 no idql_pl code at run time, so an exported file loads and acts with torch alone. Noise comes from torch's
@@ -30,8 +31,8 @@ WEIGHT_EPS = 1e-6  # as idql_pl.algorithm.losses.WEIGHT_EPS
 
 
 def activate(x: Tensor, name: str) -> Tensor:
-    """The activation ``name`` (the score network's, App. G; the critic's ReLU), as :mod:`idql_pl.nets` computes
-    it (mish through ``tanh(softplus(x)) = n / (2 - n)``, ``n = s (2 - s)``, ``s = sigmoid(x)``)."""
+    """The activation ``name`` (the score network's, App. G; the critic's ReLU), as :mod:`idql_pl.nets`
+    computes it (mish through ``tanh(softplus(x)) = n / (2 - n)``, ``n = s (2 - s)``, ``s = sigmoid(x)``)."""
     if name == "mish":
         s = torch.sigmoid(x)
         n = s * (2 - s)
@@ -64,8 +65,9 @@ def implicit_log_weights(u: Tensor, kind: str, param: Tensor, eps: float = WEIGH
 
 
 class Dense(nn.Module):
-    """``M`` stacked Dense layers (``weight [M, out, in]``, ``bias [M, out]``): ``x [M, ..., in] -> [M, ..., out]``
-    with one ``baddbmm``, as :class:`~idql_pl.nets.AgentLinear` and :class:`~idql_pl.nets.EnsembleMLP` do."""
+    """``M`` stacked Dense layers (``weight [M, out, in]``, ``bias [M, out]``):
+    ``x [M, ..., in] -> [M, ..., out]`` with one ``baddbmm``, as :class:`~idql_pl.nets.AgentLinear` and
+    :class:`~idql_pl.nets.EnsembleMLP` do."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
@@ -101,9 +103,11 @@ class MLPStack(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """``x + Dense(act(Dense(LayerNorm(x))))``, the LN-ResNet block (App. G; dropout is off in the EMA net)."""
+    """``x + Dense(act(Dense(LayerNorm(x))))``, the LN-ResNet block (App. G; dropout is off in the EMA
+    net)."""
 
-    def __init__(self, norm_weight: Tensor, norm_bias: Tensor, eps: float, fc1: Dense, fc2: Dense, activation: str):
+    def __init__(self, norm_weight: Tensor, norm_bias: Tensor, eps: float, fc1: Dense, fc2: Dense,
+                 activation: str):
         super().__init__()
         self.dim, self.eps, self.activation = int(norm_weight.shape[-1]), float(eps), activation
         self.register_buffer("norm_weight", norm_weight.detach().clone().float())
@@ -133,8 +137,8 @@ class StandalonePolicy(nn.Module):
 
     def __init__(self, *, obs_dim: int, action_dim: int, num_samples: int, extraction: str, state_proj: Dense,
                  action_proj: Dense, time_proj: Tensor, blocks: list[ResidualBlock], head: MLPStack,
-                 activation: str, coefficients: list[tuple[float, float, float]], clip: float, q_target: MLPStack,
-                 v: MLPStack, value_loss: str, loss_param: float):
+                 activation: str, coefficients: list[tuple[float, float, float]], clip: float,
+                 q_target: MLPStack, v: MLPStack, value_loss: str, loss_param: float):
         super().__init__()
         if extraction not in EXTRACTIONS:
             raise ConfigError(f"unknown extraction {extraction!r}: use one of {', '.join(EXTRACTIONS)}")
@@ -171,7 +175,8 @@ class StandalonePolicy(nn.Module):
                         device=states.device)
         for i in range(self.T):
             k = self.T - 1 - i
-            x = torch.add(x, self.denoise(x, state_proj, k), alpha=-self.eps_coef[k]).mul_(self.inv_sqrt_alpha[k])
+            x = torch.add(x, self.denoise(x, state_proj, k),
+                          alpha=-self.eps_coef[k]).mul_(self.inv_sqrt_alpha[k])
             if k > 0:
                 x.add_(torch.randn(x.shape, dtype=x.dtype, device=x.device), alpha=self.sigma[k])
             x.clamp_(-self.clip, self.clip)
@@ -201,14 +206,17 @@ class StandalonePolicy(nn.Module):
     def from_model(cls, model: Any, agent: int = 0, num_samples: int | None = None,
                    extraction: str | None = None) -> StandalonePolicy:
         """Agent ``agent``'s policy from a trained model with a diffusion ``behavior`` and a ``critic`` (IDQL,
-        OnlineIDQL): copies of its tensors, the model's own ``num_samples`` and ``extraction`` unless given."""
+        OnlineIDQL): copies of its tensors, the model's own ``num_samples`` and ``extraction`` unless
+        given."""
         behavior, critic = getattr(model, "behavior", None), getattr(model, "critic", None)
-        if behavior is None or not hasattr(behavior, "ema_net") or critic is None or not hasattr(critic, "q_target_net"):
-            raise ConfigError(f"{type(model).__name__} is not a model with a diffusion behavior and a critic (IDQL):"
-                              " only those can be exported as a policy")
+        if behavior is None or not hasattr(behavior, "ema_net") or critic is None \
+                or not hasattr(critic, "q_target_net"):
+            raise ConfigError(f"{type(model).__name__} is not a model with a diffusion behavior and a critic"
+                              " (IDQL): only those can be exported as a policy")
         agents = int(getattr(model, "num_agents", 1))
         if not 0 <= agent < agents:
-            raise ConfigError(f"the model holds {agents} agent(s): the agent must lie in 0..{agents - 1} (got {agent})")
+            raise ConfigError(f"the model holds {agents} agent(s):"
+                              f" the agent must lie in 0..{agents - 1} (got {agent})")
         hp = model.hparams
         if num_samples is None:
             own = hp.get("num_samples", 128)
@@ -224,15 +232,17 @@ class StandalonePolicy(nn.Module):
             time_proj = net.time_table()[agent]  # [T, H], as the model computes it for all agents
         score_act = activation_name(net.out_act if hasattr(net, "out_act") else net.act)
         if hasattr(net, "blocks"):  # LNResNet
-            blocks = [ResidualBlock(b.norm.weight[agent : agent + 1], b.norm.bias[agent : agent + 1], b.norm.eps,
-                                    dense(b.fc1), dense(b.fc2), activation_name(b.act)) for b in net.blocks]
+            blocks = [ResidualBlock(b.norm.weight[agent : agent + 1], b.norm.bias[agent : agent + 1],
+                                    b.norm.eps, dense(b.fc1), dense(b.fc2), activation_name(b.act))
+                      for b in net.blocks]
             head = MLPStack([dense(net.out)], score_act)
         else:  # MLPScoreNet: act, then Dense -> act -> ... -> Dense
             blocks = []
             head = MLPStack([dense(m) for m in net.rest.net if hasattr(m, "weight")], score_act)
         ensemble = critic.q_target_net.ensemble
         members = int(critic.q_target_net.num_members)
-        q_target = MLPStack([Dense(w[agent * members : (agent + 1) * members], b[agent * members : (agent + 1) * members])
+        q_target = MLPStack([Dense(w[agent * members : (agent + 1) * members],
+                                   b[agent * members : (agent + 1) * members])
                              for w, b in zip(ensemble.weights, ensemble.biases, strict=True)],
                             activation_name(ensemble.act))
         v_layers = [m for m in critic.v_net.net if hasattr(m, "weight")]
@@ -240,10 +250,11 @@ class StandalonePolicy(nn.Module):
         return cls(
             obs_dim=int(hp.obs_dim), action_dim=int(hp.action_dim), num_samples=int(num_samples),
             extraction=extraction or hp.get("extraction", "argmax"), state_proj=dense(net.in_state),
-            action_proj=dense(net.in_action), time_proj=time_proj, blocks=blocks, head=head, activation=score_act,
-            coefficients=list(behavior._reverse_coefs), clip=float(behavior.hparams.clip_actions),
-            q_target=q_target, v=MLPStack([dense(m) for m in v_layers], v_act),
-            value_loss=critic.hparams.value_loss, loss_param=critic.loss_param_of(agent),
+            action_proj=dense(net.in_action), time_proj=time_proj, blocks=blocks, head=head,
+            activation=score_act, coefficients=list(behavior._reverse_coefs),
+            clip=float(behavior.hparams.clip_actions), q_target=q_target,
+            v=MLPStack([dense(m) for m in v_layers], v_act), value_loss=critic.hparams.value_loss,
+            loss_param=critic.loss_param_of(agent),
         )
 
 
@@ -253,5 +264,6 @@ def activation_name(module: nn.Module) -> str:
     name = names.get(type(module).__name__)
     if name is None or (name == "gelu" and getattr(module, "approximate", "none") != "none") or (
             name == "elu" and getattr(module, "alpha", 1.0) != 1.0):
-        raise ConfigError(f"cannot export the activation {module!r}: use one of mish, swish, relu, gelu, tanh, elu")
+        raise ConfigError(f"cannot export the activation {module!r}: use one of mish, swish, relu,"
+                          " gelu, tanh, elu")
     return name

@@ -9,9 +9,9 @@
   while checkpoints, resume and the optimizers' ``state_dict`` stay the eager ones. Uncompiled it is the eager
   step bit for bit (``tests/unit/test_compile.py``).
 
-Both are called as ``step(opt, loss_fn, *args, lr=None)``: one step of ``opt``'s parameters on the first output
-of ``loss_fn(*args)`` (a method of the module or of one of its submodules), at learning rate ``lr`` when given;
-they return ``loss_fn``'s output.
+Both are called as ``step(opt, loss_fn, *args, lr=None)``: one step of ``opt``'s parameters on the first
+output of ``loss_fn(*args)`` (a method of the module or of one of its submodules), at learning rate ``lr``
+when given; they return ``loss_fn``'s output.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ LossFn = Callable[..., Any]
 
 
 class GradientStep(Protocol):
-    def __call__(self, opt: torch.optim.Optimizer, loss_fn: LossFn, *args: Any, lr: Tensor | float | None = None
-                 ) -> Any: ...
+    def __call__(self, opt: torch.optim.Optimizer, loss_fn: LossFn, *args: Any,
+                 lr: Tensor | float | None = None) -> Any: ...
 
 
 def _first(out: Any) -> Tensor:
@@ -44,7 +44,8 @@ class EagerStep:
     def __init__(self, module: L.LightningModule):
         self.module = module
 
-    def __call__(self, opt: torch.optim.Optimizer, loss_fn: LossFn, *args: Any, lr: float | None = None) -> Any:
+    def __call__(self, opt: torch.optim.Optimizer, loss_fn: LossFn, *args: Any,
+                 lr: float | None = None) -> Any:
         out = loss_fn(*args)
         opt.zero_grad(set_to_none=True)
         if _attached(self.module):
@@ -67,8 +68,8 @@ def _attached(module: L.LightningModule) -> bool:
 
 
 class _Call(nn.Module):
-    """``fn(*args)`` as a module's forward, with ``module`` registered inside, so that ``functional_call`` runs
-    any of ``module``'s loss functions with some of its parameters replaced by tensors."""
+    """``fn(*args)`` as a module's forward, with ``module`` registered inside, so that ``functional_call``
+    runs any of ``module``'s loss functions with some of its parameters replaced by tensors."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -79,16 +80,16 @@ class _Call(nn.Module):
 
 
 class FunctionalStep:
-    """The step as a function of tensors: ``torch.func.grad`` of the loss with respect to ``opt``'s parameters,
-    then :func:`adam_update_`. Build it before compiling (``torch.compile`` does not trace module construction);
-    run :func:`prepare_functional_adam` on each optimizer before the first compiled step."""
+    """The step as a function of tensors: ``torch.func.grad`` of the loss with respect to ``opt``'s
+    parameters, then :func:`adam_update_`. Build it before compiling (``torch.compile`` does not trace module
+    construction); run :func:`prepare_functional_adam` on each optimizer before the first compiled step."""
 
     def __init__(self, module: nn.Module):
         self.call = _Call(module)
         self.names = {id(p): f"module.{name}" for name, p in module.named_parameters()}
 
-    def __call__(self, opt: torch.optim.Optimizer, loss_fn: LossFn, *args: Any, lr: Tensor | float | None = None
-                 ) -> Any:
+    def __call__(self, opt: torch.optim.Optimizer, loss_fn: LossFn, *args: Any,
+                 lr: Tensor | float | None = None) -> Any:
         (group,) = opt.param_groups
         params = {self.names[id(p)]: p for p in group["params"]}
 
@@ -104,23 +105,26 @@ class FunctionalStep:
 
 def lr_tensor(value: float | list[float] | Tensor, device: torch.device) -> Tensor:
     """Learning rate(s) as a tensor on ``device``: float64 on CPU (the fused CPU Adam then rounds as with a
-    Python float, bit for bit: ``tests/unit/test_compile.py``), float32 on other devices (the parameters' dtype)."""
-    return torch.as_tensor(value, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    Python float, bit for bit: ``tests/unit/test_compile.py``), float32 on other devices (the parameters'
+    dtype)."""
+    return torch.as_tensor(value, dtype=torch.float64 if device.type == "cpu" else torch.float32,
+                           device=device)
 
 
 def prepare_functional_adam(opt: torch.optim.Optimizer) -> None:
     """Ready ``opt`` for :func:`adam_update_` inside a compiled graph, once before the first compiled step
     (after a resume too, since loading a checkpoint replaces the state tensors):
 
-    - create the state ``Optimizer.step`` creates on its first call (zero moments, step count 0) for parameters
-      that have none yet, every tensor on the parameters' device (a step count on the CPU would be a host read
-      in every replay of a CUDA graph);
+    - create the state ``Optimizer.step`` creates on its first call (zero moments, step count 0) for
+      parameters that have none yet, every tensor on the parameters' device (a step count on the CPU would be
+      a host read in every replay of a CUDA graph);
     - hold each group's LR as a tensor on that device (a scheduler then updates it in place, and
-      ``torch.compile`` guards on no LR value, which would recompile at every step: PyTorch's advice for compiled
-      optimizers with LR schedulers); a resumed LR comes back from the checkpoint as a CPU tensor;
+      ``torch.compile`` guards on no LR value, which would recompile at every step: PyTorch's advice for
+      compiled optimizers with LR schedulers); a resumed LR comes back from the checkpoint as a CPU tensor;
     - mark every tensor the step mutates (moments, step counts, LRs) as a static input
       (``torch._dynamo.mark_static_address``), as ``torch.compile`` does for an optimizer it traces itself, so
-      CUDA graphs (``mode="reduce-overhead"``) capture the step instead of skipping it for "mutated inputs"."""
+      CUDA graphs (``mode="reduce-overhead"``) capture the step instead of skipping it for "mutated
+      inputs"."""
     for group in opt.param_groups:
         if not group["params"]:
             continue
@@ -135,7 +139,8 @@ def prepare_functional_adam(opt: torch.optim.Optimizer) -> None:
             for value in state.values():
                 torch._dynamo.mark_static_address(value)
         lr = group["lr"]
-        group["lr"] = lr_tensor(float(lr), device) if not isinstance(lr, Tensor) or lr.device != device else lr
+        group["lr"] = (lr_tensor(float(lr), device) if not isinstance(lr, Tensor) or lr.device != device
+                       else lr)
         torch._dynamo.mark_static_address(group["lr"])
 
 
@@ -152,7 +157,8 @@ def adam_update_(opt: torch.optim.Optimizer, grads: list[Tensor], lr: Tensor | f
         functional_adam(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
             [s["step"] for s in states],
-            foreach=False if group.get("fused") else group.get("foreach"), capturable=group.get("capturable", False),
+            foreach=False if group.get("fused") else group.get("foreach"),
+            capturable=group.get("capturable", False),
             fused=fused, decoupled_weight_decay=isinstance(opt, torch.optim.AdamW),
             amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
             lr=group["lr"] if lr is None else lr, weight_decay=group["weight_decay"], eps=group["eps"],

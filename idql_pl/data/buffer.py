@@ -26,13 +26,15 @@ class Batch(NamedTuple):
         ``[B, ...]`` batch shared by all ``num_agents`` agents (expanded views, no copy)."""
         if self.rewards.dim() == 2:
             if self.rewards.shape[0] != num_agents:
-                raise ValueError(f"a batch of {self.rewards.shape[0]} agents for a model of {num_agents} agents")
+                raise ValueError(f"a batch of {self.rewards.shape[0]} agents for a model of"
+                                 f" {num_agents} agents")
             return self
         return Batch(*(t.expand(num_agents, *t.shape) for t in self))
 
 
 class TransitionBuffer:
-    """Transitions packed into one ``[N, D]`` float32 tensor; ``sample`` is one ``randint`` + one ``index_select``.
+    """Transitions packed into one ``[N, D]`` float32 tensor; ``sample`` is one ``randint`` + one
+    ``index_select``.
 
     ``sample(batch_size, num_agents=K)`` draws ``[K, B, ...]``, agent ``k`` from its own generator seeded
     ``seed + k`` (agent 0's is the single-run generator, so a one-agent batch is the single run's batch). The
@@ -41,7 +43,8 @@ class TransitionBuffer:
     one-batch prefetch cannot advance the sampling generator ahead of the checkpoint.
     """
 
-    def __init__(self, arrays: Mapping[str, np.ndarray | Tensor], seed: int = 0, device: str | torch.device = "cpu"):
+    def __init__(self, arrays: Mapping[str, np.ndarray | Tensor], seed: int = 0,
+                 device: str | torch.device = "cpu"):
         columns = [torch.as_tensor(np.asarray(arrays[k]), dtype=torch.float32) for k in FIELDS]
         n = columns[0].shape[0]
         columns = [c.reshape(n, -1) for c in columns]
@@ -66,7 +69,8 @@ class TransitionBuffer:
         device = torch.device(device)
         self.data = self.data.to(device)
         self.generator = self._moved(self.generator, device, self.seed)
-        self.agent_generators = [self._moved(g, device, self.seed + 1 + i) for i, g in enumerate(self.agent_generators)]
+        self.agent_generators = [self._moved(g, device, self.seed + 1 + i)
+                                 for i, g in enumerate(self.agent_generators)]
         return self
 
     @staticmethod
@@ -86,8 +90,8 @@ class TransitionBuffer:
 
     def sample(self, batch_size: int, num_agents: int | None = None) -> Batch:
         """Draw ``batch_size`` transitions uniformly with replacement (paper App. D): ``[B, ...]``, or with
-        ``num_agents`` a ``[K, B, ...]`` batch, agent ``k``'s rows from agent ``k``'s generator (one ``randint``
-        per agent, one ``index_select`` for all)."""
+        ``num_agents`` a ``[K, B, ...]`` batch, agent ``k``'s rows from agent ``k``'s generator (one
+        ``randint`` per agent, one ``index_select`` for all)."""
         if num_agents is None:
             idx = torch.randint(len(self), (batch_size,), device=self.device, generator=self.generator)
             return self.gather(idx)
@@ -102,7 +106,8 @@ class TransitionBuffer:
         return self.gather(idx.to(self.device))
 
     def gather(self, idx: Tensor) -> Batch:
-        """The rows ``idx`` (any shape ``[...]``) as a batch of fields ``[..., D]`` (rewards, masks ``[...]``)."""
+        """The rows ``idx`` (any shape ``[...]``) as a batch of fields ``[..., D]`` (rewards, masks
+        ``[...]``)."""
         rows = self.data.index_select(0, idx.reshape(-1)).view(*idx.shape, self.data.shape[1])
         obs, act, rew, next_obs, mask = rows.split(self._splits, dim=-1)
         return Batch(obs, act, rew.squeeze(-1), next_obs, mask.squeeze(-1))

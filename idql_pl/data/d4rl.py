@@ -7,9 +7,9 @@ reused) and downloaded there when absent: streamed to a hidden temp file in the 
 (length, HDF5 signature) and renamed into place, so an interrupted download leaves nothing behind. A path
 to a local ``.hdf5`` file works too (its reference scores/env are known when the file name is a D4RL one).
 
-File layout (docs/fidelity.md §8): flat ``observations [N, obs_dim]``, ``actions [N, act_dim]``, ``rewards [N]``,
-``terminals [N]`` and ``timeouts [N]`` (optional for old files); converted with D4RL's q-learning convention
-(docs/fidelity.md §5, :func:`idql_pl.data.preprocess.d4rl_transitions`).
+File layout (docs/fidelity.md §8): flat ``observations [N, obs_dim]``, ``actions [N, act_dim]``,
+``rewards [N]``, ``terminals [N]`` and ``timeouts [N]`` (optional for old files); converted with D4RL's
+q-learning convention (docs/fidelity.md §5, :func:`idql_pl.data.preprocess.d4rl_transitions`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def is_hdf5_path(name: str) -> bool:
 
 
 def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S, name: str | None = None) -> Path:
-    """Download ``url`` to ``dest`` atomically (temp file + rename); any failure is a one-line DatasetError."""
+    """Download ``url`` to ``dest`` atomically (temp file + rename); any failure is a one-line
+    DatasetError."""
     dest = Path(dest)
     label = name or dest.name
     fix = (
@@ -68,7 +69,8 @@ def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S, name: st
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DatasetError(f"cannot create {dest.parent} for D4RL dataset '{label}' ({e}); set D4RL_DATASET_DIR to a writable folder") from e
+        raise DatasetError(f"cannot create {dest.parent} for D4RL dataset '{label}' ({e});"
+                           " set D4RL_DATASET_DIR to a writable folder") from e
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
     try:
         log(f"downloading D4RL dataset '{label}' from {url} to {dest}")
@@ -77,17 +79,20 @@ def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S, name: st
             shutil.copyfileobj(resp, out, 1 << 20)
         size = tmp.stat().st_size
         if total and size != total:
-            raise DatasetError(f"download of '{label}' from {url} was cut short ({size} of {total} bytes); {fix}")
+            raise DatasetError(f"download of '{label}' from {url} was cut short"
+                               f" ({size} of {total} bytes); {fix}")
         import h5py
 
         if not h5py.is_hdf5(tmp):
-            raise DatasetError(f"{url} did not return an HDF5 file (got {size} bytes of something else); {fix}")
+            raise DatasetError(f"{url} did not return an HDF5 file (got {size} bytes of something"
+                               f" else); {fix}")
         os.replace(tmp, dest)
     except DatasetError:
         raise
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
-        raise DatasetError(f"cannot download D4RL dataset '{label}' from {url} ({' '.join(str(reason).split())}); {fix}") from e
+        raise DatasetError(f"cannot download D4RL dataset '{label}' from {url}"
+                           f" ({' '.join(str(reason).split())}); {fix}") from e
     finally:
         tmp.unlink(missing_ok=True)
     return dest
@@ -101,7 +106,8 @@ def read_hdf5(path: Path, label: str, fix: str) -> dict[str, np.ndarray]:
         with h5py.File(path, "r") as f:  # missing keys are reported by validate_arrays
             data = {k: f[k][()] for k in _KEYS if k in f}
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise DatasetError(f"{label} ({path}) is not a readable HDF5 file ({' '.join(str(e).split())[:160]}); {fix}") from e
+        raise DatasetError(f"{label} ({path}) is not a readable HDF5 file"
+                           f" ({' '.join(str(e).split())[:160]}); {fix}") from e
     return data
 
 
@@ -122,7 +128,8 @@ def load_d4rl(name: str, max_episode_steps: int | None = None) -> SourceData:
         spec = get_d4rl_spec(path.name)
         if not path.is_file():
             raise DatasetError(
-                f"dataset file {path} does not exist; give the path of a D4RL-layout .hdf5 file or a dataset name like hopper-medium-v2"
+                f"dataset file {path} does not exist; give the path of a D4RL-layout .hdf5 file or a dataset"
+                " name like hopper-medium-v2"
             )
         fix = f"re-download it from {spec.url}" if spec else "re-create or re-download the file"
     label = f"D4RL dataset '{spec.name if spec else path.name}'"

@@ -39,7 +39,8 @@ T = TypeVar("T")
 
 @dataclass
 class OfflineDataset:
-    """A loaded, preprocessed dataset: float32 arrays keyed like ``buffer.FIELDS``, info, reward map, env factory."""
+    """A loaded, preprocessed dataset: float32 arrays keyed like ``buffer.FIELDS``, info, reward map, env
+    factory."""
 
     arrays: dict[str, np.ndarray]
     info: DatasetInfo
@@ -61,13 +62,13 @@ def load_dataset(
 ) -> OfflineDataset:
     """Resolve ``name`` and load it (docs/fidelity.md §5, 8).
 
-    ``local/...`` -> local recipe (``dataset_size`` applies); a D4RL name (``hopper-medium-v2``) or a path to an
-    ``.hdf5`` file -> D4RL reader; anything else containing ``/`` -> Minari id.
+    ``local/...`` -> local recipe (``dataset_size`` applies); a D4RL name (``hopper-medium-v2``) or a path to
+    an ``.hdf5`` file -> D4RL reader; anything else containing ``/`` -> Minari id.
 
     ``eval_env`` (a gymnasium id, or a D4RL name meaning that dataset's evaluation env), ``ref_scores``
-    (``[min, max]`` returns), ``family`` and ``max_episode_steps`` override what the source knows (D4RL's table
-    for canonical names and file names, a Minari dataset's metadata); ``info.provenance`` records where each
-    setting came from.
+    (``[min, max]`` returns), ``family`` and ``max_episode_steps`` override what the source knows (D4RL's
+    table for canonical names and file names, a Minari dataset's metadata); ``info.provenance`` records where
+    each setting came from.
     """
     from idql_pl.data import d4rl, local, minari_source
 
@@ -83,9 +84,9 @@ def load_dataset(
         kind = "minari"
     else:
         raise DatasetError(
-            f"unknown dataset '{name}'.{suggest(name)} Use a D4RL name (e.g. hopper-medium-v2, antmaze-umaze-v2, "
-            "maze2d-umaze-v1), a path to a D4RL .hdf5 file, a Minari id (e.g. D4RL/antmaze/umaze-v1) or "
-            f"a local recipe ({', '.join(LOCAL_RECIPES)})"
+            f"unknown dataset '{name}'.{suggest(name)} Use a D4RL name (e.g. hopper-medium-v2,"
+            " antmaze-umaze-v2, maze2d-umaze-v1), a path to a D4RL .hdf5 file, a Minari id"
+            f" (e.g. D4RL/antmaze/umaze-v1) or a local recipe ({', '.join(LOCAL_RECIPES)})"
         )
     if dataset_size is not None and kind != "local":  # e.g. the quickstart config with another --data.dataset
         log(f"dataset_size {dataset_size} applies to local recipes only: ignored for '{name}'")
@@ -121,18 +122,21 @@ def _check_overrides(
         given["eval_env"] = eval_env
     if eval_env_kwargs:
         if eval_env is None:
-            raise DatasetError("eval_env_kwargs needs eval_env (the env they are passed to); add --data.eval_env")
+            raise DatasetError("eval_env_kwargs needs eval_env (the env they are passed to);"
+                               " add --data.eval_env")
         given["eval_env_kwargs"] = dict(eval_env_kwargs)
     if ref_scores is not None:
         try:
             lo, hi = (float(v) for v in ref_scores)
         except (TypeError, ValueError):
             raise DatasetError(
-                f"ref_scores must be two numbers [min, max] (the returns that score 0 and 100), got {list(ref_scores)!r}"
+                "ref_scores must be two numbers [min, max] (the returns that score 0 and 100),"
+                f" got {list(ref_scores)!r}"
             ) from None
         if not (np.isfinite(lo) and np.isfinite(hi)) or lo >= hi:
             raise DatasetError(
-                f"ref_scores must be [min, max] with finite min < max (the returns that score 0 and 100), got [{lo}, {hi}]"
+                "ref_scores must be [min, max] with finite min < max (the returns that score 0 and 100),"
+                f" got [{lo}, {hi}]"
             )
         given["ref_scores"] = (lo, hi)
     if family is not None:
@@ -140,7 +144,8 @@ def _check_overrides(
             raise DatasetError(f"unknown family '{family}'; use one of {', '.join(FAMILIES)}")
         given["family"] = family
     if max_episode_steps is not None:
-        if isinstance(max_episode_steps, bool) or int(max_episode_steps) != max_episode_steps or max_episode_steps < 1:
+        if isinstance(max_episode_steps, bool) or int(max_episode_steps) != max_episode_steps \
+                or max_episode_steps < 1:
             raise DatasetError(f"max_episode_steps must be a positive integer, got {max_episode_steps!r}")
         given["max_episode_steps"] = int(max_episode_steps)
     return given
@@ -152,14 +157,16 @@ def _default_provenance(src: SourceData, name: str) -> dict[str, str]:
     if info.source == "d4rl":
         spec = get_d4rl_spec(name)
         if spec is not None:
-            how = "D4RL table" if name in D4RL_DATASETS else f"D4RL table (inferred from the file name {Path(name).name})"
+            how = ("D4RL table" if name in D4RL_DATASETS
+                   else f"D4RL table (inferred from the file name {Path(name).name})")
             return dict.fromkeys(PROVENANCE_KEYS, how)
         return {"eval env": "none", "reference scores": "none", "family": "inferred from the file name",
                 "episode limit": "none"}
     meta = "recipe metadata" if info.source == "local" else "dataset metadata"
     return {
         "eval env": f"{meta} (recorded env spec)" if src.env_factory is not None else "none",
-        "reference scores": meta if info.ref_min_score is not None and info.ref_max_score is not None else "none",
+        "reference scores": (meta if info.ref_min_score is not None and info.ref_max_score is not None
+                             else "none"),
         "family": "recipe" if info.source == "local" else "inferred from the id",
         "episode limit": f"{meta} (recorded env spec)" if info.max_episode_steps is not None else "none",
     }
@@ -204,7 +211,8 @@ def _apply_overrides(src: SourceData, name: str, given: dict[str, Any]) -> None:
         # the known env with the given episode limit
         spec = get_d4rl_spec(name) if info.source == "d4rl" else None
         if spec is not None:
-            src.env_factory = functools.partial(make_given_env, spec.env_id, spec.env_kwargs, info.max_episode_steps)
+            src.env_factory = functools.partial(make_given_env, spec.env_id, spec.env_kwargs,
+                                                info.max_episode_steps)
         elif info.path:
             from idql_pl.data.minari_source import make_minari_env
 
@@ -224,8 +232,8 @@ def make_given_env(env_id: str, kwargs: dict[str, Any], max_episode_steps: int |
     except Exception as e:
         raise EvalEnvError(
             f"cannot create evaluation env {env_id} with {kwargs or 'no kwargs'} ({type(e).__name__}: "
-            f"{' '.join(str(e).split())[:160]}); check --data.eval_env / --data.eval_env_kwargs, and install the "
-            "simulators: pip install 'gymnasium[mujoco]' gymnasium-robotics"
+            f"{' '.join(str(e).split())[:160]}); check --data.eval_env / --data.eval_env_kwargs, and install"
+            " the simulators: pip install 'gymnasium[mujoco]' gymnasium-robotics"
         ) from e
     return wrap_eval_env(env, max_episode_steps)
 
@@ -244,7 +252,8 @@ class _Once:
 
 
 class OfflineDataModule(L.LightningDataModule):
-    """Offline transitions for IDQL; batches are drawn by the model from the yielded :class:`TransitionBuffer`.
+    """Offline transitions for IDQL; batches are drawn by the model from the yielded
+    :class:`TransitionBuffer`.
 
     Args:
         dataset: D4RL name, ``.hdf5`` path, Minari id or ``local/pointmaze-umaze`` / ``local/bandit``.
@@ -325,10 +334,12 @@ class OfflineDataModule(L.LightningDataModule):
             perm = np.random.default_rng(base).permutation(n)  # same split on every rank
             n_val = max(1, int(round(self.val_fraction * n)))
             val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-            self.val_buffer = TransitionBuffer({k: v[val_idx] for k, v in arrays.items()}, seed=(base + 1) % 2**63, device=device)
+            self.val_buffer = TransitionBuffer({k: v[val_idx] for k, v in arrays.items()},
+                                               seed=(base + 1) % 2**63, device=device)
             arrays = {k: v[train_idx] for k, v in arrays.items()}
         # ranks (and, within a rank, agents: seed + k) draw uncorrelated streams
-        self.train_buffer = TransitionBuffer(arrays, seed=(base + rank * RANK_SEED_STRIDE) % 2**63, device=device)
+        self.train_buffer = TransitionBuffer(arrays, seed=(base + rank * RANK_SEED_STRIDE) % 2**63,
+                                             device=device)
         del arrays
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -353,7 +364,8 @@ class OfflineDataModule(L.LightningDataModule):
         every rank's, so a resumed run draws the same batches as the uninterrupted one."""
         if self.train_buffer is None:
             return self._pending_state or {}
-        state: dict[str, Any] = {"train_buffer": self.train_buffer.state_dict(), "train_seed": int(self.train_buffer.seed)}
+        state: dict[str, Any] = {"train_buffer": self.train_buffer.state_dict(),
+                                 "train_seed": int(self.train_buffer.seed)}
         if self.val_buffer is not None:
             state["val_generator"] = self.val_buffer.generator.get_state()
         per_rank = gather_from_ranks(state["train_buffer"])  # DDP: each rank samples its own batches
@@ -368,7 +380,8 @@ class OfflineDataModule(L.LightningDataModule):
             self._pending_state = dict(state_dict)
             return
         train = own_rank_entry(state_dict.get("train_buffer_per_rank"))
-        if train is None and distributed_world()[0] == 0:  # rank 0, or one process: the saved (rank 0) streams
+        # rank 0, or one process: the saved (rank 0) streams
+        if train is None and distributed_world()[0] == 0:
             train = state_dict.get("train_buffer")
         # else: saved by a run of another world size; this rank keeps its own seeded streams
         restores = [(train, self.train_buffer.load_state_dict)]
@@ -380,8 +393,8 @@ class OfflineDataModule(L.LightningDataModule):
             try:
                 restore(saved)
             except (RuntimeError, TypeError) as e:  # e.g. a CPU checkpoint resumed on CUDA
-                warnings.warn(f"could not restore a sampling generator ({e}); sampling continues from the seed",
-                              stacklevel=2)
+                warnings.warn(f"could not restore a sampling generator ({e});"
+                              " sampling continues from the seed", stacklevel=2)
 
     # ------------------------------------------------------------------ scores and envs
     def summary(self) -> str:
@@ -397,7 +410,8 @@ class OfflineDataModule(L.LightningDataModule):
             f"location         {i.path}",
             f"transitions      {i.num_transitions:,}  (obs_dim {i.obs_dim}, action_dim {i.action_dim})",
             f"episodes         {i.num_episodes:,}",
-            f"episode return   mean {i.return_mean:.4g}  std {i.return_std:.4g}  min {i.return_min:.4g}  max {i.return_max:.4g}  (raw rewards)",
+            f"episode return   mean {i.return_mean:.4g}  std {i.return_std:.4g}  min {i.return_min:.4g}  max"
+            f" {i.return_max:.4g}  (raw rewards)",
             f"normalized       mean {self._maybe_norm(i.return_mean)}  (100 * (R - min) / (max - min))",
             f"reference min/max {ref}{self._from('reference scores')}",
             f"reward transform {i.reward_transform}: r * {i.reward_scale:.6g} + {i.reward_shift:.6g}",
@@ -407,8 +421,10 @@ class OfflineDataModule(L.LightningDataModule):
         ]
         recipe = i.extra.get("recipe")
         if recipe:
-            keys = ("goal_success_rate", "controller_eval_success_rate", "generation_seconds", "cluster_counts")
-            extra = ", ".join(f"{k} {recipe[k]:.4g}" if isinstance(recipe[k], float) else f"{k} {recipe[k]}" for k in keys if k in recipe)
+            keys = ("goal_success_rate", "controller_eval_success_rate", "generation_seconds",
+                    "cluster_counts")
+            extra = ", ".join(f"{k} {recipe[k]:.4g}" if isinstance(recipe[k], float) else f"{k} {recipe[k]}"
+                              for k in keys if k in recipe)
             lines.append(f"generation       {extra}")
         return "\n".join(lines)
 
@@ -423,7 +439,8 @@ class OfflineDataModule(L.LightningDataModule):
             return "n/a"
 
     def normalized_score(self, returns: T) -> T:
-        """``100 * (R - ref_min) / (ref_max - ref_min)`` for a float, list, numpy array or tensor (docs/fidelity.md §6)."""
+        """``100 * (R - ref_min) / (ref_max - ref_min)`` for a float, list, numpy array or tensor
+        (docs/fidelity.md §6)."""
         lo, hi = self.info.ref_min_score, self.info.ref_max_score
         if lo is None or hi is None or hi == lo:
             raise DatasetError(
@@ -461,8 +478,8 @@ class OfflineDataModule(L.LightningDataModule):
             env.close()
             raise EvalEnvError(
                 f"eval_env {self.info.env_id} has obs_dim {obs_dim}, action_dim {act_dim} but dataset "
-                f"'{self.info.name}' has obs_dim {self.obs_dim}, action_dim {self.action_dim}; give the env the data "
-                "was collected in"
+                f"'{self.info.name}' has obs_dim {self.obs_dim}, action_dim {self.action_dim}; give the env"
+                " the data was collected in"
             )
 
     def make_vector_env(self, num_envs: int, render_envs: int = 0, **kwargs: Any) -> gym.vector.VectorEnv:

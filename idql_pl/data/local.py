@@ -84,7 +84,8 @@ RECIPES = {
     **{f"local/pointmaze-{maze}": {"stem": f"pointmaze-{maze}", "default_size": POINTMAZE_DEFAULT_SIZES[maze],
                                    "family": "maze2d", "env_id": env_id, "maze": maze}
        for maze, env_id in POINTMAZE_ENV_IDS.items()},
-    "local/bandit": {"stem": "bandit", "default_size": BANDIT_DEFAULT_SIZE, "family": "bandit", "env_id": BANDIT_ENV_ID},
+    "local/bandit": {"stem": "bandit", "default_size": BANDIT_DEFAULT_SIZE, "family": "bandit",
+                     "env_id": BANDIT_ENV_ID},
 }
 
 
@@ -217,7 +218,8 @@ def _write_dataset(dataset_id: str, name: str, size: int, final: Path) -> None:
             log(f"generating {name} ({size:,} samples) into {final}")
             episodes, stats = generate_bandit(size)
             ref_min, ref_max = 0.0, float(BANDIT_REWARDS.max())
-            description = "one-step 2-D bandit with three action clusters (IDQL paper Fig. 1; idql_pl.data.local)"
+            description = ("one-step 2-D bandit with three action clusters"
+                           " (IDQL paper Fig. 1; idql_pl.data.local)")
         buffers = [
             EpisodeBuffer(id=i, observations=e["observations"], actions=e["actions"], rewards=e["rewards"],
                           terminations=e["terminations"], truncations=e["truncations"])
@@ -246,7 +248,8 @@ def _write_dataset(dataset_id: str, name: str, size: int, final: Path) -> None:
         except OSError:
             if not _cache_ok(final, name, size):  # (a process without our lock, e.g. on another node, won)
                 raise
-        log(f"{name}: {size:,} steps in {stats['generation_seconds']} s; ref min/max {ref_min:.2f}/{ref_max:.2f}")
+        log(f"{name}: {size:,} steps in {stats['generation_seconds']} s;"
+            f" ref min/max {ref_min:.2f}/{ref_max:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -266,7 +269,8 @@ def ensure_local(name: str, size: int | None = None) -> str:
         if _cache_ok(final, name, size):  # another process generated it while we waited
             return dataset_id
         if final.exists():
-            warnings.warn(f"cached dataset {final} is incomplete or from another recipe version; regenerating it", stacklevel=2)
+            warnings.warn(f"cached dataset {final} is incomplete or from another recipe version;"
+                          " regenerating it", stacklevel=2)
             aside = root / ".idql_tmp" / f"corrupt-{uuid.uuid4().hex[:8]}"
             aside.parent.mkdir(parents=True, exist_ok=True)
             os.replace(final, aside)

@@ -46,7 +46,8 @@ def _leaves(obs: Any, space: gym.Space) -> Iterator[np.ndarray]:
         yield arr.reshape(arr.shape[0], -1)
     else:
         raise DatasetError(
-            f"unsupported observation space {space}; IDQL needs Box (or Dict/Tuple of Box) observations: pick a continuous-state dataset"
+            f"unsupported observation space {space}; IDQL needs Box (or Dict/Tuple of Box) observations:"
+            " pick a continuous-state dataset"
         )
 
 
@@ -104,8 +105,9 @@ def open_minari(dataset_id: str, download: bool = True) -> Any:
         parse_dataset_id(dataset_id)
     except (ValueError, TypeError) as e:
         raise DatasetError(
-            f"malformed Minari dataset id '{dataset_id}'; ids look like namespace/name-vN, e.g. D4RL/antmaze/umaze-v1 "
-            "(D4RL names look like hopper-medium-v2, local recipes like local/pointmaze-umaze)"
+            f"malformed Minari dataset id '{dataset_id}'; ids look like namespace/name-vN,"
+            " e.g. D4RL/antmaze/umaze-v1 (D4RL names look like hopper-medium-v2, local recipes like"
+            " local/pointmaze-umaze)"
         ) from e
     path = Path(get_dataset_path(dataset_id))
     existed = path.exists()
@@ -116,12 +118,13 @@ def open_minari(dataset_id: str, download: bool = True) -> Any:
             shutil.rmtree(path, ignore_errors=True)
         if existed:
             raise DatasetError(
-                f"Minari dataset '{dataset_id}' at {path} is unreadable ({_one_line(e)}); delete that folder and load it again"
+                f"Minari dataset '{dataset_id}' at {path} is unreadable ({_one_line(e)});"
+                " delete that folder and load it again"
             ) from e
         raise DatasetError(
-            f"cannot get Minari dataset '{dataset_id}' ({_one_line(e)}); on a machine with internet access run "
-            f"`pip install \"minari[hf]\" && minari download {dataset_id}` and copy the folder to {path} "
-            "(or set MINARI_DATASETS_PATH to the folder that holds it)"
+            f"cannot get Minari dataset '{dataset_id}' ({_one_line(e)}); on a machine with internet access"
+            f" run `pip install \"minari[hf]\" && minari download {dataset_id}` and copy the folder to {path}"
+            " (or set MINARI_DATASETS_PATH to the folder that holds it)"
         ) from e
 
 
@@ -147,13 +150,15 @@ def _env_spec(dataset: Any) -> Any:
 
 
 def load_minari(
-    dataset_id: str, *, name: str | None = None, source: str = "minari", family: str | None = None, download: bool = True
+    dataset_id: str, *, name: str | None = None, source: str = "minari", family: str | None = None,
+    download: bool = True
 ) -> SourceData:
     """Read a Minari dataset into raw transitions plus :class:`DatasetInfo` and an eval-env factory."""
     dataset = open_minari(dataset_id, download=download)
     if not isinstance(dataset.action_space, gym.spaces.Box):
         raise DatasetError(
-            f"Minari dataset '{dataset_id}' has {type(dataset.action_space).__name__} actions; IDQL needs continuous Box actions"
+            f"Minari dataset '{dataset_id}' has {type(dataset.action_space).__name__} actions;"
+            " IDQL needs continuous Box actions"
         )
     try:
         episodes = read_episodes(dataset)
@@ -161,7 +166,8 @@ def load_minari(
         raise
     except Exception as e:
         raise DatasetError(
-            f"Minari dataset '{dataset_id}' at {dataset.storage.data_path} is unreadable ({_one_line(e)}); delete that folder and load it again"
+            f"Minari dataset '{dataset_id}' at {dataset.storage.data_path} is unreadable ({_one_line(e)});"
+            " delete that folder and load it again"
         ) from e
     arrays, returns = episodes_to_transitions(episodes)
     del episodes

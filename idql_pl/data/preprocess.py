@@ -110,7 +110,8 @@ def resolve_reward_kind(kind: str, family: str) -> str:
     return family if family in ("locomotion", "antmaze") else "none"
 
 
-def make_reward_transform(kind: str, family: str, episode_returns: np.ndarray | None = None) -> RewardTransform:
+def make_reward_transform(kind: str, family: str,
+                          episode_returns: np.ndarray | None = None) -> RewardTransform:
     """Build the transform; locomotion scaling needs the dataset's episode returns (docs/fidelity.md §5)."""
     kind = resolve_reward_kind(kind, family)
     if kind == "antmaze":
@@ -153,7 +154,8 @@ def validate_arrays(
     lengths = {k: len(v) for k, v in out.items()}
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{k}={n}" for k, n in lengths.items())
-        raise DatasetError(f"{source}: arrays have mismatched lengths ({detail}); the file is inconsistent: re-download or regenerate it")
+        raise DatasetError(f"{source}: arrays have mismatched lengths ({detail}); the file is inconsistent:"
+                           " re-download or regenerate it")
     if lengths and next(iter(lengths.values())) == 0:
         raise DatasetError(f"{source} contains no rows; re-download or regenerate it")
     for key, arr in out.items():
@@ -161,12 +163,14 @@ def validate_arrays(
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             if bad:
                 raise DatasetError(
-                    f"{source}: '{key}' contains {bad} NaN/inf value(s); the data is corrupt: re-download or regenerate it"
+                    f"{source}: '{key}' contains {bad} NaN/inf value(s); the data is corrupt:"
+                    " re-download or regenerate it"
                 )
     return out
 
 
-def clip_actions(actions: np.ndarray, clip: float = DEFAULT_ACTION_CLIP, source: str = "dataset") -> np.ndarray:
+def clip_actions(actions: np.ndarray, clip: float = DEFAULT_ACTION_CLIP,
+                 source: str = "dataset") -> np.ndarray:
     """Clip to ``+-clip`` in place (float32); actions beyond ``1 + ACTION_TOLERANCE`` are an error."""
     if not 0.0 < clip <= 1.0:
         raise DatasetError(f"action_clip must be in (0, 1], got {clip}; the default is 1 - 1e-5")
@@ -208,7 +212,8 @@ def d4rl_transitions(
     keep[-1] = False
     keep_idx = np.flatnonzero(keep)
     if keep_idx.size == 0:
-        raise DatasetError("dataset has no transitions left after dropping timeouts; re-download or regenerate it")
+        raise DatasetError("dataset has no transitions left after dropping timeouts;"
+                           " re-download or regenerate it")
     out = {
         "observations": obs[keep_idx],
         "actions": data["actions"][keep_idx],
@@ -244,20 +249,23 @@ def episodes_to_transitions(
     if not (len(obs) == len(actions) == len(rewards) == len(terms) == len(truncs)):
         raise DatasetError(
             f"episodes have inconsistent lengths (observations-1={len(obs)}, actions={len(actions)}, "
-            f"rewards={len(rewards)}, terminations={len(terms)}); the dataset is corrupt: regenerate or re-download it"
+            f"rewards={len(rewards)}, terminations={len(terms)}); the dataset is corrupt: regenerate or"
+            " re-download it"
         )
     ends = terms | truncs
     ends[np.cumsum([len(e["rewards"]) for e in episodes]) - 1] = True
     episode = np.r_[0, np.cumsum(ends[:-1])]
     returns = np.bincount(episode, weights=rewards.astype(np.float64))
-    out = {"observations": obs, "actions": actions, "rewards": rewards, "next_observations": next_obs, "terminals": terms}
+    out = {"observations": obs, "actions": actions, "rewards": rewards, "next_observations": next_obs,
+           "terminals": terms}
     return out, returns
 
 
 def finalize(
     src: SourceData, reward_transform: str = "auto", action_clip: float = DEFAULT_ACTION_CLIP
 ) -> tuple[dict[str, np.ndarray], RewardTransform]:
-    """Validate, clip actions, transform rewards, build masks; fills ``src.info``'s size/return/transform fields.
+    """Validate, clip actions, transform rewards, build masks; fills ``src.info``'s size/return/transform
+    fields.
 
     Returns float32 arrays keyed like :data:`idql_pl.data.buffer.FIELDS` (masks = 1 - terminal).
     """
@@ -293,5 +301,6 @@ def finalize(
         info.return_min, info.return_max = float(rets.min()), float(rets.max())
     info.obs_dim = int(out["observations"].shape[1])
     info.action_dim = int(out["actions"].shape[1])
-    info.reward_transform, info.reward_scale, info.reward_shift = transform.kind, transform.scale, transform.shift
+    info.reward_transform, info.reward_scale, info.reward_shift = (transform.kind, transform.scale,
+                                                                   transform.shift)
     return out, transform

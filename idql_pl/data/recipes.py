@@ -35,7 +35,8 @@ def rollout_returns(
     frame: str = "gymnasium",
     steps: int = POINTMAZE_EPISODE_STEPS,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Returns and success flags (reward ever 1) of ``num_episodes`` seeded episodes, ``num_envs`` in lockstep.
+    """Returns and success flags (reward ever 1) of ``num_episodes`` seeded episodes, ``num_envs`` in
+    lockstep.
 
     ``policy(obs [K, 4], env, rng) -> actions [K, 2]`` in the observation frame.
     """
@@ -64,7 +65,8 @@ def random_policy(obs: np.ndarray, env: Maze2dEnv, rng: np.random.Generator) -> 
     return rng.uniform(-1.0, 1.0, size=(len(obs), 2))
 
 
-def controller_policy(noise: float = 0.0) -> Callable[[np.ndarray, Maze2dEnv, np.random.Generator], np.ndarray]:
+def controller_policy(noise: float = 0.0
+                      ) -> Callable[[np.ndarray, Maze2dEnv, np.random.Generator], np.ndarray]:
     """The waypoint controller driving to the env's evaluation goal (any frame), plus optional noise."""
     cache: dict[int, WaypointController] = {}
 
@@ -154,7 +156,8 @@ def generate_pointmaze(
 def generate_bandit(size: int, seed: int = GENERATION_SEED) -> tuple[list[dict], dict]:
     rng = np.random.default_rng(seed)
     cluster = rng.integers(len(BANDIT_CENTERS), size=size)
-    actions = np.clip(BANDIT_CENTERS[cluster] + rng.normal(0.0, BANDIT_STD, (size, 2)), -1.0, 1.0).astype(np.float32)
+    actions = np.clip(BANDIT_CENTERS[cluster] + rng.normal(0.0, BANDIT_STD, (size, 2)),
+                      -1.0, 1.0).astype(np.float32)
     rewards = bandit_reward(actions)
     episodes = []
     for start in range(0, size, BANDIT_BLOCK):
@@ -168,5 +171,6 @@ def generate_bandit(size: int, seed: int = GENERATION_SEED) -> tuple[list[dict],
                 "truncations": np.zeros(n, dtype=bool),
             }
         )
-    stats = {"cluster_counts": np.bincount(cluster, minlength=3).tolist(), "in_radius_fraction": float((rewards > 0).mean())}
+    stats = {"cluster_counts": np.bincount(cluster, minlength=3).tolist(),
+             "in_radius_fraction": float((rewards > 0).mean())}
     return episodes, stats

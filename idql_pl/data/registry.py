@@ -101,7 +101,8 @@ def _maze2d() -> dict[str, D4RLSpec]:
     for maze, (lo, hi, limit) in _MAZE2D.items():
         name = f"maze2d-{maze}-v1"
         url = f"{_BASE}/maze2d/maze2d-{maze}-sparse-v1.hdf5"
-        out[name] = D4RLSpec(name, url, "maze2d", lo, hi, limit, MAZE2D_ENV_ID, {"maze": maze, "frame": "d4rl"})
+        out[name] = D4RLSpec(name, url, "maze2d", lo, hi, limit, MAZE2D_ENV_ID,
+                             {"maze": maze, "frame": "d4rl"})
     return out
 
 
@@ -110,7 +111,8 @@ LOCAL_RECIPES = ("local/pointmaze-umaze", "local/pointmaze-medium", "local/point
 
 
 def get_d4rl_spec(name: str) -> D4RLSpec | None:
-    """The registry entry for a D4RL name (``hopper-medium-v2``) or a D4RL file name (``hopper_medium-v2.hdf5``)."""
+    """The registry entry for a D4RL name (``hopper-medium-v2``) or a D4RL file name
+    (``hopper_medium-v2.hdf5``)."""
     if name in D4RL_DATASETS:
         return D4RL_DATASETS[name]
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
@@ -143,8 +145,8 @@ def suggest(name: str) -> str:
 def check_env_id(env_id: str) -> None:
     """Refuse an evaluation env id that is neither a D4RL dataset name nor registered with gymnasium.
 
-    gymnasium-robotics ids are registered on its import (done here on a miss); ``module:Env-vN`` ids are left to
-    ``gym.make``, which imports the module.
+    gymnasium-robotics ids are registered on its import (done here on a miss); ``module:Env-vN`` ids are left
+    to ``gym.make``, which imports the module.
     """
     if env_id in D4RL_DATASETS or ":" in env_id:
         return
@@ -159,6 +161,7 @@ def check_env_id(env_id: str) -> None:
         close = difflib.get_close_matches(env_id, [*gym.registry, *D4RL_DATASETS], n=3, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise DatasetError(
-            f"unknown eval_env '{env_id}': not a gymnasium env id nor a D4RL dataset name.{hint} Give a registered id "
-            "(e.g. Hopper-v4, idql_pl/Maze2dD4RL-v0) or a D4RL name whose evaluation env to use (e.g. hopper-medium-v2)"
+            f"unknown eval_env '{env_id}': not a gymnasium env id nor a D4RL dataset name.{hint} Give a"
+            " registered id (e.g. Hopper-v4, idql_pl/Maze2dD4RL-v0) or a D4RL name whose evaluation env to"
+            " use (e.g. hopper-medium-v2)"
         )

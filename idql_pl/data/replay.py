@@ -1,4 +1,5 @@
-"""The online replay buffer of finetuning and the symmetric (half online, half offline) batches (paper Sec. 6.2).
+"""The online replay buffer of finetuning and the symmetric (half online, half offline) batches
+(paper Sec. 6.2).
 
 Rows use :class:`~idql_pl.data.buffer.TransitionBuffer`'s packed layout (one ``[capacity, D]`` float32 tensor,
 columns ``FIELDS``), so a mixed batch is two ``index_select`` s, one ``cat`` and one ``split``.
@@ -46,7 +47,8 @@ class ReplayBuffer:
     def device(self) -> torch.device:
         return self.data.device
 
-    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, mask: float) -> None:
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray,
+            mask: float) -> None:
         """Append one transition (``mask = 1 - terminated``; time-limit truncation is not terminal)."""
         o, a = self.obs_dim, self.action_dim
         row = self._row
@@ -95,8 +97,8 @@ class ReplayBuffer:
         rows = state["rows"]
         if int(state["width"]) != self.width or rows.ndim != 2 or rows.shape[1] != self.width:
             raise CheckpointError(
-                f"the saved replay buffer has rows of width {int(state['width'])}, this environment needs {self.width}:"
-                " resume with the same dataset and environment"
+                f"the saved replay buffer has rows of width {int(state['width'])}, this environment needs"
+                f" {self.width}: resume with the same dataset and environment"
             )
         ptr = int(state["ptr"])
         if int(state["capacity"]) != self.capacity:  # another capacity: keep the newest rows, oldest first
@@ -107,18 +109,22 @@ class ReplayBuffer:
         self.data.zero_()
         self.data[: rows.shape[0]].copy_(rows.to(self.device))
         self.size, self.ptr = rows.shape[0], ptr
-        with contextlib.suppress(RuntimeError, TypeError):  # e.g. a CPU checkpoint resumed on CUDA: seeded stream
+        # e.g. a CPU checkpoint resumed on CUDA: seeded stream
+        with contextlib.suppress(RuntimeError, TypeError):
             self.generator.set_state(state["generator"])
 
 
-def mixed_batch(online: ReplayBuffer, offline: TransitionBuffer, batch_size: int, online_fraction: float = 0.5) -> Batch:
-    """Symmetric sampling (RLPD / paper Sec. 6.2): ``round(online_fraction * batch_size)`` rows from the online
-    buffer (its first rows) and the rest from the offline dataset, each drawn with its own generator."""
+def mixed_batch(online: ReplayBuffer, offline: TransitionBuffer, batch_size: int,
+                online_fraction: float = 0.5) -> Batch:
+    """Symmetric sampling (RLPD / paper Sec. 6.2): ``round(online_fraction * batch_size)`` rows from the
+    online buffer (its first rows) and the rest from the offline dataset, each drawn with its own
+    generator."""
     n_online = int(round(online_fraction * batch_size))
     parts = []
     if n_online > 0:
         parts.append(online.sample_rows(n_online))
     if batch_size - n_online > 0:
-        idx = torch.randint(len(offline), (batch_size - n_online,), device=offline.device, generator=offline.generator)
+        idx = torch.randint(len(offline), (batch_size - n_online,), device=offline.device,
+                            generator=offline.generator)
         parts.append(offline.data.index_select(0, idx).to(online.device))
     return online.unpack(torch.cat(parts) if len(parts) > 1 else parts[0])

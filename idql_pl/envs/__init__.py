@@ -49,8 +49,8 @@ def register_envs() -> None:
 
 def env_error(what: str, err: Exception) -> EvalEnvError:
     """The one-line error for an evaluation env that could not be created (``what``: which env, for what)."""
-    return EvalEnvError(f"cannot create {what} ({type(err).__name__}: {' '.join(str(err).split())[:160]}); install"
-                        " the simulators: pip install 'gymnasium[mujoco]' gymnasium-robotics")
+    return EvalEnvError(f"cannot create {what} ({type(err).__name__}: {' '.join(str(err).split())[:160]});"
+                        " install the simulators: pip install 'gymnasium[mujoco]' gymnasium-robotics")
 
 
 def make_env(env_id: str, dataset: str, **kwargs: Any) -> gym.Env:

@@ -41,8 +41,8 @@ ANTMAZE_SCALE = 4.0
 class AntMazeD4RLEnv(gym.Env):
     """D4RL antmaze evaluation conventions on gymnasium-robotics' AntMaze (v4 ant, 27-D ``observation``).
 
-    D4RL places cell ``(i, j)`` at ``(j s - x_r, i s - y_r)`` (``s = 4``, origin at the start cell), i.e. its y
-    axis grows with the row index while gymnasium-robotics' shrinks, so the map is built row-flipped and the
+    D4RL places cell ``(i, j)`` at ``(j s - x_r, i s - y_r)`` (``s = 4``, origin at the start cell), i.e. its
+    y axis grows with the row index while gymnasium-robotics' shrinks, so the map is built row-flipped and the
     two frames differ by a translation only. Observation: D4RL's 29-D ``[qpos[:15], qvel[:14]]`` with x, y in
     D4RL's frame. Start: the ``r`` cell plus U(-0.1, 0.1) on every qpos and N(0, 0.1) on every qvel. Goal:
     the ``g`` cell plus U(0, 1) + U(0, 0.5) per axis (D4RL's goal sampler), re-sampled every episode
@@ -61,7 +61,8 @@ class AntMazeD4RLEnv(gym.Env):
         self.start_cell, self.goal_cell = find(R), find(G)
         s = ANTMAZE_SCALE
         gym_map = [[1 if c == 1 else 0 for c in r] for r in reversed(rows)]
-        self._inner = AntMazeEnv(maze_map=gym_map, render_mode=render_mode, continuing_task=True, reset_target=False)
+        self._inner = AntMazeEnv(maze_map=gym_map, render_mode=render_mode, continuing_task=True,
+                                 reset_target=False)
         with contextlib.suppress(OSError):
             os.remove(self._inner.tmp_xml_file_path)
         self._ant = self._inner.ant_env
@@ -76,7 +77,8 @@ class AntMazeD4RLEnv(gym.Env):
 
     def d4rl_xy(self, cell: tuple[int, int]) -> np.ndarray:
         s = ANTMAZE_SCALE
-        return np.array([cell[1] * s, cell[0] * s]) - np.array([self.start_cell[1] * s, self.start_cell[0] * s])
+        return (np.array([cell[1] * s, cell[0] * s])
+                - np.array([self.start_cell[1] * s, self.start_cell[0] * s]))
 
     def _obs(self) -> np.ndarray:
         qpos, qvel = self._ant.data.qpos, self._ant.data.qvel

@@ -16,7 +16,8 @@ REWARD_RADIUS = 0.5  # reward 1 within this distance of the goal (D4RL maze2d)
 # D4RL's maze2d layouts ('#' wall, 'O' free, 'G' the evaluation goal); same layouts as gymnasium-robotics'.
 MAZES: dict[str, list[str]] = {
     "umaze": ["#####", "#GOO#", "###O#", "#OOO#", "#####"],
-    "medium": ["########", "#OO##OO#", "#OO#OOO#", "##OOO###", "#OO#OOO#", "#O#OO#O#", "#OOO#OG#", "########"],
+    "medium": ["########", "#OO##OO#", "#OO#OOO#", "##OOO###", "#OO#OOO#", "#O#OO#O#", "#OOO#OG#",
+               "########"],
     "large": [
         "############",
         "#OOOO#OOOOO#",
@@ -75,7 +76,8 @@ class MazeGrid:
                     table[s, t] = t
                     continue
                 nbrs = [self.index[si + di, sj + dj] for di, dj in moves]
-                table[s, t] = min((k for k in nbrs if k >= 0 and dist[k] >= 0), key=lambda k: dist[k], default=s)
+                table[s, t] = min((k for k in nbrs if k >= 0 and dist[k] >= 0), key=lambda k: dist[k],
+                                  default=s)
         return table
 
     def cell_of(self, xy: np.ndarray) -> np.ndarray:
@@ -102,7 +104,8 @@ class Maze2dEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, maze: str = "umaze", frame: str = "gymnasium", goal_cell: Any = None, render_mode: str | None = None):
+    def __init__(self, maze: str = "umaze", frame: str = "gymnasium", goal_cell: Any = None,
+                 render_mode: str | None = None):
         from gymnasium_robotics.envs.maze.point_maze import PointMazeEnv
 
         if maze not in MAZES or frame not in ("gymnasium", "d4rl"):
@@ -110,7 +113,8 @@ class Maze2dEnv(gym.Env):
         self.grid = MazeGrid(MAZES[maze])
         self.frame = frame
         grid_map = [[1 if w else 0 for w in row] for row in self.grid.walls]
-        self._inner = PointMazeEnv(maze_map=grid_map, render_mode=render_mode, continuing_task=True, reset_target=False)
+        self._inner = PointMazeEnv(maze_map=grid_map, render_mode=render_mode, continuing_task=True,
+                                   reset_target=False)
         with contextlib.suppress(OSError):
             os.remove(self._inner.tmp_xml_file_path)  # gymnasium-robotics leaves its maze xml in /tmp
         self._point = self._inner.point_env

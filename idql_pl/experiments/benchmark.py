@@ -12,14 +12,14 @@ One run measures (warm-up, then the median over ``--repeats`` timed blocks, comp
 - the extraction sampler (10 states x N=128 x T=5) vs the ceiling, and under bf16 (``--eval.precision bf16``);
 - evaluation env-steps/s (10 vector envs, the IDQL policy) vs the sampler-bound rate;
 - peak RSS when loading a 1M-transition dataset into the buffer (in a fresh subprocess);
-- with ``--compile``: ``compile: true`` (a training step as one ``torch.compile`` graph) against eager, for the
-  actor and the critic trained alone and for the whole joint step at each K of ``--agents`` (default 1);
+- with ``--compile``: ``compile: true`` (a training step as one ``torch.compile`` graph) against eager, for
+  the actor and the critic trained alone and for the whole joint step at each K of ``--agents`` (default 1);
   ``--compile joint``: just the joint step; ``--compile_mode`` (e.g. ``reduce-overhead``: CUDA graphs) as
   ``--model.compile_mode`` passes it;
-- with ``--agents 1,8``: per-agent throughput of the critic, actor and joint steps of ``num_agents = K`` models
-  (K agents per step, paper-size networks, each agent on its own batch) against the first K, interleaved, in
-  float32 and under bf16 autocast, each beside the most batching agents can give (the K = 1 step's fixed cost,
-  bounded by the step at batch 2, amortized to nothing).
+- with ``--agents 1,8``: per-agent throughput of the critic, actor and joint steps of ``num_agents = K``
+  models (K agents per step, paper-size networks, each agent on its own batch) against the first K,
+  interleaved, in float32 and under bf16 autocast, each beside the most batching agents can give (the K = 1
+  step's fixed cost, bounded by the step at batch 2, amortized to nothing).
 
 Every figure runs the project's own functions; there is no second implementation to compare against. Large
 tensors come from glibc's reused heap, as in the CLI's runs (``idql_pl/runtime/__init__.py``).
@@ -186,7 +186,8 @@ def score_net_row_flops(obs_dim: int, action_dim: int, s: Sizes, with_state: boo
 
 
 def actor_step_flops(obs_dim: int, action_dim: int, s: Sizes) -> float:
-    """One behavior update: 3 x forward (forward + backward) on ``actor_batch`` rows plus the ``T``-row time table."""
+    """One behavior update: 3 x forward (forward + backward) on ``actor_batch`` rows plus the ``T``-row time
+    table."""
     return 3.0 * (s.actor_batch * score_net_row_flops(obs_dim, action_dim, s) + s.T * _time_table_flops(s))
 
 
@@ -212,17 +213,20 @@ def make_behavior(obs_dim: int, action_dim: int, s: Sizes, num_agents: int = 1) 
     from idql_pl.models.behavior import DiffusionBehavior
 
     return DiffusionBehavior(obs_dim, action_dim, T=s.T, hidden_dim=s.actor_hidden, num_blocks=s.actor_blocks,
-                             ff_dim=s.actor_ff, time_dim=s.time_dim, batch_size=s.actor_batch, num_agents=num_agents)
+                             ff_dim=s.actor_ff, time_dim=s.time_dim, batch_size=s.actor_batch,
+                             num_agents=num_agents)
 
 
 def make_idql(obs_dim: int, action_dim: int, s: Sizes, num_agents: int = 1) -> Any:
     from idql_pl.models.idql import IDQL
 
     return IDQL(obs_dim, action_dim, critic=functools.partial(make_critic, s=s),
-                behavior=functools.partial(make_behavior, s=s), num_samples=s.sampler_n, num_agents=num_agents)
+                behavior=functools.partial(make_behavior, s=s), num_samples=s.sampler_n,
+                num_agents=num_agents)
 
 
-# the project's per-agent throughput targets at K = 8 vs K = 1 (docs/performance.md, "Many agents per process")
+# the project's per-agent throughput targets at K = 8 vs K = 1 (docs/performance.md, "Many agents per
+# process")
 AGENT_TARGETS = {"critic": 1.7, "actor": 1.2, "joint": 1.3}
 
 
@@ -230,7 +234,8 @@ def _quiet_lightning() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"lightning\..*")
-    warnings.filterwarnings("ignore", message=r".*(num_workers|does not have many workers|LeafSpec|isinstance).*")
+    warnings.filterwarnings("ignore",
+                            message=r".*(num_workers|does not have many workers|LeafSpec|isinstance).*")
 
 
 def load_datamodule(s: Sizes, device: torch.device) -> Any:
@@ -251,7 +256,8 @@ class Bench:
                  precisions: Sequence[str] = PRECISIONS, compile_mode: str | None = None):
         self.s, self.repeats, self.device, self.log = sizes, repeats, device, log
         self.figures: dict[str, Figure] = {}
-        self.gflops = self._gflops_now = float("nan")  # the first ceiling; the one measured with the current figure
+        # the first ceiling; the one measured with the current figure
+        self.gflops = self._gflops_now = float("nan")
         self.dm: Any = None
         self.obs_dim = self.action_dim = 0
         self.agent_counts: list[int] = [1, 8]
@@ -274,9 +280,10 @@ class Bench:
 
     def timed(self, fns: Sequence[Callable[[], Any]]) -> tuple[list[list[float]], float]:
         """:func:`time_interleaved` of ``fns`` with the ceiling matmul as one more interleaved function: the
-        ceiling (GFLOP/s, returned) is re-measured under the same machine load as the figures compared to it."""
-        *secs, ceiling_s = time_interleaved([*fns, self._ceiling_fn], self.repeats, self.s.block_s, self.device,
-                                            self.s.warmup)
+        ceiling (GFLOP/s, returned) is re-measured under the same machine load as the figures compared to
+        it."""
+        *secs, ceiling_s = time_interleaved([*fns, self._ceiling_fn], self.repeats, self.s.block_s,
+                                            self.device, self.s.warmup)
         self._gflops_now = median_rate(ceiling_s, self._ceiling_flops) / 1e9
         return secs, self._gflops_now
 
@@ -292,23 +299,23 @@ class Bench:
         def mm32() -> None:
             torch.mm(a, b, out=out)
 
-        secs32, secs16 = time_interleaved([mm32, lambda: torch.mm(a16, b16, out=out16)], self.repeats, self.s.block_s,
-                                          self.device, self.s.warmup)
+        secs32, secs16 = time_interleaved([mm32, lambda: torch.mm(a16, b16, out=out16)], self.repeats,
+                                          self.s.block_s, self.device, self.s.warmup)
         self.gflops = self._gflops_now = median_rate(secs32, flops) / 1e9
         self._ceiling_fn, self._ceiling_flops = mm32, flops
         self.add(Figure("matmul_f32", f"matmul f32 {n}x{n} (torch.mm)", self.gflops, "GFLOP/s", self.gflops,
                         "FLOP ceiling", 1.0, flops, samples=[flops / y / 1e9 for y in secs32]))
         rate16 = median_rate(secs16, flops) / 1e9
-        self.add(Figure("matmul_bf16", f"matmul bf16 {n}x{n} (torch.mm)", rate16, "GFLOP/s", self.gflops, "f32 rate",
-                        rate16 / self.gflops, flops, samples=[flops / y / 1e9 for y in secs16]))
+        self.add(Figure("matmul_bf16", f"matmul bf16 {n}x{n} (torch.mm)", rate16, "GFLOP/s", self.gflops,
+                        "f32 rate", rate16 / self.gflops, flops, samples=[flops / y / 1e9 for y in secs16]))
 
     # ---------------------------------------------------------------- data
     def data(self) -> None:
         t0 = time.perf_counter()
         self.dm = load_datamodule(self.s, self.device)
         self.obs_dim, self.action_dim = self.dm.obs_dim, self.dm.action_dim
-        self.log(f"  dataset {DATASET} n={len(self.dm.train_buffer):,} (obs {self.obs_dim}, action {self.action_dim}) "
-                 f"loaded in {time.perf_counter() - t0:.1f} s")
+        self.log(f"  dataset {DATASET} n={len(self.dm.train_buffer):,} (obs {self.obs_dim}, action"
+                 f" {self.action_dim}) loaded in {time.perf_counter() - t0:.1f} s")
 
     def bf16(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """``fn`` under bf16 autocast, as ``--trainer.precision bf16-mixed`` runs a training step."""
@@ -327,16 +334,16 @@ class Bench:
 
     def step_figures(self, name: str, label: str, step: Callable[[], Any], flops: float, per_call: int = 1,
                      unit: str = "steps/s") -> float:
-        """Time ``step`` in float32 and under bf16 autocast, interleaved with the ceiling; add both figures and
-        return the float32 calls/s."""
+        """Time ``step`` in float32 and under bf16 autocast, interleaved with the ceiling; add both figures
+        and return the float32 calls/s."""
         (f32, b16), gflops = self.timed([step, self.bf16(step)])
         ceiling = self.ceiling(flops, gflops)
         rate, rate16 = median_rate(f32), median_rate(b16)
         self.add(Figure(name, f"{label}, f32", rate * per_call, unit, ceiling * per_call, "FLOP ceiling",
                         rate / ceiling, flops, samples=[per_call / x for x in f32]))
         speedups = [a / b for a, b in zip(f32, b16)]
-        self.add(Figure(f"{name}_bf16", f"{label}, bf16 autocast", rate16 * per_call, unit, rate * per_call, "f32",
-                        statistics.median(speedups), flops, samples=speedups))
+        self.add(Figure(f"{name}_bf16", f"{label}, bf16 autocast", rate16 * per_call, unit, rate * per_call,
+                        "f32", statistics.median(speedups), flops, samples=speedups))
         return rate
 
     def critic(self) -> None:
@@ -348,7 +355,8 @@ class Bench:
             critic.update(buf.sample(s.critic_batch), v_opt, q_opt)
 
         flops = critic_step_flops(self.obs_dim, self.action_dim, s.critic_hidden, s.critic_batch)
-        self.step_figures("critic_step", f"critic step (ImplicitCritic.update, B={s.critic_batch})", step, flops)
+        self.step_figures("critic_step", f"critic step (ImplicitCritic.update, B={s.critic_batch})", step,
+                          flops)
 
     def actor(self) -> None:
         s, buf = self.s, self.dm.train_buffer
@@ -359,7 +367,8 @@ class Bench:
             behavior.update(buf.sample(s.actor_batch), opt, sched)
 
         flops = actor_step_flops(self.obs_dim, self.action_dim, s)
-        self.step_figures("actor_step", f"actor step (DiffusionBehavior.update, B={s.actor_batch})", step, flops)
+        self.step_figures("actor_step", f"actor step (DiffusionBehavior.update, B={s.actor_batch})", step,
+                          flops)
 
     # ---------------------------------------------------------------- joint + Lightning
     def joint(self) -> None:
@@ -402,9 +411,9 @@ class Bench:
             model = make_idql(self.obs_dim, self.action_dim, s)
             timer = StepTimes()
             trainer = L.Trainer(
-                accelerator=accelerator, devices=1, max_steps=w + n + 1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                log_every_n_steps=100, callbacks=[timer],
+                accelerator=accelerator, devices=1, max_steps=w + n + 1, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=100, callbacks=[timer],
             )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -413,12 +422,14 @@ class Bench:
             lit_s.append((t[w + n] - t[w]) / n)
         bare_rate, lit_rate = median_rate(bare_s), median_rate(lit_s)
         ceiling, self._gflops_now = self.ceiling(flops), self.gflops
-        self.add(Figure("joint_step_bare", "joint step, bare Python loop (2 actor + 1 critic)", bare_rate, "steps/s",
-                        ceiling, "FLOP ceiling", bare_rate / ceiling, flops, samples=[1 / x for x in bare_s]))
+        self.add(Figure("joint_step_bare", "joint step, bare Python loop (2 actor + 1 critic)", bare_rate,
+                        "steps/s", ceiling, "FLOP ceiling", bare_rate / ceiling, flops,
+                        samples=[1 / x for x in bare_s]))
         ratios = [b / li for b, li in zip(bare_s, lit_s)]
         ratio = statistics.median(ratios)
-        self.add(Figure("joint_step_lightning", "joint step, Lightning Trainer.fit", lit_rate, "steps/s", bare_rate,
-                        "bare loop", ratio, flops, ">= 0.90 of bare loop", ratio >= 0.90, samples=ratios))
+        self.add(Figure("joint_step_lightning", "joint step, Lightning Trainer.fit", lit_rate, "steps/s",
+                        bare_rate, "bare loop", ratio, flops, ">= 0.90 of bare loop", ratio >= 0.90,
+                        samples=ratios))
         self._joint_step_s = statistics.median(bare_s)
 
     # ---------------------------------------------------------------- many agents per process
@@ -449,8 +460,8 @@ class Bench:
         return {"critic": critic_step, "actor": actor_step, "joint": joint_step}[kind]
 
     def agents(self) -> None:
-        """Per-agent steps/s (``K x`` steps/s) of each ``K`` in ``--agents`` against the first ``K``, in float32
-        and under bf16 autocast, the ``K`` variants of each step interleaved (same machine load).
+        """Per-agent steps/s (``K x`` steps/s) of each ``K`` in ``--agents`` against the first ``K``, in
+        float32 and under bf16 autocast, the ``K`` variants of each step interleaved (same machine load).
 
         Beside them, the most any ``K`` can give per agent (``agents_<step>_bound``): batching agents shares a
         step's fixed cost (Python, dispatch, thread wake-ups), while FLOPs, activation memory traffic and the
@@ -460,8 +471,8 @@ class Bench:
         counts = self.agent_counts
         base = counts[0]
         batch2 = replace(self.s, critic_batch=2, actor_batch=2)
-        labels = {"critic": f"critic step (B={self.s.critic_batch})", "actor": f"actor step (B={self.s.actor_batch})",
-                  "joint": "joint step (2 actor + 1 critic)"}
+        labels = {"critic": f"critic step (B={self.s.critic_batch})",
+                  "actor": f"actor step (B={self.s.actor_batch})", "joint": "joint step (2 actor + 1 critic)"}
         for kind in ("critic", "actor", "joint"):
             target = AGENT_TARGETS[kind] if base == 1 else None  # the target for K = 8 against K = 1
             for precision, wrap, suffix in self.precisions():
@@ -474,7 +485,8 @@ class Bench:
                     per_block = [(k / a) / (base / b) for a, b in zip(sec, secs[0])]
                     ratio = statistics.median(per_block)
                     aim = target if k == 8 else None
-                    self.add(Figure(f"agents_{kind}_K{k}{suffix}", f"{labels[kind]}, K={k}, per agent, {precision}",
+                    self.add(Figure(f"agents_{kind}_K{k}{suffix}",
+                                    f"{labels[kind]}, K={k}, per agent, {precision}",
                                     rate, "agent-steps/s", base_rate, f"K={base} per agent", ratio, None,
                                     f">= {aim}x K=1" if aim else "", None if aim is None else ratio >= aim,
                                     samples=per_block))
@@ -482,12 +494,13 @@ class Bench:
                     t, t2 = statistics.median(secs[0]), statistics.median(fixed)
                     bounds = [a / (a - b) if a > b else math.inf for a, b in zip(secs[0], fixed)]
                     bound = statistics.median(bounds)
-                    self.add(Figure(f"agents_{kind}_bound{suffix}", f"{labels[kind]}, most any K gives per agent, "
+                    self.add(Figure(f"agents_{kind}_bound{suffix}",
+                                    f"{labels[kind]}, most any K gives per agent, "
                                     f"{precision}", bound, "x K=1", None, "", None, None,
                                     f"target {target}x within reach" if target else "",
                                     None if target is None else bound >= target,
-                                    note=f"K=1 step {t * 1e3:.2f} ms, of which at most {t2 * 1e3:.2f} ms fixed "
-                                         "(the step at batch 2)", samples=bounds))
+                                    note=f"K=1 step {t * 1e3:.2f} ms, of which at most {t2 * 1e3:.2f} ms"
+                                         " fixed (the step at batch 2)", samples=bounds))
 
     def compiled_joint(self) -> None:
         """The joint step with ``compile: true`` (the whole iteration one graph) against eager, for each ``K``
@@ -505,10 +518,11 @@ class Bench:
                                             wrap(self.agent_step("joint", k, compiled=True))),
                     k * flops, f"eager joint step, K={k}, {precision}")
 
-    def compile_figure(self, name: str, label: str, make: Callable[[], tuple[Callable[[], Any], Callable[[], Any]]],
+    def compile_figure(self, name: str, label: str,
+                       make: Callable[[], tuple[Callable[[], Any], Callable[[], Any]]],
                        flops: float, reference: str) -> None:
-        """Time the compiled step of ``make()`` (eager, compiled) against the eager one, interleaved; the first
-        two compiled calls (the compile) are timed apart. A failed compile is reported, not raised."""
+        """Time the compiled step of ``make()`` (eager, compiled) against the eager one, interleaved; the
+        first two compiled calls (the compile) are timed apart. A failed compile is reported, not raised."""
         try:
             eager, compiled = make()
             t0 = time.perf_counter()
@@ -519,7 +533,8 @@ class Bench:
                                                self.s.warmup)
         except Exception as e:  # report, don't abort the benchmark
             msg = " ".join(str(e).split())[:200]
-            self.add(Figure(name, label, float("nan"), "steps/s", note=f"compile failed: {type(e).__name__}: {msg}"))
+            self.add(Figure(name, label, float("nan"), "steps/s",
+                            note=f"compile failed: {type(e).__name__}: {msg}"))
             return
         rate, eager_rate = median_rate(comp_s), median_rate(eager_s)
         verdict = "faster" if rate > eager_rate else "slower: keep eager"
@@ -538,9 +553,9 @@ class Bench:
         secs = time_blocks(draw, self.repeats, min(s.block_s, 0.3), self.device, s.warmup)
         per = statistics.median(secs)
         frac = per / self._joint_step_s
-        self.add(Figure("batch_sampling", f"batch sampling (1x{s.critic_batch} + 2x{s.actor_batch} rows)", per * 1e6,
-                        "us/step", self._joint_step_s * 1e6, "joint step (us)", frac, None, "< 0.03 of a step",
-                        frac < 0.03, note=f"buffer of {len(buf):,} rows"))
+        self.add(Figure("batch_sampling", f"batch sampling (1x{s.critic_batch} + 2x{s.actor_batch} rows)",
+                        per * 1e6, "us/step", self._joint_step_s * 1e6, "joint step (us)", frac, None,
+                        "< 0.03 of a step", frac < 0.03, note=f"buffer of {len(buf):,} rows"))
 
     # ---------------------------------------------------------------- sampler + evaluation
     def sampler(self) -> None:
@@ -555,7 +570,8 @@ class Bench:
 
         label = f"sampler ({s.sampler_states} states x N={s.sampler_n} x T={s.T})"
         flops = sampler_flops(self.obs_dim, self.action_dim, s)
-        self._sampler_calls_per_s = self.step_figures("sampler", label, act, flops, s.sampler_states, "actions/s")
+        self._sampler_calls_per_s = self.step_figures("sampler", label, act, flops, s.sampler_states,
+                                                      "actions/s")
 
     def evaluation(self) -> None:
         import gymnasium as gym
@@ -603,9 +619,10 @@ class Bench:
         limit = 2 * probe["array_bytes"] + 2**30
         peak = probe["peak_rss_bytes"]
         self.add(Figure("peak_rss", f"peak RSS, {self.s.dataset_size:,}-transition dataset (load + buffer)",
-                        peak / 2**20, "MiB", limit / 2**20, "2 x array bytes + 1 GiB", peak / limit, None, "< 1.0",
-                        peak < limit, note=(f"arrays {probe['array_bytes'] / 2**20:.1f} MiB; RSS after imports "
-                                            f"{probe['import_rss_bytes'] / 2**20:.0f} MiB; load {probe['load_s']:.1f} s")))
+                        peak / 2**20, "MiB", limit / 2**20, "2 x array bytes + 1 GiB", peak / limit, None,
+                        "< 1.0", peak < limit,
+                        note=(f"arrays {probe['array_bytes'] / 2**20:.1f} MiB; RSS after imports "
+                              f"{probe['import_rss_bytes'] / 2**20:.0f} MiB; load {probe['load_s']:.1f} s")))
 
     # ---------------------------------------------------------------- torch.compile
     def compiled(self) -> None:
@@ -616,11 +633,13 @@ class Bench:
             if kind == "actor":
                 m = make_behavior(self.obs_dim, self.action_dim, s).to(self.device).train()
                 opt, sched = m.make_optimizer(10**7)
-                fn = functools.partial(lambda m, o, sc: m.update(buf.sample(s.actor_batch), o, sc), m, opt, sched)
+                fn = functools.partial(lambda m, o, sc: m.update(buf.sample(s.actor_batch), o, sc), m, opt,
+                                       sched)
             else:
                 m = make_critic(self.obs_dim, self.action_dim, s).to(self.device)
                 v_opt, q_opt = m.configure_optimizers()
-                fn = functools.partial(lambda m, v, q: m.update(buf.sample(s.critic_batch), v, q), m, v_opt, q_opt)
+                fn = functools.partial(lambda m, v, q: m.update(buf.sample(s.critic_batch), v, q), m, v_opt,
+                                       q_opt)
             if compile_:
                 m.compile_training()  # what compile: true does under fit
             return fn
@@ -629,7 +648,8 @@ class Bench:
             flops = (actor_step_flops(self.obs_dim, self.action_dim, s) if kind == "actor" else
                      critic_step_flops(self.obs_dim, self.action_dim, s.critic_hidden, s.critic_batch))
             self.compile_figure(f"{kind}_step_compiled", f"{kind} step, compile: true",
-                                lambda kind=kind: (stepper(kind, False), stepper(kind, True)), flops, "eager step")
+                                lambda kind=kind: (stepper(kind, False), stepper(kind, True)), flops,
+                                "eager step")
 
 
 # ------------------------------------------------------------------------------------------ memory probe
@@ -663,8 +683,8 @@ def memory_probe(size: int) -> dict[str, float]:
     array_bytes = data.element_size() * data.numel()  # the transitions, float32
     load_s = time.perf_counter() - t0
     peak = _rss_bytes("VmHWM")
-    return {"peak_rss_bytes": peak, "array_bytes": array_bytes, "import_rss_bytes": import_rss, "load_s": load_s,
-            "rows": len(dm.train_buffer)}
+    return {"peak_rss_bytes": peak, "array_bytes": array_bytes, "import_rss_bytes": import_rss,
+            "load_s": load_s, "rows": len(dm.train_buffer)}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -683,10 +703,11 @@ def format_table(figures: Sequence[Figure]) -> str:
     rows = [("figure", "value", "unit", "FLOP/call", "reference", "(what)", "ratio", "target", "ok")]
     for f in figures:
         ok = "-" if f.ok is None else ("yes" if f.ok else "NO")
-        rows.append((f.label, _fmt(f.value), f.unit, _fmt(f.flops_per_call, 3), _fmt(f.reference), f.reference_what,
-                     _fmt(f.ratio, 3), f.target or "-", ok))
+        rows.append((f.label, _fmt(f.value), f.unit, _fmt(f.flops_per_call, 3), _fmt(f.reference),
+                     f.reference_what, _fmt(f.ratio, 3), f.target or "-", ok))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 2, 5, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(c.ljust(w) if i in (0, 2, 5, 7) else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     notes = [f"  {f.label}: {f.note}" for f in figures if f.note]
@@ -714,7 +735,8 @@ def _loadavg() -> float:
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -742,14 +764,16 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool | str
         bench.agent_counts = list(agents)
     load_before = _loadavg()
     if device.type == "cpu" and load_before > 0.5 * (os.cpu_count() or 1):
-        log(f"[bench] warning: 1-minute load average {load_before:.2f} on {os.cpu_count()} cores: other processes "
-            f"compete for the CPU and the figures will be low and noisy (OpenMP threads spin-wait on busy cores)")
+        log(f"[bench] warning: 1-minute load average {load_before:.2f} on {os.cpu_count()} cores: other"
+            " processes compete for the CPU and the figures will be low and noisy"
+            " (OpenMP threads spin-wait on busy cores)")
     t0 = time.perf_counter()
     sections = [("critic", bench.critic), ("actor", bench.actor), ("joint / Lightning", bench.joint),
-                ("batch sampling", bench.sampling), ("sampler", bench.sampler), ("evaluation", bench.evaluation),
-                ("peak memory", bench.memory)]
+                ("batch sampling", bench.sampling), ("sampler", bench.sampler),
+                ("evaluation", bench.evaluation), ("peak memory", bench.memory)]
     steps = [("matmul ceiling", bench.matmul), ("dataset", bench.data)]
-    steps += [(title, fn) for (title, fn), key in zip(sections, SECTIONS, strict=True) if only is None or key in only]
+    steps += [(title, fn) for (title, fn), key in zip(sections, SECTIONS, strict=True)
+              if only is None or key in only]
     if agents:
         steps.append(("many agents per process", bench.agents))
     if do_compile and do_compile != "joint":
@@ -772,8 +796,8 @@ def run(sizes: Sizes, repeats: int, device: torch.device, do_compile: bool | str
     busiest = max(contention, key=contention.get)
     table = format_table(figures)
     if contention[busiest] > 0.1:
-        table += (f"\nwarning: other processes used up to {contention[busiest]:.2f} CPU cores during '{busiest}'"
-                  " (see machine.other_processes_cpu_cores): those figures are low")
+        table += (f"\nwarning: other processes used up to {contention[busiest]:.2f} CPU cores during"
+                  f" '{busiest}' (see machine.other_processes_cpu_cores): those figures are low")
     return {
         "machine": machine,
         "settings": {"repeats": repeats, "sizes": asdict(sizes), "dataset": DATASET, "obs_dim": bench.obs_dim,
@@ -799,10 +823,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m idql_pl.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--tiny", action="store_true", help="small sizes, seconds in all (for tests)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed blocks per figure (median; default 5)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed blocks per figure (median; default 5)")
     parser.add_argument("--compile", nargs="?", const="all", default=None, choices=COMPILE_CHOICES,
-                        help="also time compile: true against eager: the actor and critic steps alone and the whole"
-                             " joint step (each K of --agents); --compile joint: only the joint step")
+                        help="also time compile: true against eager: the actor and critic steps alone and the"
+                             " whole joint step (each K of --agents); --compile joint: only the joint step")
     parser.add_argument("--compile_mode", default=None,
                         help="torch.compile mode of compile: true, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--precisions", metavar="LIST", default=",".join(PRECISIONS),
@@ -810,16 +835,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", metavar="LIST", default=None,
                         help=f"comma-separated sections to run ({','.join(SECTIONS)}); default: all")
     parser.add_argument("--agents", metavar="LIST", default=None,
-                        help="comma-separated agent counts K, e.g. 1,8: per-agent step throughput vs the first")
+                        help="comma-separated agent counts K, e.g. 1,8:"
+                             " per-agent step throughput vs the first")
     parser.add_argument("--sizes", choices=("paper", "quickstart"), default="paper",
                         help="network and batch sizes: the paper's (default) or configs/quickstart.yaml's")
     parser.add_argument("--dataset_size", type=int, default=None,
-                        help="transitions of the local/pointmaze-umaze buffer (default 1M; generated on first use)")
+                        help="transitions of the local/pointmaze-umaze buffer"
+                             " (default 1M; generated on first use)")
     parser.add_argument("--block_s", type=float, default=None,
                         help="seconds of one timed block (default 1.0; less suits fast steps, e.g. a GPU's)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    parser.add_argument("--_memory-probe", dest="memory_probe", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_memory-probe", dest="memory_probe", type=int, default=None,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -844,7 +872,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = None if args.only is None else [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = sorted(set(only or ()) - set(SECTIONS) - {"agents"})
     if unknown:
-        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}, agents")
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)};"
+                     f" choose from {', '.join(SECTIONS)}, agents")
     if only is not None and "agents" in only:  # the many-agents section alone: --agents 1,8 --only agents
         only = [x for x in only if x != "agents"]
         args.agents = args.agents or "1,8"
@@ -862,7 +891,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  precisions=precisions, compile_mode=args.compile_mode)
     m = report["machine"]
     print(f"\nIDQL benchmark on {m['device']} ({m['torch_threads']} threads, torch {m['torch']}), "
-          f"{report['elapsed_s']:.0f} s, load average {m['loadavg_1m_before']:.2f} -> {m['loadavg_1m_after']:.2f}\n")
+          f"{report['elapsed_s']:.0f} s, load average {m['loadavg_1m_before']:.2f} ->"
+          f" {m['loadavg_1m_after']:.2f}\n")
     print(report["table"])
     if args.json:
         with open(args.json, "w") as f:

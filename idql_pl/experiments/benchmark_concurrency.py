@@ -4,12 +4,12 @@ Throughput when several runs share one machine (researchers run seeds or W&B age
 start R quickstart-sized fits at once (``configs/quickstart.yaml`` with ``--trainer.max_steps N``, evaluation
 off, W&B disabled, each in its own run root) and report the total critic steps/s summed over the R runs.
 
-A run's rate is its training-time rate: the critic steps between its logging steps over the time they took, from
-its ``csv/metrics.csv`` column ``perf/critic_steps_per_s`` (the harmonic mean over rows, since every row covers
-the same number of steps), or, where a run logged none, its steps over its wall time (start-up included, so
-lower). ``wall_total_critic_steps_per_s`` is all runs' steps over the wall time of the whole batch. A run still
-going at ``--timeout`` is stopped and counts with the rate it logged so far (``timed_out`` in the JSON): that bounds
-the time a collapsed configuration takes to measure.
+A run's rate is its training-time rate: the critic steps between its logging steps over the time they took,
+from its ``csv/metrics.csv`` column ``perf/critic_steps_per_s`` (the harmonic mean over rows, since every row
+covers the same number of steps), or, where a run logged none, its steps over its wall time (start-up
+included, so lower). ``wall_total_critic_steps_per_s`` is all runs' steps over the wall time of the whole
+batch. A run still going at ``--timeout`` is stopped and counts with the rate it logged so far (``timed_out``
+in the JSON): that bounds the time a collapsed configuration takes to measure.
 
 ``--pythonpath DIR`` measures another checkout (a ``git worktree`` of an older commit) with the same tool: the
 fits then run that checkout's code and config (``DIR/configs/quickstart.yaml``). The child processes get the
@@ -17,7 +17,8 @@ caller's environment except ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``, ``MKL_NUM_
 defaults are what is measured; ``--keep-thread-env`` keeps them). A one-step warm-up fit first generates the
 dataset, so no run pays for that.
 
-Use a quiet machine: other load changes every figure. Nothing here runs in ``make test`` except a tiny smoke test.
+Use a quiet machine: other load changes every figure. Nothing here runs in ``make test`` except a tiny smoke
+test.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def _child_env(pythonpath: str | None, keep_thread_env: bool) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["PYTHONUNBUFFERED"] = "1"
     if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(pythonpath).resolve()), *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(pythonpath).resolve()),
+                                             *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
@@ -101,28 +103,32 @@ def measure(runs: int, steps: int, config: Path, root: Path, env: dict[str, str]
         run_dir = root / f"R{runs}" / f"run{i}" / "run"
         rate = run_rate(run_dir)
         wall = ended - starts[i]
-        per_run.append({"exit_code": code, "timed_out": timed_out, "critic_steps_per_s": rate, "wall_s": round(wall, 2),
+        per_run.append({"exit_code": code, "timed_out": timed_out, "critic_steps_per_s": rate,
+                        "wall_s": round(wall, 2),
                         "wall_critic_steps_per_s": steps / wall if wall > 0 else None,
                         "source": METRIC if rate is not None else "wall time",
                         "output": str(root / f"R{runs}" / f"run{i}" / "output.txt")})
     wall = time.perf_counter() - t0
     # A run stopped by --timeout still counts with the rate it logged before the stop (flagged as timed out).
-    ok = [r for r in per_run if r["exit_code"] == 0 or (r["timed_out"] and r["critic_steps_per_s"] is not None)]
-    total = sum((r["critic_steps_per_s"] if r["critic_steps_per_s"] is not None else r["wall_critic_steps_per_s"])
+    ok = [r for r in per_run
+          if r["exit_code"] == 0 or (r["timed_out"] and r["critic_steps_per_s"] is not None)]
+    total = sum((r["critic_steps_per_s"] if r["critic_steps_per_s"] is not None
+                 else r["wall_critic_steps_per_s"])
                 for r in ok)
     return {"runs": runs, "steps_per_run": steps, "completed": len(ok),
             "timed_out": sum(r["timed_out"] for r in per_run),
             "total_critic_steps_per_s": total if len(ok) == runs else None,
             "per_run_mean_critic_steps_per_s": total / len(ok) if ok else None,
             "wall_s": round(wall, 2),
-            "wall_total_critic_steps_per_s": runs * steps / wall if sum(r["exit_code"] == 0 for r in per_run) == runs
-            else None,
+            "wall_total_critic_steps_per_s": runs * steps / wall
+            if sum(r["exit_code"] == 0 for r in per_run) == runs else None,
             "per_run": per_run}
 
 
 def _git_commit(path: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -131,17 +137,22 @@ def _git_commit(path: Path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m idql_pl.benchmark_concurrency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="1,2,4", help="comma-separated numbers of concurrent runs (default 1,2,4)")
+    parser.add_argument("--runs", default="1,2,4",
+                        help="comma-separated numbers of concurrent runs (default 1,2,4)")
     parser.add_argument("--steps", type=int, default=2000, help="critic steps per run (default 2000)")
     parser.add_argument("--pythonpath", default=None, help="a checkout to measure instead of this one")
     parser.add_argument("--config", default=None, help="config (default: <checkout>/configs/quickstart.yaml)")
-    parser.add_argument("--extra", default="", help="more fit arguments for every run, one shell-quoted string")
+    parser.add_argument("--extra", default="",
+                        help="more fit arguments for every run, one shell-quoted string")
     parser.add_argument("--workdir", default=None, help="where the runs' folders go (default: a temp dir)")
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--keep-thread-env", action="store_true", help="pass OMP_NUM_THREADS etc. on to the runs")
-    parser.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up fit (dataset already there)")
+    parser.add_argument("--keep-thread-env", action="store_true",
+                        help="pass OMP_NUM_THREADS etc. on to the runs")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="skip the one-step warm-up fit (dataset already there)")
     parser.add_argument("--timeout", type=float, default=3600,
-                        help="seconds allowed per batch of runs; a run stopped by it counts with the rate it logged")
+                        help="seconds allowed per batch of runs;"
+                             " a run stopped by it counts with the rate it logged")
     args = parser.parse_args(argv)
 
     counts = [int(x) for x in args.runs.split(",") if x.strip()]
@@ -164,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         warm = subprocess.run(fit_command(config, 1, root / "warmup", 0, extra), env=env, cwd=checkout,
                               capture_output=True, text=True, timeout=args.timeout)
         if warm.returncode != 0:
-            print(f"[concurrency] warm-up fit failed ({warm.returncode}):\n{warm.stdout[-3000:]}{warm.stderr[-3000:]}",
+            print("[concurrency] warm-up fit failed"
+                  f" ({warm.returncode}):\n{warm.stdout[-3000:]}{warm.stderr[-3000:]}",
                   file=sys.stderr)
             return 1
 
@@ -177,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         total = res["total_critic_steps_per_s"]
         shown = f"{total:.1f}" if total is not None else f"FAILED ({res['completed']}/{runs} completed)"
         print(f"[concurrency] R={runs}: total {shown} critic steps/s; per run "
-              + ", ".join(f"{r['critic_steps_per_s']:.1f}" if r["critic_steps_per_s"] else "-" for r in res["per_run"])
-              + f" (wall {res['wall_s']} s" + (f", {res['timed_out']} stopped by --timeout" if res["timed_out"] else "")
+              + ", ".join(f"{r['critic_steps_per_s']:.1f}" if r["critic_steps_per_s"] else "-"
+                          for r in res["per_run"])
+              + f" (wall {res['wall_s']} s"
+              + (f", {res['timed_out']} stopped by --timeout" if res["timed_out"] else "")
               + ")", flush=True)
 
     solo = next((r["total_critic_steps_per_s"] for r in results if r["runs"] == 1), None)
@@ -190,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['runs']:>3} {total if total is not None else float('nan'):>21.1f} "
               f"{per if per is not None else float('nan'):>9.1f} {ratio:>7}")
     report = {"checkout": str(checkout), "commit": _git_commit(checkout), "config": str(config),
-              "steps_per_run": args.steps, "cpus": affinity, "cpu_model": platform.processor() or platform.machine(),
-              "thread_env_kept": args.keep_thread_env, "extra": extra, "workdir": str(root), "results": results}
+              "steps_per_run": args.steps, "cpus": affinity,
+              "cpu_model": platform.processor() or platform.machine(),
+              "thread_env_kept": args.keep_thread_env, "extra": extra, "workdir": str(root),
+              "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"[concurrency] wrote {args.json}")

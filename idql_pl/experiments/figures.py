@@ -1,15 +1,17 @@
-"""The IDQL paper's Figures 1-3 as commands: ``python -m idql_pl.figures {fig1,fig2,fig3,all} [--out DIR] [--quick]``.
+"""The IDQL paper's Figures 1-3 as commands:
+``python -m idql_pl.figures {fig1,fig2,fig3,all} [--out DIR] [--quick]``.
 
-Each figure writes ``<out>/figN.png`` and ``<out>/figN.json`` (the plotted numbers, the sizes used and the wall
-time) and is built from the project's own parts: :class:`~idql_pl.models.critic.ImplicitCritic`,
-:class:`~idql_pl.models.behavior.DiffusionBehavior` (LN-ResNet / MLP score nets), :func:`~idql_pl.algorithm.extraction.extract_actions`,
-:func:`~idql_pl.algorithm.losses.value_loss`, :func:`~idql_pl.algorithm.losses.implicit_log_weights` and the IQL baseline's
+Each figure writes ``<out>/figN.png`` and ``<out>/figN.json`` (the plotted numbers, the sizes used and the
+wall time) and is built from the project's own parts: :class:`~idql_pl.models.critic.ImplicitCritic`,
+:class:`~idql_pl.models.behavior.DiffusionBehavior` (LN-ResNet / MLP score nets),
+:func:`~idql_pl.algorithm.extraction.extract_actions`, :func:`~idql_pl.algorithm.losses.value_loss`,
+:func:`~idql_pl.algorithm.losses.implicit_log_weights` and the IQL baseline's
 :func:`~idql_pl.models.iql.awr_loss` / :class:`~idql_pl.models.iql.GaussianActor`.
 
 - **Fig. 1** (Sec. 1): one-step 2-D bandit, ``r(a1, a2) = a1 + a2``, behavior data in three clusters (the
-  ``local/bandit`` centres and spread); an expectile critic at tau 0.9; the AWR-fitted unimodal Gaussian policy
-  (IQL's actor, Eq. 3) for several inverse temperatures against IDQL's implicit extraction (Alg. 2, resampling
-  N diffusion samples with the expectile weights, Eq. 9).
+  ``local/bandit`` centres and spread); an expectile critic at tau 0.9; the AWR-fitted unimodal Gaussian
+  policy (IQL's actor, Eq. 3) for several inverse temperatures against IDQL's implicit extraction (Alg. 2,
+  resampling N diffusion samples with the expectile weights, Eq. 9).
 - **Fig. 2** (Sec. 4.1): three reward clusters (low, medium, high, additive noise); the value ``V*`` each loss
   (expectile, quantile, exponential; Eq. 1, 10, 11) learns over its parameter, and the mean/std of the reward
   under the implicit actor ``pi_imp ∝ mu |f'(u)|/|u|`` (Theorem 4.1, Eq. 8-12) at that ``V*``.
@@ -68,7 +70,8 @@ def train_critic(buffer: TransitionBuffer, steps: int, **critic_kwargs: Any) -> 
 
 
 def train_behavior(buffer: TransitionBuffer, steps: int, **behavior_kwargs: Any) -> DiffusionBehavior:
-    """``steps`` behavior steps (:meth:`DiffusionBehavior.update`: dropout on, cosine LR over ``steps``, EMA)."""
+    """``steps`` behavior steps (:meth:`DiffusionBehavior.update`: dropout on, cosine LR over ``steps``,
+    EMA)."""
     model = DiffusionBehavior(buffer.obs_dim, buffer.action_dim, **behavior_kwargs)
     opt, sched = model.make_optimizer(steps)
     model.train()
@@ -149,11 +152,14 @@ def cluster_shares(actions: Tensor) -> tuple[float, float]:
     centers = torch.as_tensor(BANDIT_CENTERS, dtype=torch.float32)
     best = int(centers.sum(1).argmax())
     dist = torch.cdist(actions.float(), centers)
-    return float((dist[:, best] <= BANDIT_RADIUS).float().mean()), float((dist.min(1).values <= BANDIT_RADIUS).float().mean())
+    return (float((dist[:, best] <= BANDIT_RADIUS).float().mean()),
+            float((dist.min(1).values <= BANDIT_RADIUS).float().mean()))
 
 
-def fit_awr_gaussian(buffer: TransitionBuffer, critic: ImplicitCritic, beta: float, size: Fig1Size) -> GaussianActor:
-    """IQL's actor (:class:`GaussianActor`, 2x256, tanh mean) fit with :func:`awr_loss` against a fixed critic."""
+def fit_awr_gaussian(buffer: TransitionBuffer, critic: ImplicitCritic, beta: float,
+                     size: Fig1Size) -> GaussianActor:
+    """IQL's actor (:class:`GaussianActor`, 2x256, tanh mean) fit with :func:`awr_loss` against a fixed
+    critic."""
     actor = GaussianActor(1, 2, size.actor_hidden)
     opt = torch.optim.Adam(actor.parameters(), lr=size.actor_lr)
     for _ in range(size.actor_steps):
@@ -184,13 +190,14 @@ def fig1(out: Path, quick: bool = False, seed: int = 0, size: Fig1Size | None = 
 
     record("data", actions)
     with torch.no_grad():
-        record("behavior (diffusion BC)", behavior.sample(state, size.num_eval, generator=torch.Generator().manual_seed(seed + 1))[0, 0])
+        record("behavior (diffusion BC)",
+               behavior.sample(state, size.num_eval, generator=torch.Generator().manual_seed(seed + 1))[0, 0])
         idql = {}
         for extraction in ("implicit", "argmax"):  # the same candidates for both (same generator seed)
             gen = torch.Generator().manual_seed(seed + 2)
             idql[extraction] = torch.cat([
-                extract_actions(behavior, critic, torch.zeros(n, 1), size.num_candidates, extraction, "expectile",
-                                size.tau, generator=gen)[0]  # the one agent
+                extract_actions(behavior, critic, torch.zeros(n, 1), size.num_candidates, extraction,
+                                "expectile", size.tau, generator=gen)[0]  # the one agent
                 for n in _chunks(size.num_eval, 250)])
         record("IDQL implicit", idql["implicit"], num_candidates=size.num_candidates)
         record("IDQL argmax", idql["argmax"], num_candidates=size.num_candidates)
@@ -202,8 +209,9 @@ def fig1(out: Path, quick: bool = False, seed: int = 0, size: Fig1Size | None = 
             samples = actor.sample(state, size.num_eval, generator=torch.Generator().manual_seed(seed + 3))[0]
         mean_best, _ = cluster_shares(mean)
         gaussians[beta] = (mean[0].numpy(), log_std[0].exp().numpy(), samples)
-        record(f"AWR Gaussian beta={beta:g}", samples, beta=beta, mean=mean[0].tolist(), std=log_std[0].exp().tolist(),
-               mean_action_in_best_cluster=bool(mean_best == 1.0), mean_action_reward=float(mean.sum()))
+        record(f"AWR Gaussian beta={beta:g}", samples, beta=beta, mean=mean[0].tolist(),
+               std=log_std[0].exp().tolist(), mean_action_in_best_cluster=bool(mean_best == 1.0),
+               mean_action_reward=float(mean.sum()))
     with torch.no_grad():
         v = float(critic.v(state))
     seconds = time.perf_counter() - start
@@ -229,10 +237,12 @@ def fig1(out: Path, quick: bool = False, seed: int = 0, size: Fig1Size | None = 
     colors = plt.cm.plasma(np.linspace(0.1, 0.85, len(size.betas)))
     for color, (beta, (mean, std, _)) in zip(colors, gaussians.items()):
         density = np.exp(-0.5 * (((gx - mean[0]) / std[0]) ** 2 + ((gy - mean[1]) / std[1]) ** 2))
-        axes[1].contour(gx, gy, density, levels=[math.exp(-2.0), math.exp(-0.5)], colors=[color], linewidths=[1.0, 2.0])
+        axes[1].contour(gx, gy, density, levels=[math.exp(-2.0), math.exp(-0.5)], colors=[color],
+                        linewidths=[1.0, 2.0])
         m = methods[f"AWR Gaussian beta={beta:g}"]
         axes[1].plot(*mean, "x", color=color, ms=9, mew=2,
-                     label=f"beta={beta:g}: {m['best_cluster_share']:.0%} in best, {m['in_any_cluster_share']:.0%} in any cluster")
+                     label=f"beta={beta:g}: {m['best_cluster_share']:.0%} in best,"
+                           f" {m['in_any_cluster_share']:.0%} in any cluster")
     axes[1].legend(loc="lower left", fontsize=8)
     axes[1].set_title("AWR-fitted unimodal Gaussian (IQL, Eq. 3)\n1- and 2-sigma contours, x = mean action")
     imp = idql["implicit"][:2000].numpy()
@@ -240,7 +250,8 @@ def fig1(out: Path, quick: bool = False, seed: int = 0, size: Fig1Size | None = 
     axes[2].scatter(imp[:, 0], imp[:, 1], s=3, color="tab:red")
     m = methods["IDQL implicit"]
     axes[2].set_title(f"IDQL implicit extraction, N={size.num_candidates}\n"
-                      f"{m['best_cluster_share']:.0%} in best, {m['in_any_cluster_share']:.0%} in any cluster")
+                      f"{m['best_cluster_share']:.0%} in best,"
+                      f" {m['in_any_cluster_share']:.0%} in any cluster")
     fig.suptitle("Fig. 1: AWR's unimodal Gaussian vs IDQL's implicit-policy extraction, 2-D bandit")
     fig.tight_layout()
     rec = {"figure": "fig1", "quick": quick, "seed": seed, "wall_time_s": seconds, "sizes": asdict(size),
@@ -267,18 +278,21 @@ FIG2_NOISE = 0.1
 
 
 def fig2_data(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """1-D actions ``a = c_k - 0.5 + noise`` (``c_k`` uniform over ``FIG2_CLUSTERS``, noise std ``FIG2_NOISE``),
-    reward ``r(a) = a + 0.5``: the reward is the cluster's plus additive noise, and Q = r on every action."""
+    """1-D actions ``a = c_k - 0.5 + noise`` (``c_k`` uniform over ``FIG2_CLUSTERS``, noise std
+    ``FIG2_NOISE``), reward ``r(a) = a + 0.5``: the reward is the cluster's plus additive noise, and Q = r on
+    every action."""
     g = torch.Generator().manual_seed(seed)
     c = torch.tensor(FIG2_CLUSTERS, dtype=torch.float64)[torch.randint(3, (n,), generator=g)]
     rewards = c + FIG2_NOISE * torch.randn(n, generator=g, dtype=torch.float64)
     return (rewards - 0.5).float().unsqueeze(1), rewards
 
 
-def optimal_value(rewards: Tensor, kind: str, param: float, exp_clip: float = math.inf, iters: int = 100) -> float:
+def optimal_value(rewards: Tensor, kind: str, param: float, exp_clip: float = math.inf,
+                  iters: int = 100) -> float:
     """``argmin_V mean(value_loss(r - V))`` by bisection on its derivative (each loss is convex in V), with
     ``Q(a_i) = r_i``: the value a critic learns on a one-step bandit. ``exp_clip = inf`` is the paper's linex
-    (the surrogate's gradient then equals linex's); the project's critic defaults to the reference code's 6."""
+    (the surrogate's gradient then equals linex's); the project's critic defaults to the reference code's
+    6."""
     lo, hi = float(rewards.min()) - 1.0, float(rewards.max()) + 1.0
 
     def slope(v: float) -> float:
@@ -322,8 +336,11 @@ def fig2(out: Path, quick: bool = False, seed: int = 0, size: Fig2Size | None = 
                         "pi_reward_std": [s[1] for s in stats]}
         if kind == "quantile":  # the empirical CDF at V* (should equal tau)
             curves[kind]["cdf_at_value"] = [float((rewards <= v).double().mean()) for v in values]
-        if kind == "exponential":  # the closed form (1/alpha) log mean exp(alpha r), and the clipped surrogate
-            curves[kind]["log_mean_exp"] = [float((torch.logsumexp(p * rewards, 0) - math.log(len(rewards))) / p) for p in params]
+        # the closed form (1/alpha) log mean exp(alpha r), and the clipped surrogate
+        if kind == "exponential":
+            curves[kind]["log_mean_exp"] = [
+                float((torch.logsumexp(p * rewards, 0) - math.log(len(rewards))) / p) for p in params
+            ]
             curves[kind]["value_exp_clip_6"] = [optimal_value(rewards, kind, p, exp_clip=6.0) for p in params]
     checks: dict[str, list[dict[str, float]]] = {}
     if size.critic_check_steps:
@@ -337,11 +354,13 @@ def fig2(out: Path, quick: bool = False, seed: int = 0, size: Fig2Size | None = 
                                       lr=size.critic_check_lr, **{key: p})
                 with torch.no_grad():
                     critic_v = float(critic.v(torch.zeros(1, 1)))
-                checks[kind].append({"param": p, "critic_v": critic_v, "exact_v": optimal_value(rewards, kind, p)})
+                checks[kind].append({"param": p, "critic_v": critic_v,
+                                     "exact_v": optimal_value(rewards, kind, p)})
     seconds = time.perf_counter() - start
     r_np = rewards.numpy()
-    references = {"cluster_rewards": list(FIG2_CLUSTERS), "noise_std": FIG2_NOISE, "reward_mean": float(r_np.mean()),
-                  "reward_max": float(r_np.max()), "high_cluster_mean": float(r_np[r_np > 0.75].mean())}
+    references = {"cluster_rewards": list(FIG2_CLUSTERS), "noise_std": FIG2_NOISE,
+                  "reward_mean": float(r_np.mean()), "reward_max": float(r_np.max()),
+                  "high_cluster_mean": float(r_np[r_np > 0.75].mean())}
 
     plt = _plt()
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
@@ -353,14 +372,16 @@ def fig2(out: Path, quick: bool = False, seed: int = 0, size: Fig2Size | None = 
         x = curve["params"]
         top.plot(x, curve["value"], "-", color="tab:blue", lw=2, label="V* = argmin mean f(r - V)")
         if kind == "quantile":
-            top.plot(x, np.quantile(r_np, x).tolist(), "--", color="k", lw=1, label="empirical tau-quantile of r")
+            top.plot(x, np.quantile(r_np, x).tolist(), "--", color="k", lw=1,
+                     label="empirical tau-quantile of r")
         if kind == "exponential":
-            top.plot(x, curve["value_exp_clip_6"], ":", color="tab:purple", lw=2, label="surrogate with exp_clip 6 (ref. code)")
+            top.plot(x, curve["value_exp_clip_6"], ":", color="tab:purple", lw=2,
+                     label="surrogate with exp_clip 6 (ref. code)")
             top.set_xscale("log")
             bottom.set_xscale("log")
         if kind in checks:
-            top.plot([c["param"] for c in checks[kind]], [c["critic_v"] for c in checks[kind]], "o", color="tab:orange",
-                     ms=7, label=f"ImplicitCritic V ({size.critic_check_steps} steps)")
+            top.plot([c["param"] for c in checks[kind]], [c["critic_v"] for c in checks[kind]], "o",
+                     color="tab:orange", ms=7, label=f"ImplicitCritic V ({size.critic_check_steps} steps)")
         for ref, style in ((references["reward_max"], "-."), *((c, ":") for c in FIG2_CLUSTERS)):
             top.axhline(ref, ls=style, color="0.6", lw=1)
         top.set_title(f"value learned vs {title}")
@@ -376,8 +397,8 @@ def fig2(out: Path, quick: bool = False, seed: int = 0, size: Fig2Size | None = 
         bottom.set_xlabel(xlabel)
         bottom.set_ylabel("reward")
         bottom.legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"Fig. 2: three reward clusters {FIG2_CLUSTERS} + N(0, {FIG2_NOISE}^2) noise; dotted: cluster rewards, "
-                 "dash-dot: max reward")
+    fig.suptitle(f"Fig. 2: three reward clusters {FIG2_CLUSTERS} + N(0, {FIG2_NOISE}^2) noise; dotted:"
+                 " cluster rewards, dash-dot: max reward")
     fig.tight_layout()
     rec = {"figure": "fig2", "quick": quick, "seed": seed, "wall_time_s": seconds, "sizes": asdict(size),
            "references": references, "curves": curves, "critic_checks": checks}
@@ -405,7 +426,8 @@ def two_moons(n: int, g: torch.Generator) -> Tensor:
 def spiral(n: int, g: torch.Generator) -> Tensor:
     t = torch.rand(n, generator=g).sqrt()
     r, theta = 0.1 + 0.75 * t, 3.0 * math.pi * t
-    return torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1) + 0.025 * torch.randn(n, 2, generator=g)
+    return (torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1)
+            + 0.025 * torch.randn(n, 2, generator=g))
 
 
 TOY_DATASETS: dict[str, Callable[[int, torch.Generator], Tensor]] = {
@@ -423,7 +445,8 @@ class Fig3Config:
 FIG3_CONFIGS = (
     Fig3Config("MLP", "mlp", 256, 2), Fig3Config("MLP +batch", "mlp", 4096, 2),
     Fig3Config("MLP +capacity", "mlp", 4096, 3), Fig3Config("LN-ResNet", "ln_resnet", 256, 2),
-    Fig3Config("LN-ResNet +batch", "ln_resnet", 4096, 2), Fig3Config("LN-ResNet +capacity", "ln_resnet", 4096, 3),
+    Fig3Config("LN-ResNet +batch", "ln_resnet", 4096, 2),
+    Fig3Config("LN-ResNet +capacity", "ln_resnet", 4096, 3),
 )
 
 
@@ -460,29 +483,34 @@ def fig3(out: Path, quick: bool = False, seed: int = 0, size: Fig3Size | None = 
     for d, dataset in enumerate(size.datasets):
         g = torch.Generator().manual_seed(seed + 100 * d)
         data = TOY_DATASETS[dataset](size.num_data, g).clamp(-1.0, 1.0)
-        reference = TOY_DATASETS[dataset](size.num_data, g).clamp(-1.0, 1.0)  # fresh draws for the outlier test
+        # fresh draws for the outlier test
+        reference = TOY_DATASETS[dataset](size.num_data, g).clamp(-1.0, 1.0)
         buffer = bandit_buffer(data, torch.zeros(size.num_data), seed)
-        results[dataset] = {"data (fresh draws)": {"outlier_share": outlier_share(data[: size.num_samples], reference)}}
+        results[dataset] = {
+            "data (fresh draws)": {"outlier_share": outlier_share(data[: size.num_samples], reference)}
+        }
         samples_for_plot[(dataset, "data")] = data[:2000].numpy()
         for config in configs:
             L.seed_everything(seed, verbose=False)
             t0 = time.perf_counter()
             batch = config.batch_size if config.batch_size <= 256 else size.large_batch
-            model = train_behavior(buffer, size.steps, T=size.T, score_net=config.score_net, hidden_dim=size.hidden,
-                                   ff_dim=size.ff, num_blocks=config.num_blocks, batch_size=batch, lr=size.lr,
-                                   ema_rate=size.ema_rate)
+            model = train_behavior(buffer, size.steps, T=size.T, score_net=config.score_net,
+                                   hidden_dim=size.hidden, ff_dim=size.ff, num_blocks=config.num_blocks,
+                                   batch_size=batch, lr=size.lr, ema_rate=size.ema_rate)
             train_s = time.perf_counter() - t0
-            x = model.sample(torch.zeros(1, 1), size.num_samples, generator=torch.Generator().manual_seed(seed + 1))[0, 0]
-            results[dataset][config.name] = {"outlier_share": outlier_share(x, reference), "batch_size": batch,
-                                             "num_blocks": config.num_blocks, "train_seconds": train_s,
+            x = model.sample(torch.zeros(1, 1), size.num_samples,
+                             generator=torch.Generator().manual_seed(seed + 1))[0, 0]
+            results[dataset][config.name] = {"outlier_share": outlier_share(x, reference),
+                                             "batch_size": batch, "num_blocks": config.num_blocks,
+                                             "train_seconds": train_s,
                                              "parameters": sum(p.numel() for p in model.net.parameters())}
             samples_for_plot[(dataset, config.name)] = x[:2000].numpy()
     seconds = time.perf_counter() - start
 
     plt = _plt()
     cols = ["data", *(c.name for c in configs)]
-    fig, axes = plt.subplots(len(size.datasets), len(cols), figsize=(2.6 * len(cols), 2.7 * len(size.datasets)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(size.datasets), len(cols),
+                             figsize=(2.6 * len(cols), 2.7 * len(size.datasets)), squeeze=False)
     for i, dataset in enumerate(size.datasets):
         for j, col in enumerate(cols):
             ax = axes[i, j]
@@ -496,8 +524,10 @@ def fig3(out: Path, quick: bool = False, seed: int = 0, size: Fig3Size | None = 
             key = "data (fresh draws)" if col == "data" else col
             share = results[dataset][key]["outlier_share"]
             if i == 0:
-                ax.set_title(col if col == "data" else f"{col}\n(batch {results[dataset][col]['batch_size']}, "
-                             f"{results[dataset][col]['num_blocks']} {'blocks' if 'ResNet' in col else 'layers'})",
+                ax.set_title(col if col == "data"
+                             else f"{col}\n(batch {results[dataset][col]['batch_size']}, "
+                             f"{results[dataset][col]['num_blocks']}"
+                             f" {'blocks' if 'ResNet' in col else 'layers'})",
                              fontsize=9)
             ax.text(0.02, 0.02, f"outliers {share:.1%}", transform=ax.transAxes, fontsize=8, color="tab:red")
             if j == 0:
@@ -518,7 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m idql_pl.figures", description=__doc__.split("\n\n")[0])
     parser.add_argument("figure", choices=[*FIGURES, "all"])
     parser.add_argument("--out", default="docs/figures", help="output folder (default: docs/figures)")
-    parser.add_argument("--quick", action="store_true", help="small sizes: each figure well under a minute on a CPU")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes: each figure well under a minute on a CPU")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = Path(args.out)

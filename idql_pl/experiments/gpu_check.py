@@ -9,8 +9,8 @@ and no internet. Its steps, each a subprocess killed at its own time limit (the 
    into ``<work>/site``, which every later step has on ``PYTHONPATH``: pip resolves nothing and never
    touches the installed torch or Lightning;
 2. ``machine``: GPU, torch, CUDA and Python versions, and an import of every module the check needs;
-3. ``cuda_tests``: ``tests/integration/test_cuda.py``, its pass/fail/skip counts; a skipped CUDA test on a machine with
-   CUDA fails the check;
+3. ``cuda_tests``: ``tests/integration/test_cuda.py``, its pass/fail/skip counts; a skipped CUDA test on a
+   machine with CUDA fails the check;
 4. ``functional_step_tests``: the tests that pin this torch's functional Adam and ``torch.func`` gradients
    (``compile: true``'s update) to the eager step, bit for bit (CPU, eager: seconds);
 5. ``fit`` and 6. ``resume``: a quickstart-sized fit on the GPU (bf16-mixed, ``compile: true`` with CUDA
@@ -273,14 +273,15 @@ def plan(work: Path, python: str = sys.executable, wheel_files: Sequence[Path] =
         "--precisions", "f32", "--repeats", "3", "--block_s", "0.25",
         "--dataset_size", str(sizes.dataset_size), "--json", str(work / "benchmark.json"),
     ]
-    functional = [*pytest, "--junitxml", str(work / "functional_step_tests.xml"), "tests/unit/test_compile.py",
-                  "-k", "functional_iteration_is_the_eager_one"]
+    functional = [*pytest, "--junitxml", str(work / "functional_step_tests.xml"),
+                  "tests/unit/test_compile.py", "-k", "functional_iteration_is_the_eager_one"]
     return [
         Step("install", 30, install_argv(wheel_files, site, python, have_pip),
              "install the missing packages from the wheels (pip --no-index --no-deps --target)"),
         Step("machine", 30, [python, "-c", PROBE, json.dumps(modules), json.dumps(dists)],
              "GPU, torch/CUDA/Python versions; every needed module imports"),
-        Step("cuda_tests", 140, [*pytest, "--junitxml", str(work / "cuda_tests.xml"), "tests/integration/test_cuda.py"],
+        Step("cuda_tests", 140,
+             [*pytest, "--junitxml", str(work / "cuda_tests.xml"), "tests/integration/test_cuda.py"],
              "tests/integration/test_cuda.py (none may be skipped where CUDA is available)"),
         Step("functional_step_tests", 20, functional,
              "this torch's functional Adam and torch.func gradients == the eager step, bit for bit (CPU)"),

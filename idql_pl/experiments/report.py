@@ -53,10 +53,13 @@ from idql_pl.errors import ConfigError
 # docs/fidelity.md §7: Table 1 (IDQL-1, IDQL-A) and Table 5 (maze2d), D4RL normalized scores.
 _TABLE1 = {
     "halfcheetah-medium": (49.7, 51.0), "hopper-medium": (63.1, 65.4), "walker2d-medium": (80.2, 82.5),
-    "halfcheetah-medium-replay": (45.1, 45.9), "hopper-medium-replay": (82.4, 92.1), "walker2d-medium-replay": (79.8, 85.1),
-    "halfcheetah-medium-expert": (94.4, 95.9), "hopper-medium-expert": (105.3, 108.6), "walker2d-medium-expert": (111.6, 112.7),
+    "halfcheetah-medium-replay": (45.1, 45.9), "hopper-medium-replay": (82.4, 92.1),
+    "walker2d-medium-replay": (79.8, 85.1),
+    "halfcheetah-medium-expert": (94.4, 95.9), "hopper-medium-expert": (105.3, 108.6),
+    "walker2d-medium-expert": (111.6, 112.7),
     "antmaze-umaze": (93.8, 94.0), "antmaze-umaze-diverse": (62.0, 80.2), "antmaze-medium-play": (86.6, 84.5),
-    "antmaze-medium-diverse": (83.5, 84.8), "antmaze-large-play": (57.0, 63.5), "antmaze-large-diverse": (56.4, 67.9),
+    "antmaze-medium-diverse": (83.5, 84.8), "antmaze-large-play": (57.0, 63.5),
+    "antmaze-large-diverse": (56.4, 67.9),
 }
 _TABLE5 = {"maze2d-umaze": 57.9, "maze2d-medium": 89.5, "maze2d-large": 90.1}
 # the paper's Table 5 per maze: IDQL and IQL on D4RL maze2d-<maze>-v1 (the report's IDQL - IQL comparison)
@@ -195,7 +198,8 @@ def read_runs(run_dir: str | Path) -> list[RunRecord]:
     data_cfg = cfg.get("data") or {}
     dataset_arg = str(data_cfg.get("dataset", "?"))
     spec = get_d4rl_spec(dataset_arg)
-    dataset = spec.name if spec else (Path(dataset_arg).stem if dataset_arg.endswith((".hdf5", ".h5")) else dataset_arg)
+    dataset = spec.name if spec else (Path(dataset_arg).stem if dataset_arg.endswith((".hdf5", ".h5"))
+                                      else dataset_arg)
     family = data_cfg.get("family") or (spec.family if spec else infer_family(dataset_arg))
     flat = {k: v for k, v in flatten(cfg).items() if not _IGNORED.match(k)}
     key = hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -279,7 +283,8 @@ def label_configs(runs: Sequence[RunRecord]) -> None:
     labels: dict[tuple[str, str, str], str] = {}
     for (family, method), configs in by_group.items():
         keys = sorted({k for c in configs.values() for k in c})
-        differing = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs.values()}) > 1]
+        differing = [k for k in keys
+                     if len({json.dumps(c.get(k), default=str) for c in configs.values()}) > 1]
         for ck, c in configs.items():
             text = ", ".join(f"{k.removeprefix('model.')}={c.get(k)}" for k in differing)
             if several:
@@ -322,24 +327,28 @@ def aggregate_point(scores: np.ndarray, gamma: float = 100.0) -> np.ndarray:
     ])
 
 
-def aggregate_with_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
-    """Point estimates and stratified-bootstrap (percentile) CIs, runs resampled within each task (rliable)."""
+def aggregate_with_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict[str, dict[str, float]]:
+    """Point estimates and stratified-bootstrap (percentile) CIs, runs resampled within each task
+    (rliable)."""
     from rliable import library as rly
 
-    # rliable's StratifiedBootstrap draws its indices from NumPy's global generator (whatever random_state says):
-    # seed that one for the call and put its state back afterwards
+    # rliable's StratifiedBootstrap draws its indices from NumPy's global generator (whatever random_state
+    # says): seed that one for the call and put its state back afterwards
     saved = np.random.get_state()
     np.random.seed(seed)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # arch: random_state -> generator (rliable passes random_state)
+            # arch: random_state -> generator (rliable passes random_state)
+            warnings.simplefilter("ignore", FutureWarning)
             point, interval = rly.get_interval_estimates(
-                {"x": np.asarray(scores, dtype=np.float64)}, aggregate_point, reps=reps, confidence_interval_size=level,
-                random_state=np.random.RandomState(seed),
+                {"x": np.asarray(scores, dtype=np.float64)}, aggregate_point, reps=reps,
+                confidence_interval_size=level, random_state=np.random.RandomState(seed),
             )
     finally:
         np.random.set_state(saved)
-    return {name: {"value": float(point["x"][i]), "ci_low": float(interval["x"][0, i]), "ci_high": float(interval["x"][1, i])}
+    return {name: {"value": float(point["x"][i]), "ci_low": float(interval["x"][0, i]),
+                   "ci_high": float(interval["x"][1, i])}
             for i, name in enumerate(AGGREGATES)}
 
 
@@ -365,7 +374,8 @@ class DatasetRow:
     method: str = "IDQL"
 
 
-def build(runs: Sequence[RunRecord], *, include_unfinished: bool = False, reps: int = 2000, seed: int = 0) -> dict[str, Any]:
+def build(runs: Sequence[RunRecord], *, include_unfinished: bool = False, reps: int = 2000,
+          seed: int = 0) -> dict[str, Any]:
     """All numbers of the report (what report.json holds)."""
     label_configs(runs)
     groups: dict[tuple[str, str, str], list[RunRecord]] = {}
@@ -378,11 +388,12 @@ def build(runs: Sequence[RunRecord], *, include_unfinished: bool = False, reps: 
         seeds = [r.seed for r in members]
         if len(set(seeds)) < len(seeds):
             dup = sorted({x for x in seeds if seeds.count(x) > 1})
-            notes.append(f"{dataset} [{label}]: seed(s) {', '.join(map(str, dup))} appear in more than one run folder "
-                         "(the same run twice?); each folder counts as one run")
+            notes.append(f"{dataset} [{label}]: seed(s) {', '.join(map(str, dup))} appear in more than one"
+                         " run folder (the same run twice?); each folder counts as one run")
         if unfinished:
             what = "kept (their last evaluation)" if include_unfinished else "left out of the final score"
-            notes.append(f"{dataset} [{label}]: seed(s) {', '.join(map(str, unfinished))} not at trainer.max_steps yet, {what}")
+            notes.append(f"{dataset} [{label}]: seed(s) {', '.join(map(str, unfinished))} not at"
+                         f" trainer.max_steps yet, {what}")
         final_mean = final_std = ret = None
         final_step = None
         if used:
@@ -394,8 +405,8 @@ def build(runs: Sequence[RunRecord], *, include_unfinished: bool = False, reps: 
         metric = members[0].metric
         paper = paper_scores(dataset) if metric == "normalized_score" else {}
         diff = {k: final_mean - v for k, v in paper.items()} if final_mean is not None else {}
-        rows.append(DatasetRow(dataset, family, label, metric, [r.seed for r in used], final_step, final_mean, final_std,
-                               best_mean, best_std, ret, paper, diff, unfinished,
+        rows.append(DatasetRow(dataset, family, label, metric, [r.seed for r in used], final_step, final_mean,
+                               final_std, best_mean, best_std, ret, paper, diff, unfinished,
                                list(dict.fromkeys(r.path for r in members)), [r.final for r in used],
                                members[0].method))
         steps = sorted({s for r in members for s in r.steps})
@@ -405,9 +416,9 @@ def build(runs: Sequence[RunRecord], *, include_unfinished: bool = False, reps: 
             m, a, b = t_band(vals)
             mean.append(m), lo.append(a), hi.append(b), n.append(len(vals))
         bc = members[0].method == METHODS["DiffusionBehavior"]
-        curves.append({"dataset": dataset, "family": family, "config": label, "metric": metric, "steps": steps,
-                       "mean": mean, "ci_low": lo, "ci_high": hi, "n": n, "method": members[0].method,
-                       "step_unit": "actor steps" if bc else "critic steps"})
+        curves.append({"dataset": dataset, "family": family, "config": label, "metric": metric,
+                       "steps": steps, "mean": mean, "ci_low": lo, "ci_high": hi, "n": n,
+                       "method": members[0].method, "step_unit": "actor steps" if bc else "critic steps"})
     _critic_step_axis(curves, runs)
     aggregates = []
     by_domain: dict[tuple[str, str], list[DatasetRow]] = {}
@@ -417,17 +428,19 @@ def build(runs: Sequence[RunRecord], *, include_unfinished: bool = False, reps: 
     for (family, label), members in by_domain.items():
         m = min(len(row.seeds) for row in members)
         if any(len(row.seeds) != m for row in members):
-            notes.append(f"{family} [{label}]: datasets have different numbers of seeds; the aggregate uses the first {m} "
-                         "seeds of each (rliable needs a runs x tasks matrix)")
+            notes.append(f"{family} [{label}]: datasets have different numbers of seeds; the aggregate uses"
+                         f" the first {m} seeds of each (rliable needs a runs x tasks matrix)")
         # runs x tasks: row i holds each dataset's i-th run (runs sorted by seed)
         matrix = np.array([[row.finals[i] for row in members] for i in range(m)])
         paper_mean = {k: float(np.mean([row.paper[k] for row in members])) for k in PAPER_COLUMNS
                       if all(k in row.paper for row in members)}
-        aggregates.append({"family": family, "config": label, "datasets": [row.dataset for row in members], "seeds_per_dataset": m,
-                           **aggregate_with_ci(matrix, reps=reps, seed=seed), "paper_mean": paper_mean})
+        aggregates.append({"family": family, "config": label, "datasets": [row.dataset for row in members],
+                           "seeds_per_dataset": m, **aggregate_with_ci(matrix, reps=reps, seed=seed),
+                           "paper_mean": paper_mean})
     return {"rows": [asdict(r) for r in rows], "aggregates": aggregates, "curves": curves, "notes": notes,
             "comparisons": compare_methods(rows, reps=reps, seed=seed),
-            "runs": [{**{k: v for k, v in asdict(r).items() if k != "config"}, "finished": r.finished} for r in runs],
+            "runs": [{**{k: v for k, v in asdict(r).items() if k != "config"}, "finished": r.finished}
+                     for r in runs],
             "run_folders": len({r.path for r in runs}),
             "settings": {"bootstrap_reps": reps, "bootstrap_seed": seed, "confidence": 0.95,
                          "include_unfinished": include_unfinished, "std": "sample std over seeds (ddof 1)",
@@ -536,17 +549,17 @@ def slug(text: str) -> str:
 
 
 def write_csv(report: dict[str, Any], path: Path) -> None:
-    cols = ["dataset", "family", "config", "metric", "n_seeds", "final_step", "final_mean", "final_std", "best_mean",
-            "best_std", "return_mean", *[f"paper_{c}" for c in PAPER_COLUMNS], *[f"diff_{c}" for c in PAPER_COLUMNS],
-            "unfinished_seeds"]
+    cols = ["dataset", "family", "config", "metric", "n_seeds", "final_step", "final_mean", "final_std",
+            "best_mean", "best_std", "return_mean", *[f"paper_{c}" for c in PAPER_COLUMNS],
+            *[f"diff_{c}" for c in PAPER_COLUMNS], "unfinished_seeds"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in report["rows"]:
-            w.writerow([r["dataset"], r["family"], r["config"], r["metric"], len(r["seeds"]), r["final_step"], r["final_mean"],
-                        r["final_std"], r["best_mean"], r["best_std"], r["return_mean"],
-                        *[r["paper"].get(c, "") for c in PAPER_COLUMNS], *[r["diff"].get(c, "") for c in PAPER_COLUMNS],
-                        " ".join(map(str, r["unfinished"]))])
+            w.writerow([r["dataset"], r["family"], r["config"], r["metric"], len(r["seeds"]), r["final_step"],
+                        r["final_mean"], r["final_std"], r["best_mean"], r["best_std"], r["return_mean"],
+                        *[r["paper"].get(c, "") for c in PAPER_COLUMNS],
+                        *[r["diff"].get(c, "") for c in PAPER_COLUMNS], " ".join(map(str, r["unfinished"]))])
 
 
 def write_markdown(report: dict[str, Any], path: Path, title: str, images: dict[str, str]) -> None:
@@ -556,26 +569,29 @@ def write_markdown(report: dict[str, Any], path: Path, title: str, images: dict[
                                               if folders != len(report["runs"]) else "")
     lines = [f"# {title}", "",
              f"{count}. **Final** = the last evaluation (at `trainer.max_steps`, the paper's protocol), "
-             f"mean ± {s['std']}. **Best** = each seed's best evaluation, for contrast only (optimistic: it selects on the "
-             "evaluation episodes). Scores are D4RL normalized scores (0-100) unless the metric column says `return`. "
-             "Paper: IDQL-1 / IDQL-A from Table 1 and the Table 5 maze2d numbers (docs/fidelity.md §7); Δ = our final "
-             "mean − paper.", "",
+             f"mean ± {s['std']}. **Best** = each seed's best evaluation, for contrast only (optimistic: it"
+             " selects on the evaluation episodes). Scores are D4RL normalized scores (0-100) unless the"
+             " metric column says `return`. Paper: IDQL-1 / IDQL-A from Table 1 and the Table 5 maze2d"
+             " numbers (docs/fidelity.md §7); Δ = our final mean − paper.", "",
              "| dataset | config | seeds | step | final | best evaluation (not the protocol) | paper | Δ |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         metric = "" if r["metric"] == "normalized_score" else " (return)"
-        lines.append(f"| {r['dataset']}{metric} | {r['config']} | {len(r['seeds'])} | {r['final_step'] or 'n/a'} | "
-                     f"{_pm(r['final_mean'], r['final_std'])} | {_pm(r['best_mean'], r['best_std'])} | "
-                     f"{_paper_text(r, 'paper')} | {_paper_text(r, 'diff')} |")
+        lines.append(f"| {r['dataset']}{metric} | {r['config']} | {len(r['seeds'])} |"
+                     f" {r['final_step'] or 'n/a'} | {_pm(r['final_mean'], r['final_std'])} |"
+                     f" {_pm(r['best_mean'], r['best_std'])} | {_paper_text(r, 'paper')} |"
+                     f" {_paper_text(r, 'diff')} |")
     if report["aggregates"]:
-        lines += ["", f"## Aggregates over each domain (final scores, stratified-bootstrap {int(s['confidence'] * 100)}% CIs, "
-                  f"{s['bootstrap_reps']} resamples, rliable)", "",
-                  "| domain | config | datasets x seeds | mean | median | IQM | optimality gap (100) | paper mean |",
+        lines += ["", "## Aggregates over each domain (final scores, stratified-bootstrap"
+                  f" {int(s['confidence'] * 100)}% CIs, {s['bootstrap_reps']} resamples, rliable)", "",
+                  "| domain | config | datasets x seeds | mean | median | IQM | optimality gap (100) |"
+                  " paper mean |",
                   "|---|---|---|---|---|---|---|---|"]
         for a in report["aggregates"]:
             cells = [f"{a[k]['value']:.1f} [{a[k]['ci_low']:.1f}, {a[k]['ci_high']:.1f}]" for k in AGGREGATES]
             paper = " / ".join(f"{k} {v:.1f}" for k, v in a["paper_mean"].items())
-            lines.append(f"| {a['family']} | {a['config']} | {len(a['datasets'])} x {a['seeds_per_dataset']} | "
+            lines.append(f"| {a['family']} | {a['config']} | {len(a['datasets'])} x"
+                         f" {a['seeds_per_dataset']} | "
                          + " | ".join(cells) + f" | {paper} |")
     if report.get("comparisons"):
         lines += _comparison_lines(report)
@@ -588,10 +604,12 @@ def write_markdown(report: dict[str, Any], path: Path, title: str, images: dict[
     if report["notes"]:
         lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
     if images:
-        lines += ["", "## Learning curves", "", "Mean over seeds vs critic steps; band: 95% t-interval of the mean across "
+        lines += ["", "## Learning curves", "",
+                  "Mean over seeds vs critic steps; band: 95% t-interval of the mean across "
                   "seeds; dashed/dotted lines: the paper's final numbers.", ""]
         per_dataset = {k: v for k, v in images.items() if v.startswith("curve_")}
-        shown = {k: v for k, v in images.items() if v not in per_dataset.values()} if "curves.png" in images.values() else images
+        shown = ({k: v for k, v in images.items() if v not in per_dataset.values()}
+                 if "curves.png" in images.values() else images)
         lines += [f"![{name}]({file})" for name, file in shown.items()]
         if shown is not images:
             lines += ["", "Per dataset: " + ", ".join(f"[{k}]({v})" for k, v in per_dataset.items())]
@@ -690,12 +708,14 @@ def write_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
         images = {"all datasets": "curves.png", **images}
     if report["aggregates"]:
         aggs = report["aggregates"]
-        fig, axes = plt.subplots(1, len(AGGREGATES), figsize=(3.0 * len(AGGREGATES), 1.2 + 0.45 * len(aggs)), dpi=110, squeeze=False)
+        fig, axes = plt.subplots(1, len(AGGREGATES), figsize=(3.0 * len(AGGREGATES), 1.2 + 0.45 * len(aggs)),
+                                 dpi=110, squeeze=False)
         names = [f"{a['family']} [{a['config']}]" for a in aggs]
         for ax, key in zip(axes[0], AGGREGATES):
             for i, a in enumerate(aggs):
                 v = a[key]
-                ax.errorbar(v["value"], i, xerr=[[v["value"] - v["ci_low"]], [v["ci_high"] - v["value"]]], fmt="o", capsize=3)
+                ax.errorbar(v["value"], i, xerr=[[v["value"] - v["ci_low"]], [v["ci_high"] - v["value"]]],
+                            fmt="o", capsize=3)
             ax.set_yticks(range(len(aggs)), names if key == AGGREGATES[0] else [""] * len(aggs), fontsize=7)
             ax.set_title(key.replace("_", " "), fontsize=9)
             ax.grid(alpha=0.3, axis="x")
@@ -707,16 +727,16 @@ def write_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
     return images
 
 
-def make_report(paths: Sequence[str | Path], out: str | Path, *, title: str | None = None, include_unfinished: bool = False,
-                reps: int = 2000, seed: int = 0, plots: bool = True, wall_time: str | None = None,
-                machine: str | None = None) -> dict[str, Any]:
+def make_report(paths: Sequence[str | Path], out: str | Path, *, title: str | None = None,
+                include_unfinished: bool = False, reps: int = 2000, seed: int = 0, plots: bool = True,
+                wall_time: str | None = None, machine: str | None = None) -> dict[str, Any]:
     """Read the run folders under ``paths`` and write the report into ``out``; ``wall_time`` and ``machine``
     replace what the runs' ``suite.log`` files say (:func:`read_compute`)."""
     dirs = find_run_dirs(paths)
     runs = [r for d in dirs for r in read_runs(d)]
     if not runs:
-        raise ConfigError(f"no run with an evaluation among {', '.join(map(str, paths))}; point at run folders "
-                          "(with config.yaml and eval_episodes.csv) or at a folder of them")
+        raise ConfigError(f"no run with an evaluation among {', '.join(map(str, paths))}; point at run"
+                          " folders (with config.yaml and eval_episodes.csv) or at a folder of them")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = build(runs, include_unfinished=include_unfinished, reps=reps, seed=seed)
@@ -743,10 +763,12 @@ def make_report(paths: Sequence[str | Path], out: str | Path, *, title: str | No
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m idql_pl.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dirs", nargs="+", help="run folders, or folders holding run folders (e.g. runs/table1)")
+    p.add_argument("run_dirs", nargs="+",
+                   help="run folders, or folders holding run folders (e.g. runs/table1)")
     p.add_argument("--out", default=None, help="output folder (default reports/<name of the first RUN_DIR>)")
     p.add_argument("--title", default=None)
-    p.add_argument("--include-unfinished", action="store_true", help="use the last evaluation of runs not at max_steps")
+    p.add_argument("--include-unfinished", action="store_true",
+                   help="use the last evaluation of runs not at max_steps")
     p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--wall-time", default=None, help="total wall time as text (default: the runs' suite.log)")

@@ -21,17 +21,18 @@ Suites (docs/fidelity.md §6-7):
   ``--critic-steps N`` scales the budget (BC 2N actor steps, 4 evaluations per
   run). See docs/table5-local.md.
 
-Table 1 runs follow the ``-1`` protocol by default (``--protocol 1``: 1M critic steps, docs/fidelity.md §6, and
-N = 64 candidate actions, Sec. 4's one-hyperparameter runs; tau stays the domain config's); ``--protocol A``
-keeps the domain config as it is (1.5M steps, N 128 / 32). The two protocols use different default roots.
+Table 1 runs follow the ``-1`` protocol by default (``--protocol 1``: 1M critic steps, docs/fidelity.md §6,
+and N = 64 candidate actions, Sec. 4's one-hyperparameter runs; tau stays the domain config's);
+``--protocol A`` keeps the domain config as it is (1.5M steps, N 128 / 32). The two protocols use different
+default roots.
 
 Launchers: ``local`` runs them one after another (``--parallel P``: P at a time, the CPU threads split
-between them: the CLI's ``--threads`` and ``OMP_NUM_THREADS``); ``slurm`` submits one job array through submitit (partition,
-time, GPUs per task, CPUs per task as options). SLURM sends SIGUSR1 ``--signal-delay`` seconds before the time
-limit; Lightning's SLURM integration (``SLURMEnvironment(auto_requeue=True)``, on by default under SLURM)
-catches it in the training process, saves ``hpc_ckpt_N.ckpt`` and requeues the array task, and the requeued
-task resumes from that checkpoint. ``--submitit-cluster local`` runs the same job array on this machine
-through submitit's local executor (what the tests do).
+between them: the CLI's ``--threads`` and ``OMP_NUM_THREADS``); ``slurm`` submits one job array through
+submitit (partition, time, GPUs per task, CPUs per task as options). SLURM sends SIGUSR1 ``--signal-delay``
+seconds before the time limit; Lightning's SLURM integration (``SLURMEnvironment(auto_requeue=True)``, on by
+default under SLURM) catches it in the training process, saves ``hpc_ckpt_N.ckpt`` and requeues the array
+task, and the requeued task resumes from that checkpoint. ``--submitit-cluster local`` runs the same job array
+on this machine through submitit's local executor (what the tests do).
 
 ``--set KEY=VALUE`` (repeatable) and anything after ``--`` are passed to every run, e.g.
 ``--set trainer.max_steps=20`` for a smoke test (use another ``--root`` for it).
@@ -59,14 +60,17 @@ from idql_pl.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # idql_pl/configs, shipped with the package
 LOCO_DATASETS = tuple(
-    f"{env}-{level}-v2" for level in ("medium", "medium-replay", "medium-expert") for env in ("halfcheetah", "hopper", "walker2d")
+    f"{env}-{level}-v2" for level in ("medium", "medium-replay", "medium-expert")
+    for env in ("halfcheetah", "hopper", "walker2d")
 )
 ANTMAZE_DATASETS = tuple(
-    f"antmaze-{task}-v2" for task in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+    f"antmaze-{task}-v2" for task in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
+                                      "large-diverse")
 )
 MAZE2D_DATASETS = ("maze2d-umaze-v1", "maze2d-medium-v1", "maze2d-large-v1")
 LOCAL_MAZE2D_DATASETS = ("local/pointmaze-umaze", "local/pointmaze-medium", "local/pointmaze-large")
-# the "-1" protocol (docs/fidelity.md §6: 1M critic / 2M actor steps; Sec. 4: N = 64 in the one-hyperparameter runs)
+# the "-1" protocol (docs/fidelity.md §6: 1M critic / 2M actor steps; Sec. 4: N = 64 in the one-hyperparameter
+# runs)
 PROTOCOLS: dict[str, tuple[str, ...]] = {
     "1": ("--trainer.max_steps=1000000", "--model.num_samples=64"),
     "A": (),
@@ -100,11 +104,13 @@ class SuiteSpec:
 
 
 SUITES: dict[str, SuiteSpec] = {
-    "table1-loco": SuiteSpec("table1-loco", (Group("loco.yaml", LOCO_DATASETS),), tuple(range(10)), "table1", True,
-                             ("table1_loco.yaml",), "Table 1, locomotion: 9 datasets"),
-    "table1-antmaze": SuiteSpec("table1-antmaze", (Group("antmaze.yaml", ANTMAZE_DATASETS),), tuple(range(10)), "table1",
-                                True, ("table1_antmaze.yaml",), "Table 1, antmaze: 6 datasets"),
-    "table1": SuiteSpec("table1", (Group("loco.yaml", LOCO_DATASETS), Group("antmaze.yaml", ANTMAZE_DATASETS)),
+    "table1-loco": SuiteSpec("table1-loco", (Group("loco.yaml", LOCO_DATASETS),), tuple(range(10)), "table1",
+                             True, ("table1_loco.yaml",), "Table 1, locomotion: 9 datasets"),
+    "table1-antmaze": SuiteSpec("table1-antmaze", (Group("antmaze.yaml", ANTMAZE_DATASETS),),
+                                tuple(range(10)), "table1", True, ("table1_antmaze.yaml",),
+                                "Table 1, antmaze: 6 datasets"),
+    "table1": SuiteSpec("table1",
+                        (Group("loco.yaml", LOCO_DATASETS), Group("antmaze.yaml", ANTMAZE_DATASETS)),
                         tuple(range(10)), "table1", True, ("table1_loco.yaml", "table1_antmaze.yaml"),
                         "Table 1: 9 locomotion + 6 antmaze datasets"),
     "table5": SuiteSpec("table5", (Group("maze2d.yaml", MAZE2D_DATASETS),), tuple(range(10)), "table5", False,
@@ -152,8 +158,8 @@ class Run:
         return Path(self.root) / self.name
 
     def fit_args(self, ckpt_path: str | None = None) -> list[str]:
-        args = ["fit", "--config", self.config, "--data.dataset", self.dataset, f"--seed_everything={self.seed}",
-                *([f"--threads={self.threads}"] if self.threads else []),
+        args = ["fit", "--config", self.config, "--data.dataset", self.dataset,
+                f"--seed_everything={self.seed}", *([f"--threads={self.threads}"] if self.threads else []),
                 *self.overrides, "--run_root", self.root, "--run_name", self.name]
         return [*args, "--ckpt_path", ckpt_path] if ckpt_path else args
 
@@ -261,14 +267,16 @@ def expand(
             raise ConfigError(f"--methods {', '.join(unknown)} not in suite {suite}; it has "
                               f"{', '.join(known_methods) or 'no method dimension'}")
     seeds = tuple(seeds) if seeds is not None else spec.seeds
-    default_root = Path("runs") / (spec.root if not spec.uses_protocol or protocol == "1" else f"{spec.root}-A")
+    default_root = Path("runs") / (spec.root if not spec.uses_protocol or protocol == "1"
+                                   else f"{spec.root}-A")
     root_path = Path(root if root is not None else default_root).expanduser().resolve()
     proto = PROTOCOLS[protocol] if spec.uses_protocol else ()
     known = {d for g in spec.groups for d in g.datasets}
     if datasets:
         unknown = [d for d in datasets if d not in known]
         if unknown:
-            raise ConfigError(f"--datasets {', '.join(unknown)} not in suite {suite}; it has {', '.join(sorted(known))}")
+            raise ConfigError(f"--datasets {', '.join(unknown)} not in suite {suite};"
+                              f" it has {', '.join(sorted(known))}")
     runs = []
     for group in spec.groups:
         if methods and group.method not in methods:
@@ -394,18 +402,22 @@ def execute(run: Run) -> dict[str, Any]:
 
 
 def _absorb(signum: int, frame: Any) -> None:
-    print(f"[suite] signal {signal.Signals(signum).name}: the training process saves an hpc checkpoint and requeues",
+    print(f"[suite] signal {signal.Signals(signum).name}: the training process saves an hpc checkpoint"
+          " and requeues",
           file=sys.stderr, flush=True)
 
 
 def slurm_job(run: Run) -> dict[str, Any]:
     """The submitit job: one run. SLURM signals every process of the step; the fit subprocess (Lightning's
-    SLURMEnvironment) handles SIGUSR1 by checkpointing and requeueing, so this process only has to survive it."""
+    SLURMEnvironment) handles SIGUSR1 by checkpointing and requeueing, so this process only has to survive
+    it."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGUSR1, _absorb)  # a Python handler: the child's exec resets it, Lightning sets its own
+        # a Python handler: the child's exec resets it, Lightning sets its own
+        signal.signal(signal.SIGUSR1, _absorb)
     result = execute(run)
     if result["returncode"] != 0:
-        raise RuntimeError(f"{run.name} failed with exit code {result['returncode']}; see {result.get('log')}")
+        raise RuntimeError(f"{run.name} failed with exit code {result['returncode']};"
+                           f" see {result.get('log')}")
     return result
 
 
@@ -443,8 +455,9 @@ class SlurmOptions:
 
 
 def import_submitit() -> Any:
-    """``import submitit`` without its ``logging.config.dictConfig``, which closes every logging handler already
-    installed in this process (Lightning's, pytest's, a user's); its logger gets a stderr handler instead."""
+    """``import submitit`` without its ``logging.config.dictConfig``, which closes every logging handler
+    already installed in this process (Lightning's, pytest's, a user's); its logger gets a stderr handler
+    instead."""
     if "submitit" in sys.modules:
         return sys.modules["submitit"]
     import logging
@@ -474,7 +487,8 @@ def launch_submitit(runs: Sequence[Run], opts: SlurmOptions, name: str = "idql")
     folder = Path(opts.folder or Path(runs[0].root) / "submitit")
     executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=opts.cluster)
     params: dict[str, Any] = {
-        "name": name, "timeout_min": opts.time_min, "nodes": 1, "tasks_per_node": 1, "cpus_per_task": opts.cpus_per_task,
+        "name": name, "timeout_min": opts.time_min, "nodes": 1, "tasks_per_node": 1,
+        "cpus_per_task": opts.cpus_per_task,
         "gpus_per_node": opts.gpus_per_task if opts.cluster == "slurm" else 0,
         "slurm_array_parallelism": opts.array_parallelism,
         # SIGUSR1 (Lightning's requeue signal) instead of submitit's USR2, signal_delay_s before the limit
@@ -496,7 +510,8 @@ def launch_submitit(runs: Sequence[Run], opts: SlurmOptions, name: str = "idql")
 def sweep_yaml(suite: str, group: Group, fname: str, protocol: str = "1") -> str:
     """A ``wandb sweep`` file for one config group of a suite: a grid over dataset x seed."""
     spec = SUITES[suite]
-    params: dict[str, Any] = {"data.dataset": {"values": list(group.datasets)}, "seed_everything": {"values": list(spec.seeds)}}
+    params: dict[str, Any] = {"data.dataset": {"values": list(group.datasets)},
+                              "seed_everything": {"values": list(spec.seeds)}}
     for arg in PROTOCOLS[protocol] if spec.uses_protocol else ():
         key, _, value = arg.lstrip("-").partition("=")
         params[key] = {"value": int(value)}
@@ -505,12 +520,15 @@ def sweep_yaml(suite: str, group: Group, fname: str, protocol: str = "1") -> str
         "method": "grid",
         "metric": {"name": "eval/normalized_score", "goal": "maximize"},
         "parameters": params,
-        "command": ["${env}", "python", "-m", "idql_pl", "fit", "--config", f"configs/{group.config}", "${args}"],
+        "command": ["${env}", "python", "-m", "idql_pl", "fit", "--config", f"configs/{group.config}",
+                    "${args}"],
     }
     head = (f"# {spec.about} ({len(group.datasets)} x {len(spec.seeds)} runs), the same runs as\n"
-            f"# `python -m idql_pl.suite {suite}`{' (protocol ' + protocol + ')' if spec.uses_protocol else ''}, for `wandb agent`:\n"
+            f"# `python -m idql_pl.suite {suite}`"
+            f"{' (protocol ' + protocol + ')' if spec.uses_protocol else ''}, for `wandb agent`:\n"
             f"#   wandb sweep configs/sweeps/{fname}  then  wandb agent <entity>/idql_pl/<sweep id>\n"
-            "# Generated by `python -m idql_pl.suite --write-sweeps configs/sweeps` (tests check it is current).\n")
+            "# Generated by `python -m idql_pl.suite --write-sweeps configs/sweeps`"
+            " (tests check it is current).\n")
     return head + yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -532,11 +550,13 @@ def _short(arg: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m idql_pl.suite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m idql_pl.suite", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("suite", nargs="?", choices=list(SUITES), help="which runs")
     p.add_argument("--seeds", default=None, help="e.g. 0-9 or 0,3,5 (default: 0-9; quickstart-seeds: 0-2)")
-    p.add_argument("--protocol", default="1", choices=list(PROTOCOLS), help="table1: '1' (1M steps, N 64) or 'A' (configs as they are)")
+    p.add_argument("--protocol", default="1", choices=list(PROTOCOLS),
+                   help="table1: '1' (1M steps, N 64) or 'A' (configs as they are)")
     p.add_argument("--datasets", default=None, help="comma-separated subset of the suite's datasets")
     p.add_argument("--methods", default=None, help="table5-local: comma-separated subset of idql,iql,bc")
     p.add_argument("--idql-agents", type=int, default=None, metavar="K",
@@ -547,8 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table5-local: N critic steps per run (BC: 2N actor steps), 4 evaluations each")
     p.add_argument("--root", default=None, help="run folders go under ROOT (default runs/<suite>)")
     p.add_argument("--config-dir", default=str(CONFIG_DIR), help="where loco.yaml, antmaze.yaml, ... live")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs, their state and commands; launch nothing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every run (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the runs, their state and commands; launch nothing")
     p.add_argument("--launcher", default="local", choices=["local", "slurm"])
     g = p.add_argument_group("local launcher")
     g.add_argument("--parallel", type=int, default=1, help="runs at a time (threads split between them)")
@@ -561,16 +583,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus-per-task", type=int, default=4)
     s.add_argument("--mem-gb", type=float, default=None)
     s.add_argument("--array-parallelism", type=int, default=64, help="array tasks running at once")
-    s.add_argument("--signal-delay", type=int, default=120, help="seconds before the limit that SIGUSR1 (requeue) arrives")
+    s.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the limit that SIGUSR1 (requeue) arrives")
     s.add_argument("--account", default=None)
     s.add_argument("--qos", default=None)
     s.add_argument("--constraint", default=None)
-    s.add_argument("--setup", action="append", default=[], help="shell line run before each task (e.g. 'module load cuda')")
+    s.add_argument("--setup", action="append", default=[],
+                   help="shell line run before each task (e.g. 'module load cuda')")
     s.add_argument("--submitit-folder", default=None, help="submitit logs (default ROOT/submitit)")
     s.add_argument("--submitit-cluster", default="slurm", choices=["slurm", "local", "debug"],
                    help="submitit executor: slurm, or local/debug to run the array on this machine")
-    s.add_argument("--wait", action="store_true", help="wait for the array to finish (always on for local/debug)")
-    p.add_argument("--write-sweeps", metavar="DIR", default=None, help="write the W&B sweep files of all suites into DIR")
+    s.add_argument("--wait", action="store_true",
+                   help="wait for the array to finish (always on for local/debug)")
+    p.add_argument("--write-sweeps", metavar="DIR", default=None,
+                   help="write the W&B sweep files of all suites into DIR")
     return p
 
 
@@ -606,14 +632,14 @@ def _main(args: argparse.Namespace, passthrough: list[str]) -> int:
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     agents = {m: k for m, k in (("idql", args.idql_agents), ("bc", args.bc_agents)) if k is not None}
-    runs = expand(args.suite, seeds=seeds, root=args.root, protocol=args.protocol, extra=extra, datasets=datasets,
-                  config_dir=args.config_dir, methods=methods, agents=agents,
+    runs = expand(args.suite, seeds=seeds, root=args.root, protocol=args.protocol, extra=extra,
+                  datasets=datasets, config_dir=args.config_dir, methods=methods, agents=agents,
                   critic_steps=args.critic_steps)
     states = [status(r) for r in runs]
     pending = [r for r, (s, _) in zip(runs, states) if s != "done"]
     counts = {k: sum(s == k for s, _ in states) for k in ("done", "resume", "new")}
-    print(f"[suite] {args.suite}: {len(runs)} runs under {runs[0].root} ({counts['done']} done, {counts['resume']} to resume, "
-          f"{counts['new']} new)", flush=True)
+    print(f"[suite] {args.suite}: {len(runs)} runs under {runs[0].root} ({counts['done']} done,"
+          f" {counts['resume']} to resume, {counts['new']} new)", flush=True)
     if args.dry_run:
         for run, (state, ckpt) in zip(runs, states):
             cmd = ["python", "-m", "idql_pl", *map(_short, run.fit_args(str(ckpt) if ckpt else None))]
@@ -625,23 +651,25 @@ def _main(args: argparse.Namespace, passthrough: list[str]) -> int:
     if args.launcher == "local":
         threads = args.threads or SUITES[args.suite].threads or max(1, cpu_count() // args.parallel)
         pending = [replace(r, threads=threads) for r in pending]
-        print(f"[suite] running {len(pending)} locally, {args.parallel} at a time, {threads} thread(s) each", flush=True)
+        print(f"[suite] running {len(pending)} locally, {args.parallel} at a time, {threads} thread(s) each",
+              flush=True)
         results = launch_local(pending, args.parallel)
         failed = [r for r in results if r["returncode"] != 0]
         print(f"[suite] {len(results) - len(failed)} of {len(results)} runs finished"
               + (f"; failed: {', '.join(r['run'] for r in failed)}" if failed else ""), flush=True)
         return 1 if failed else 0
     opts = SlurmOptions(
-        partition=args.partition, time_min=args.time, gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
-        mem_gb=args.mem_gb, array_parallelism=args.array_parallelism, signal_delay_s=args.signal_delay,
-        account=args.account, qos=args.qos, constraint=args.constraint, setup=args.setup,
-        cluster=args.submitit_cluster, folder=args.submitit_folder, wait=args.wait,
+        partition=args.partition, time_min=args.time, gpus_per_task=args.gpus_per_task,
+        cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, array_parallelism=args.array_parallelism,
+        signal_delay_s=args.signal_delay, account=args.account, qos=args.qos, constraint=args.constraint,
+        setup=args.setup, cluster=args.submitit_cluster, folder=args.submitit_folder, wait=args.wait,
     )
     jobs = launch_submitit(pending, opts, name=f"idql-{args.suite}")
-    print(f"[suite] submitted {len(jobs)} array tasks ({opts.cluster}): job {jobs[0].job_id.split('_')[0]}; logs in "
-          f"{opts.folder or Path(pending[0].root) / 'submitit'}", flush=True)
+    print(f"[suite] submitted {len(jobs)} array tasks ({opts.cluster}): job {jobs[0].job_id.split('_')[0]};"
+          f" logs in {opts.folder or Path(pending[0].root) / 'submitit'}", flush=True)
     if not (opts.wait or opts.cluster != "slurm"):
-        print("[suite] rerun the same command later: finished runs are skipped, interrupted ones resume", flush=True)
+        print("[suite] rerun the same command later: finished runs are skipped, interrupted ones resume",
+              flush=True)
         return 0
     failed = 0
     for job, run in zip(jobs, pending):

@@ -37,13 +37,14 @@ def make_adam(params: list[Tensor], lr: float, weight_decay: float | None = None
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
-def dims_mismatch(saved: Mapping[str, int] | None, obs_dim: int, action_dim: int, what: str, data: str) -> str | None:
+def dims_mismatch(saved: Mapping[str, int] | None, obs_dim: int, action_dim: int, what: str,
+                  data: str) -> str | None:
     """The one-line error for a checkpoint (``what``) whose saved obs/action dims differ from the data's."""
     if saved is None or dict(saved) == {"obs_dim": obs_dim, "action_dim": action_dim}:
         return None
-    return (f"{what} was trained with obs_dim={saved['obs_dim']}, action_dim={saved['action_dim']} but {data} has"
-            f" obs_dim={obs_dim}, action_dim={action_dim}: use a checkpoint from the same environment, or drop"
-            " --ckpt_path")
+    return (f"{what} was trained with obs_dim={saved['obs_dim']}, action_dim={saved['action_dim']} but {data}"
+            f" has obs_dim={obs_dim}, action_dim={action_dim}: use a checkpoint from the same environment, or"
+            " drop --ckpt_path")
 
 
 def check_sizes(obs_dim: int, action_dim: int, num_agents: int = 1) -> None:
@@ -56,8 +57,8 @@ def check_sizes(obs_dim: int, action_dim: int, num_agents: int = 1) -> None:
 
 def class_path(cls: type) -> str:
     """``idql_pl.IDQL`` for a class the package exports, else ``module.Class``: saved in a checkpoint's
-    hyperparameters as ``_class_path``, which LightningCLI reads when a run is given ``--ckpt_path`` (without it,
-    the saved arguments of an IQL or a behavior model were parsed as IDQL's)."""
+    hyperparameters as ``_class_path``, which LightningCLI reads when a run is given ``--ckpt_path`` (without
+    it, the saved arguments of an IQL or a behavior model were parsed as IDQL's)."""
     import idql_pl
 
     exported = cls.__name__ in idql_pl.__all__ and getattr(idql_pl, cls.__name__) is cls
@@ -65,15 +66,17 @@ def class_path(cls: type) -> str:
 
 
 class IDQLModule(L.LightningModule):
-    """Shared plumbing; subclasses set ``hparams.obs_dim``/``hparams.action_dim`` (via :meth:`save_init_args`).
+    """Shared plumbing; subclasses set ``hparams.obs_dim``/``hparams.action_dim`` (via
+    :meth:`save_init_args`).
 
     - A ``training_step`` draws its batches, runs one training iteration (:meth:`run`: Algorithm 1,
-      :func:`~idql_pl.algorithm.iteration.algorithm1_iteration`, or a baseline's) on plain ``torch.optim`` optimizers,
-      eager or compiled into one graph (``compile: true``), and counts one Lightning step (:meth:`count_step`):
-      ``trainer.global_step`` and ``max_steps`` count iterations (critic steps for IDQL).
-    - Checkpoints carry the global RNG states (dropout and diffusion noise continue identically after a resume;
-      one per rank under DDP, where each rank draws its own stream) and are refused when their obs/action
-      dimensions differ from the data's.
+      :func:`~idql_pl.algorithm.iteration.algorithm1_iteration`, or a baseline's) on plain ``torch.optim``
+      optimizers, eager or compiled into one graph (``compile: true``), and counts one Lightning step
+      (:meth:`count_step`): ``trainer.global_step`` and ``max_steps`` count iterations (critic steps for
+      IDQL).
+    - Checkpoints carry the global RNG states (dropout and diffusion noise continue identically after a
+      resume; one per rank under DDP, where each rank draws its own stream) and are refused when their
+      obs/action dimensions differ from the data's.
     - Losses are checked for NaN/inf without a host sync per step: a device-side flag accumulates and is read
       on logging steps and before every checkpoint save, so ``last.ckpt`` always holds a finite state; under
       DDP every rank reads all ranks' flags there and stops together.
@@ -100,8 +103,10 @@ class IDQLModule(L.LightningModule):
         They are passed explicitly: ``save_hyperparameters()`` without arguments records, under LightningCLI,
         the config of the top-level model for every module built while it is instantiated, so the critic and
         behavior built inside IDQL would get IDQL's arguments."""
-        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self" and n not in ignore]
-        self.save_hyperparameters({"_class_path": class_path(type(self)), **{n: init_locals[n] for n in names}})
+        names = [n for n in inspect.signature(type(self).__init__).parameters
+                 if n != "self" and n not in ignore]
+        self.save_hyperparameters({"_class_path": class_path(type(self)),
+                                   **{n: init_locals[n] for n in names}})
 
     def updates_per_step(self) -> dict[str, int]:
         """Optimizer updates per ``training_step`` by kind ("critic", "actor"), for the ``perf/*`` rates."""
@@ -122,9 +127,10 @@ class IDQLModule(L.LightningModule):
         return list(opts) if isinstance(opts, list | tuple) else [opts]
 
     def run(self, iteration: Callable[..., dict[str, Tensor]], *args: Any) -> dict[str, Tensor]:
-        """One training iteration: ``iteration(*args, step)`` (e.g. :func:`~idql_pl.algorithm.iteration.algorithm1_iteration`),
-        with eager gradient steps, or, after :meth:`compile_training` (``compile: true``), compiled into one
-        graph with functional ones (:mod:`idql_pl.algorithm.steps`). Optimizers are found in ``args`` (named tuples)."""
+        """One training iteration: ``iteration(*args, step)``
+        (e.g. :func:`~idql_pl.algorithm.iteration.algorithm1_iteration`), with eager gradient steps, or, after
+        :meth:`compile_training` (``compile: true``), compiled into one graph with functional ones
+        (:mod:`idql_pl.algorithm.steps`). Optimizers are found in ``args`` (named tuples)."""
         if self._compiled is None:
             return iteration(*args, self.eager_step)
         if not self._functional_ready:  # once the optimizers (and a resumed run's states) exist
@@ -135,9 +141,9 @@ class IDQLModule(L.LightningModule):
         return self._compiled(iteration, *args)
 
     def compile_training(self) -> None:
-        """``compile: true``: each iteration :meth:`run` runs becomes one ``torch.compile(fullgraph=True)`` graph
-        (every update of a training step, every agent), with ``compile_mode`` (e.g. "reduce-overhead": CUDA
-        graphs) passed on. Idempotent."""
+        """``compile: true``: each iteration :meth:`run` runs becomes one ``torch.compile(fullgraph=True)``
+        graph (every update of a training step, every agent), with ``compile_mode`` (e.g. "reduce-overhead":
+        CUDA graphs) passed on. Idempotent."""
         if self._compiled is not None:
             return
         step = FunctionalStep(self)  # built outside the graph
@@ -149,8 +155,9 @@ class IDQLModule(L.LightningModule):
                                        mode=self.hparams.get("compile_mode"))
 
     def scheduled_lrs(self, scheduler: LRScheduler | None, steps: int) -> list[float] | Tensor:
-        """The learning rates of ``scheduler``'s next ``steps`` optimizer steps (what it would set before each),
-        as floats; compiled, written into one static tensor on the device (no recompile, no host sync)."""
+        """The learning rates of ``scheduler``'s next ``steps`` optimizer steps (what it would set before
+        each), as floats; compiled, written into one static tensor on the device (no recompile, no host
+        sync)."""
         if scheduler is None:
             return [None] * steps
         (base,), (multiplier,) = scheduler.base_lrs, scheduler.lr_lambdas
@@ -169,8 +176,10 @@ class IDQLModule(L.LightningModule):
         """Step ``scheduler`` past the ``steps`` optimizer steps :meth:`scheduled_lrs` gave LRs for."""
         if scheduler is None:
             return
-        with warnings.catch_warnings():  # compiled, the functional Adam stepped and the scheduler cannot see it
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        # compiled, the functional Adam stepped and the scheduler cannot see it
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                    category=UserWarning)
             for _ in range(steps):
                 scheduler.step()
 
@@ -184,13 +193,14 @@ class IDQLModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.attached:
-            error = precision_error(self.trainer.precision)  # e.g. 16-mixed on a GPU (the CLI refuses it earlier)
+            # e.g. 16-mixed on a GPU (the CLI refuses it earlier)
+            error = precision_error(self.trainer.precision)
             if error:
                 raise ConfigError(error)
         if stage == "fit" and self.hparams.get("compile", False):
             if self.attached and self.trainer.world_size > 1:
-                raise ConfigError("compile: true takes its gradients outside Lightning's backward, so it runs on one"
-                                  " device: drop --model.compile, or use --trainer.devices 1")
+                raise ConfigError("compile: true takes its gradients outside Lightning's backward, so it runs"
+                                  " on one device: drop --model.compile, or use --trainer.devices 1")
             self.compile_training()
 
     def on_fit_start(self) -> None:
@@ -217,12 +227,14 @@ class IDQLModule(L.LightningModule):
             self.raise_if_nonfinite()
 
     def _throughput(self) -> dict[str, float]:
-        """``perf/<kind>_steps_per_s`` since the previous logging step (host clock; logging steps sync anyway)."""
+        """``perf/<kind>_steps_per_s`` since the previous logging step (host clock; logging steps sync
+        anyway)."""
         now, rates = time.perf_counter(), {}
         if self._last_log is not None:
             steps, seconds = self.global_step - self._last_log[0], now - self._last_log[1]
             if steps > 0 and seconds > 0:
-                rates = {f"perf/{k}_steps_per_s": n * steps / seconds for k, n in self.updates_per_step().items() if n}
+                rates = {f"perf/{k}_steps_per_s": n * steps / seconds
+                         for k, n in self.updates_per_step().items() if n}
         self._last_log = (self.global_step, now)
         return rates
 
@@ -245,21 +257,24 @@ class IDQLModule(L.LightningModule):
             return
         raise NonFiniteLossError(
             f"non-finite {', '.join(names)} at step {-neg_step}: training stopped and last.ckpt keeps the"
-            " last finite state; check the dataset for NaN/inf (rewards, observations) or lower the learning rate"
+            " last finite state; check the dataset for NaN/inf (rewards, observations) or lower the"
+            " learning rate"
         )
 
     # ---------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.raise_if_nonfinite()  # the save fails, so the last checkpoint on disk keeps the last finite state
+        # the save fails, so the last checkpoint on disk keeps the last finite state
+        self.raise_if_nonfinite()
         states = gather_from_ranks(capture_rng_state())  # every rank builds the checkpoint; rank 0 writes it
         checkpoint["idql_rng"] = states[0]
         if len(states) > 1:
             checkpoint["idql_rng_per_rank"] = states
-        checkpoint["idql_dims"] = {"obs_dim": int(self.hparams.obs_dim), "action_dim": int(self.hparams.action_dim)}
+        checkpoint["idql_dims"] = {"obs_dim": int(self.hparams.obs_dim),
+                                   "action_dim": int(self.hparams.action_dim)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        error = dims_mismatch(checkpoint.get("idql_dims"), int(self.hparams.obs_dim), int(self.hparams.action_dim),
-                              "checkpoint", "this dataset")
+        error = dims_mismatch(checkpoint.get("idql_dims"), int(self.hparams.obs_dim),
+                              int(self.hparams.action_dim), "checkpoint", "this dataset")
         if error:
             raise CheckpointError(error)
         own = own_rank_entry(checkpoint.get("idql_rng_per_rank"))

@@ -38,9 +38,10 @@ SCORE_NETS = ("ln_resnet", "mlp")
 
 class CosineDecay:
     """LR multiplier ``0.5 (1 + cos(pi min(start + step, total) / total))``: cosine decay to 0 over
-    ``total_steps`` (optax ``cosine_decay_schedule``, as the reference code; docs/fidelity.md §3). ``start``: the
-    steps already taken on the same schedule (online finetuning continues the pretraining's cosine). A callable
-    object, so ``LambdaLR.state_dict`` stores ``total_steps`` and ``start`` (ints) and a resumed run keeps them."""
+    ``total_steps`` (optax ``cosine_decay_schedule``, as the reference code; docs/fidelity.md §3). ``start``:
+    the steps already taken on the same schedule (online finetuning continues the pretraining's cosine). A
+    callable object, so ``LambdaLR.state_dict`` stores ``total_steps`` and ``start`` (ints) and a resumed run
+    keeps them."""
 
     def __init__(self, total_steps: int, start: int = 0):
         self.total_steps, self.start = int(total_steps), int(start)
@@ -56,16 +57,18 @@ class DiffusionBehavior(IDQLModule):
 
     Defaults are the paper's (App. E, G): T 5, vp schedule, LN-ResNet 256/1024 x 3 blocks, dropout 0.1, mish,
     AdamW lr 3e-4 with cosine decay to 0 and weight decay 0, batch 1024, EMA 0.001, actions clipped to +-1.
-    Its part of Algorithm 1 (:func:`~idql_pl.algorithm.iteration.algorithm1_iteration`): a step on :meth:`loss`, then
-    :meth:`ema_update`. Trained alone (``--model idql_pl.DiffusionBehavior``, i.e. diffusion behavior cloning), a
-    training step is Algorithm 1 without the critic, and ``compile: true`` compiles it.
+    Its part of Algorithm 1 (:func:`~idql_pl.algorithm.iteration.algorithm1_iteration`): a step on
+    :meth:`loss`, then :meth:`ema_update`. Trained alone (``--model idql_pl.DiffusionBehavior``,
+    i.e. diffusion behavior cloning), a training step is Algorithm 1 without the critic, and ``compile: true``
+    compiles it.
 
     ``num_agents`` (K) independent behavior models train as one: every Dense of the score network (and of its
-    EMA copy) is agent-batched (:class:`~idql_pl.nets.AgentLinear`, one batched matmul for all agents), batches
-    are ``[K, B, ...]`` (agent ``k``'s own rows; a ``[B, ...]`` batch is shared), the loss is the sum over agents
-    of each agent's Eq. 4 loss, and :meth:`sample` returns ``[K, B, N, A]``. Dropout and diffusion noise are
-    drawn for all agents at once (one ``[K, ...]`` tensor from the global RNG), so agent ``k``'s noise is not a
-    single run's noise; its initialization is (``seed + k``, :func:`~idql_pl.nets.build_agents`).
+    EMA copy) is agent-batched (:class:`~idql_pl.nets.AgentLinear`, one batched matmul for all agents),
+    batches are ``[K, B, ...]`` (agent ``k``'s own rows; a ``[B, ...]`` batch is shared), the loss is the sum
+    over agents of each agent's Eq. 4 loss, and :meth:`sample` returns ``[K, B, N, A]``. Dropout and diffusion
+    noise are drawn for all agents at once (one ``[K, ...]`` tensor from the global RNG), so agent ``k``'s
+    noise is not a single run's noise; its initialization is (``seed + k``,
+    :func:`~idql_pl.nets.build_agents`).
     """
 
     def __init__(
@@ -94,13 +97,14 @@ class DiffusionBehavior(IDQLModule):
         super().__init__()
         check_sizes(obs_dim, action_dim, num_agents)
         if schedule not in SCHEDULES:
-            raise ConfigError(f"unknown diffusion schedule {schedule!r}: use one of {', '.join(SCHEDULES)} (paper: vp)")
+            raise ConfigError(f"unknown diffusion schedule {schedule!r}:"
+                              f" use one of {', '.join(SCHEDULES)} (paper: vp)")
         if score_net not in SCORE_NETS:
             raise ConfigError(f"unknown score_net {score_net!r}: use one of {', '.join(SCORE_NETS)}")
         if activation not in ACTIVATIONS:
             raise ConfigError(f"unknown activation {activation!r}: use one of {', '.join(ACTIVATIONS)}")
-        for name, value in (("T", T), ("hidden_dim", hidden_dim), ("num_blocks", num_blocks), ("ff_dim", ff_dim),
-                            ("time_dim", time_dim), ("batch_size", batch_size)):
+        for name, value in (("T", T), ("hidden_dim", hidden_dim), ("num_blocks", num_blocks),
+                            ("ff_dim", ff_dim), ("time_dim", time_dim), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"behavior {name} must be an integer >= 1 (got {value!r})")
         if not 0.0 <= dropout < 1.0:
@@ -110,7 +114,8 @@ class DiffusionBehavior(IDQLModule):
         if weight_decay < 0:
             raise ConfigError(f"behavior weight_decay must be >= 0 (got {weight_decay}); the paper uses 0")
         if lr_decay_steps is not None and lr_decay_steps < 1:
-            raise ConfigError(f"lr_decay_steps must be >= 1 or null (got {lr_decay_steps}): null uses max_steps")
+            raise ConfigError(f"lr_decay_steps must be >= 1 or null (got {lr_decay_steps}):"
+                              " null uses max_steps")
         if not 0.0 < ema_rate <= 1.0:
             raise ConfigError(f"ema_rate must lie in (0, 1] (got {ema_rate}); the paper uses 0.001")
         if not clip_actions > 0:
@@ -126,14 +131,15 @@ class DiffusionBehavior(IDQLModule):
 
         def build(k: int) -> ScoreNet:
             if score_net == "ln_resnet":
-                return LNResNet(obs_dim, action_dim, hidden_dim, num_blocks, ff_dim, dropout, activation, time_dim,
-                                num_timesteps=T, num_agents=k)
-            return MLPScoreNet(obs_dim, action_dim, hidden_dim, num_blocks, activation, time_dim, num_timesteps=T,
-                               num_agents=k)
+                return LNResNet(obs_dim, action_dim, hidden_dim, num_blocks, ff_dim, dropout, activation,
+                                time_dim, num_timesteps=T, num_agents=k)
+            return MLPScoreNet(obs_dim, action_dim, hidden_dim, num_blocks, activation, time_dim,
+                               num_timesteps=T, num_agents=k)
 
         self.net: ScoreNet = build_agents(build, num_agents)
         # The EMA copy has its dropout removed, so it computes the eval-mode network whatever mode Lightning
-        # sets (no train/eval juggling, no "modules in eval mode" warning); same parameters and state_dict keys.
+        # sets (no train/eval juggling, no "modules in eval mode" warning); same parameters and state_dict
+        # keys.
         self.ema_net = strip_dropout_(copy.deepcopy(self.net).requires_grad_(False))
 
     # ------------------------------------------------------------------------------------ utilities
@@ -146,13 +152,15 @@ class DiffusionBehavior(IDQLModule):
         return int(self.hparams.get("num_agents", 1))
 
     # ------------------------------------------------------------------------------------- training
-    def loss(self, batch: Batch, net: ScoreNet | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """DDPM loss of Eq. 4 on ``(s, a)``, summed over agents (each agent's mean over its rows); the state block
-        of the first Dense is computed once per row."""
+    def loss(self, batch: Batch, net: ScoreNet | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        """DDPM loss of Eq. 4 on ``(s, a)``, summed over agents (each agent's mean over its rows); the state
+        block of the first Dense is computed once per row."""
         net = self.net if net is None else net
         batch = batch.for_agents(self.num_agents)
         state_proj = net.project_state(batch.observations)
-        return ddpm_loss(lambda x, k: net.forward_parts(x, state_proj, net.project_time(k)), self.schedule, batch.actions, generator)
+        return ddpm_loss(lambda x, k: net.forward_parts(x, state_proj, net.project_time(k)), self.schedule,
+                         batch.actions, generator)
 
     def ema_update(self) -> None:
         """``ema <- (1 - ema_rate) ema + ema_rate online`` for all parameters in one foreach op."""
@@ -172,7 +180,8 @@ class DiffusionBehavior(IDQLModule):
         opt = make_adam(list(self.net.parameters()), self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if state is not None:
             groups = [{**own, "params": saved["params"]}
-                      for own, saved in zip(opt.state_dict()["param_groups"], state["param_groups"], strict=True)]
+                      for own, saved in zip(opt.state_dict()["param_groups"], state["param_groups"],
+                                            strict=True)]
             opt.load_state_dict({"state": state["state"], "param_groups": groups})
         return opt, LambdaLR(opt, CosineDecay(int(total_steps), start=int(start_step)))
 
@@ -185,9 +194,11 @@ class DiffusionBehavior(IDQLModule):
         opt, sched = self.make_optimizer(total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def update(self, batch: Batch, opt: torch.optim.Optimizer, scheduler: LambdaLR | None) -> dict[str, Tensor]:
-        """Algorithm 1 without the critic: one behavior step on ``batch`` (Eq. 4 at the schedule's LR, then the
-        EMA), eager or compiled (:meth:`~idql_pl.models.base.IDQLModule.run`); returns ``train/behavior/loss``."""
+    def update(self, batch: Batch, opt: torch.optim.Optimizer,
+               scheduler: LambdaLR | None) -> dict[str, Tensor]:
+        """Algorithm 1 without the critic: one behavior step on ``batch`` (Eq. 4 at the schedule's LR, then
+        the EMA), eager or compiled (:meth:`~idql_pl.models.base.IDQLModule.run`); returns
+        ``train/behavior/loss``."""
         metrics = self.run(algorithm1_iteration, self, None, [batch], None, IDQLOptimizers(opt, None, None),
                            self.scheduled_lrs(scheduler, 1))
         self.advance(scheduler, 1)
@@ -196,7 +207,8 @@ class DiffusionBehavior(IDQLModule):
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         """:meth:`update` on ``batch_size`` rows per agent."""
         (opt,) = self.plain_optimizers()
-        self.track_losses(self.update(buffer.sample(self.hparams.batch_size, self.num_agents), opt, self.lr_schedulers()))
+        self.track_losses(self.update(buffer.sample(self.hparams.batch_size, self.num_agents), opt,
+                                      self.lr_schedulers()))
         self.count_step()  # Lightning's global_step + 1: one behavior (actor) step
 
     @torch.no_grad()
@@ -208,12 +220,13 @@ class DiffusionBehavior(IDQLModule):
 
     def validation_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         metrics = self.validation_losses(buffer)
-        self.log_dict({f"val/behavior/{k}": v for k, v in metrics.items()}, batch_size=self.hparams.batch_size,
-                      sync_dist=True)
+        self.log_dict({f"val/behavior/{k}": v for k, v in metrics.items()},
+                      batch_size=self.hparams.batch_size, sync_dist=True)
 
     # ------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def sample(self, states: Tensor, num_samples: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, states: Tensor, num_samples: int = 1,
+               generator: torch.Generator | None = None) -> Tensor:
         """``num_samples`` actions per state and agent from the EMA net (no dropout) with the Eq. 5 sampler:
         ``states [K, B, S]`` (or ``[B, S]``, the same states for every agent) ``-> [K, B, num_samples, A]`` in
         ``[-clip_actions, clip_actions]``.
@@ -228,8 +241,8 @@ class DiffusionBehavior(IDQLModule):
         state_proj = net.project_state(states).unsqueeze(2)  # [K, B, 1, H], broadcast over candidates
         time_table = net.time_table().unsqueeze(1).unsqueeze(1)  # [K, 1, 1, T, H]
         dtype = states.dtype if states.is_floating_point() else torch.float32
-        x_T = torch.randn(agents, batch, num_samples, self.hparams.action_dim, device=states.device, dtype=dtype,
-                          generator=generator)
+        x_T = torch.randn(agents, batch, num_samples, self.hparams.action_dim, device=states.device,
+                          dtype=dtype, generator=generator)
         return reverse_sample(
             lambda x, k: net.forward_parts(x, state_proj, time_table[..., k, :]),
             self._reverse_coefs,

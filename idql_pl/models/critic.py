@@ -1,4 +1,5 @@
-"""The generalized-IQL critic: twin Q, V and the Polyak target (paper Sec. 3, 4.1, Alg. 1; docs/fidelity.md §1)."""
+"""The generalized-IQL critic: twin Q, V and the Polyak target (paper Sec. 3, 4.1, Alg. 1;
+docs/fidelity.md §1)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,17 @@ from idql_pl.nets import AgentMLP, TwinQ, build_agents, ema_update_, per_agent
 class ImplicitCritic(IDQLModule):
     """Twin Q (+ Polyak target) and V trained with the generalized implicit Q-learning objective.
 
-    Its part of Algorithm 1 (:func:`~idql_pl.algorithm.iteration.algorithm1_iteration`): a V step on :meth:`v_loss` (Eq. 1
-    / 10 / 11 on ``u = min(Q1_t, Q2_t)(s, a) - V(s)``), a Q step on :meth:`q_loss` (Eq. 2, ``y = r + gamma
-    mask V(s')`` with the just-updated V), then :meth:`target_update`. ``value_loss``: "expectile" (``tau``), "quantile" (``tau``) or "exponential" (``alpha``, guarded with
-    ``exp_clip``). Adam, constant ``lr``, no weight decay or gradient clipping. Trained alone (``--model
-    idql_pl.ImplicitCritic``), a training step is Algorithm 1 without the behavior steps, and ``compile: true``
-    compiles it (:meth:`~idql_pl.models.base.IDQLModule.compile_training`, ``compile_mode`` passed on).
+    Its part of Algorithm 1 (:func:`~idql_pl.algorithm.iteration.algorithm1_iteration`): a V step on
+    :meth:`v_loss` (Eq. 1 / 10 / 11 on ``u = min(Q1_t, Q2_t)(s, a) - V(s)``), a Q step on :meth:`q_loss`
+    (Eq. 2, ``y = r + gamma mask V(s')`` with the just-updated V), then :meth:`target_update`. ``value_loss``:
+    "expectile" (``tau``), "quantile" (``tau``) or "exponential" (``alpha``, guarded with ``exp_clip``). Adam,
+    constant ``lr``, no weight decay or gradient clipping. Trained alone (``--model idql_pl.ImplicitCritic``),
+    a training step is Algorithm 1 without the behavior steps, and ``compile: true`` compiles it
+    (:meth:`~idql_pl.models.base.IDQLModule.compile_training`, ``compile_mode`` passed on).
 
     ``num_agents`` (K) independent critics train as one model: V is K members, the twin Q and its target
-    ``K x 2`` (:class:`~idql_pl.nets.TwinQ`), all updated by one batched step. Batches are ``[K, B, ...]`` (agent
-    ``k``'s own rows; a ``[B, ...]`` batch is shared by all agents), every evaluation method returns
+    ``K x 2`` (:class:`~idql_pl.nets.TwinQ`), all updated by one batched step. Batches are ``[K, B, ...]``
+    (agent ``k``'s own rows; a ``[B, ...]`` batch is shared by all agents), every evaluation method returns
     ``[K, B]``, and each loss is the sum over agents of each agent's mean loss, so each agent gets its own
     gradient and (Adam being elementwise) its own Adam step. ``tau``/``alpha`` may be a list of K values (a
     hyperparameter sweep in one process). Agent ``k`` is initialized as a single run seeded ``seed + k``
@@ -56,7 +58,8 @@ class ImplicitCritic(IDQLModule):
         super().__init__()
         check_sizes(obs_dim, action_dim, num_agents)
         if len(hidden_dims) == 0 or any(int(h) < 1 for h in hidden_dims):
-            raise ConfigError(f"critic hidden_dims must be a non-empty list of sizes >= 1 (got {list(hidden_dims)})")
+            raise ConfigError("critic hidden_dims must be a non-empty list of sizes >= 1"
+                              f" (got {list(hidden_dims)})")
         name = "alpha" if value_loss == "exponential" else "tau"
         params = per_agent(alpha if value_loss == "exponential" else tau, num_agents, f"critic {name}")
         for param in params:
@@ -64,7 +67,8 @@ class ImplicitCritic(IDQLModule):
         if not 0.0 <= discount <= 1.0:
             raise ConfigError(f"discount must lie in [0, 1] (got {discount}); the paper uses 0.99")
         if not 0.0 < target_update_rate <= 1.0:
-            raise ConfigError(f"target_update_rate must lie in (0, 1] (got {target_update_rate}); the paper uses 0.005")
+            raise ConfigError(f"target_update_rate must lie in (0, 1] (got {target_update_rate}); the"
+                              " paper uses 0.005")
         if not (lr > 0 and math.isfinite(lr)):
             raise ConfigError(f"critic lr must be > 0 (got {lr}); the paper uses 3e-4")
         if int(batch_size) < 1:
@@ -90,7 +94,8 @@ class ImplicitCritic(IDQLModule):
 
     @property
     def loss_param(self) -> Tensor:
-        """The value loss's parameter of each agent: ``alpha`` for "exponential", ``tau`` otherwise, ``[K, 1]``."""
+        """The value loss's parameter of each agent: ``alpha`` for "exponential", ``tau`` otherwise,
+        ``[K, 1]``."""
         return self._agent_params
 
     def loss_param_of(self, agent: int) -> float:
@@ -98,16 +103,19 @@ class ImplicitCritic(IDQLModule):
         return float(self._agent_params[agent, 0])
 
     def _agents(self, x: Tensor, item_dims: int = 1) -> Tensor:
-        """``x`` with the leading agent dimension: ``[K, B, ...]`` as given, ``[B, ...]`` shared by every agent."""
+        """``x`` with the leading agent dimension: ``[K, B, ...]`` as given, ``[B, ...]`` shared by every
+        agent."""
         return x if x.dim() > item_dims + 1 else x.expand(self.num_agents, *x.shape)
 
     # ------------------------------------------------------------------------------------ evaluation
     def q(self, states: Tensor, actions: Tensor) -> Tensor:
-        """``min(Q1, Q2)(s, a)`` of each agent's online pair: ``[K, B]`` (``states`` ``[K, B, S]`` or ``[B, S]``)."""
+        """``min(Q1, Q2)(s, a)`` of each agent's online pair: ``[K, B]`` (``states`` ``[K, B, S]`` or
+        ``[B, S]``)."""
         return self.q_net(self._agents(states), self._agents(actions)).amin(dim=1)
 
     def q_target(self, states: Tensor, actions: Tensor) -> Tensor:
-        """``min(Q1_target, Q2_target)(s, a)``: ``[K, B]`` (the value target and the extraction score, Alg. 2)."""
+        """``min(Q1_target, Q2_target)(s, a)``: ``[K, B]`` (the value target and the extraction score,
+        Alg. 2)."""
         return self.q_target_net(self._agents(states), self._agents(actions)).amin(dim=1)
 
     def v(self, states: Tensor) -> Tensor:
@@ -141,7 +149,8 @@ class ImplicitCritic(IDQLModule):
         return (qs - y.unsqueeze(1)).square().mean(dim=(1, 2)).sum(), qs
 
     def target_update(self) -> None:
-        """Polyak update ``Q_target <- (1 - rate) Q_target + rate Q`` (paper Alg. 1, rate 0.005), one foreach op."""
+        """Polyak update ``Q_target <- (1 - rate) Q_target + rate Q`` (paper Alg. 1, rate 0.005), one foreach
+        op."""
         ema_update_(self.q_target_net.parameters(), self.q_net.parameters(), self.hparams.target_update_rate)
 
     # ------------------------------------------------------------------------------------- Lightning
@@ -154,25 +163,30 @@ class ImplicitCritic(IDQLModule):
         lr = self.hparams.lr
         return [make_adam(list(self.v_net.parameters()), lr), make_adam(list(self.q_net.parameters()), lr)]
 
-    def update(self, batch: Batch, v_opt: torch.optim.Optimizer, q_opt: torch.optim.Optimizer) -> dict[str, Tensor]:
-        """Algorithm 1 without the behavior steps (V, Q with the new V, target) on ``batch``, eager or compiled
-        (:meth:`~idql_pl.models.base.IDQLModule.run`); returns the detached ``train/critic/*`` metrics."""
+    def update(self, batch: Batch, v_opt: torch.optim.Optimizer,
+               q_opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+        """Algorithm 1 without the behavior steps (V, Q with the new V, target) on ``batch``, eager or
+        compiled (:meth:`~idql_pl.models.base.IDQLModule.run`); returns the detached ``train/critic/*``
+        metrics."""
         return self.run(algorithm1_iteration, None, self, [], batch, IDQLOptimizers(None, v_opt, q_opt), [])
 
     def training_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         """:meth:`update` on ``batch_size`` rows per agent."""
-        self.track_losses(self.update(buffer.sample(self.hparams.batch_size, self.num_agents), *self.plain_optimizers()))
+        self.track_losses(self.update(buffer.sample(self.hparams.batch_size, self.num_agents),
+                                      *self.plain_optimizers()))
         self.count_step()  # Lightning's global_step + 1: one critic step
 
     @torch.no_grad()
     def validation_losses(self, buffer: TransitionBuffer) -> dict[str, Tensor]:
-        """q_loss and v_loss (means over agents) on a fixed-seed batch of ``batch_size`` rows, the same for every
-        agent; updates nothing."""
+        """q_loss and v_loss (means over agents) on a fixed-seed batch of ``batch_size`` rows, the same for
+        every agent; updates nothing."""
         batch = buffer.fixed_batch(self.hparams.batch_size)
         v_loss, u, _ = self.v_loss(batch)
         q_loss, _ = self.q_loss(batch)
-        return {"q_loss": q_loss / self.num_agents, "v_loss": v_loss / self.num_agents, "abs_u_mean": u.abs().mean()}
+        return {"q_loss": q_loss / self.num_agents, "v_loss": v_loss / self.num_agents,
+                "abs_u_mean": u.abs().mean()}
 
     def validation_step(self, buffer: TransitionBuffer, batch_idx: int) -> None:
         metrics = self.validation_losses(buffer)
-        self.log_dict({f"val/critic/{k}": v for k, v in metrics.items()}, batch_size=self.hparams.batch_size, sync_dist=True)
+        self.log_dict({f"val/critic/{k}": v for k, v in metrics.items()}, batch_size=self.hparams.batch_size,
+                      sync_dist=True)

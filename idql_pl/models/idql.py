@@ -35,9 +35,9 @@ class IDQL(IDQLModule):
     dimensions, which come from the data). ``behavior_ckpt``/``critic_ckpt`` load a pretrained half (from a
     standalone or a joint checkpoint); ``freeze_*`` then stops training it, so a sweep over tau reuses one
     diffusion model. ``compile: true`` compiles the whole iteration (every behavior step and the critic step,
-    every agent) into one graph (:meth:`~idql_pl.models.base.IDQLModule.compile_training`), with ``compile_mode``
-    passed to ``torch.compile`` ("reduce-overhead": CUDA graphs on a GPU); the halves' own ``compile`` options
-    apply only when a half is trained alone.
+    every agent) into one graph (:meth:`~idql_pl.models.base.IDQLModule.compile_training`), with
+    ``compile_mode`` passed to ``torch.compile`` ("reduce-overhead": CUDA graphs on a GPU); the halves' own
+    ``compile`` options apply only when a half is trained alone.
 
     ``num_agents`` (K, default 1): K independent IDQL agents trained as one model (``--model.num_agents 3``
     trains seeds ``seed .. seed + 2`` in one process). It is passed to both halves (a half's own
@@ -66,9 +66,11 @@ class IDQL(IDQLModule):
         check_extraction(extraction, num_samples, num_agents)
         check_sizes(obs_dim, action_dim, num_agents)
         if actor_updates_per_step < 0:
-            raise ConfigError(f"actor_updates_per_step must be >= 0 (got {actor_updates_per_step}); the paper uses 2")
+            raise ConfigError(f"actor_updates_per_step must be >= 0 (got {actor_updates_per_step});"
+                              " the paper uses 2")
         if freeze_behavior and freeze_critic:
-            raise ConfigError("freeze_behavior and freeze_critic are both set: nothing would train; unset one")
+            raise ConfigError("freeze_behavior and freeze_critic are both set:"
+                              " nothing would train; unset one")
         self.save_init_args(locals(), ignore=("critic", "behavior"))
         self.critic = critic(obs_dim, action_dim, num_agents=num_agents)
         self.behavior = behavior(obs_dim, action_dim, num_agents=num_agents)
@@ -86,15 +88,17 @@ class IDQL(IDQLModule):
         return int(self.hparams.get("num_agents", 1))
 
     def updates_per_step(self) -> dict[str, int]:
-        return {"critic": int(self.train_critic), "actor": self.hparams.actor_updates_per_step * int(self.train_behavior)}
+        return {"critic": int(self.train_critic),
+                "actor": self.hparams.actor_updates_per_step * int(self.train_behavior)}
 
     # ----------------------------------------------------------------------------------------- optim
     def configure_optimizers(self) -> Any:
-        """The behavior's AdamW with its cosine schedule over ``actor_updates_per_step * max_steps`` actor steps
-        (when it trains), then the critic's V and Q Adams (when it trains)."""
+        """The behavior's AdamW with its cosine schedule over ``actor_updates_per_step * max_steps`` actor
+        steps (when it trains), then the critic's V and Q Adams (when it trains)."""
         optimizers, schedulers = [], []
         if self.train_behavior:
-            total = self.behavior.hparams.lr_decay_steps or max(1, self.trainer.max_steps) * self.hparams.actor_updates_per_step
+            total = (self.behavior.hparams.lr_decay_steps
+                     or max(1, self.trainer.max_steps) * self.hparams.actor_updates_per_step)
             opt, sched = self.behavior.make_optimizer(total)
             optimizers.append(opt)
             schedulers.append({"scheduler": sched, "interval": "step"})
@@ -118,15 +122,17 @@ class IDQL(IDQLModule):
 
     def update(self, buffer: TransitionBuffer, opt: IDQLOptimizers, scheduler: LRScheduler | None
                ) -> dict[str, Tensor]:
-        """One iteration of Algorithm 1 (:func:`~idql_pl.algorithm.iteration.algorithm1_iteration`) for every agent, on
-        ``[K, B, ...]`` batches drawn by index from ``buffer`` (agent ``k``'s rows from its own generator), the
-        behavior steps at ``scheduler``'s next LRs; eager or compiled (:meth:`~idql_pl.models.base.IDQLModule.run`).
-        Returns the detached metrics."""
-        agents, behavior_steps = self.num_agents, self.hparams.actor_updates_per_step if self.train_behavior else 0
-        behavior_batches = [buffer.sample(self.behavior.hparams.batch_size, agents) for _ in range(behavior_steps)]
+        """One iteration of Algorithm 1 (:func:`~idql_pl.algorithm.iteration.algorithm1_iteration`) for every
+        agent, on ``[K, B, ...]`` batches drawn by index from ``buffer`` (agent ``k``'s rows from its own
+        generator), the behavior steps at ``scheduler``'s next LRs; eager or compiled
+        (:meth:`~idql_pl.models.base.IDQLModule.run`). Returns the detached metrics."""
+        agents, behavior_steps = (self.num_agents,
+                                  self.hparams.actor_updates_per_step if self.train_behavior else 0)
+        behavior_batches = [buffer.sample(self.behavior.hparams.batch_size, agents)
+                            for _ in range(behavior_steps)]
         critic_batch = buffer.sample(self.critic.hparams.batch_size, agents) if self.train_critic else None
-        metrics = self.run(algorithm1_iteration, self.behavior, self.critic, behavior_batches, critic_batch, opt,
-                           self.scheduled_lrs(scheduler, behavior_steps))
+        metrics = self.run(algorithm1_iteration, self.behavior, self.critic, behavior_batches, critic_batch,
+                           opt, self.scheduled_lrs(scheduler, behavior_steps))
         self.advance(scheduler, behavior_steps)
         return metrics
 

@@ -7,10 +7,11 @@ CORL's ``iql.py``: an MLP (2x256, ReLU) whose mean goes through ``tanh``, a diag
 log-std a free parameter (state-independent, the default, as in both) or a second head, clipped to
 ``[log_std_min, log_std_max] = [-5, 2]``. It is evaluated with its mean action.
 
-AWR (IDQL paper Eq. 3; IQL Eq. 7): ``L_pi = -E_{(s,a)~D}[ min(exp(beta (Q_target(s, a) - V(s))), 100) log pi(a|s) ]``
-with ``Q_target = min(Q1_target, Q2_target)``; inverse temperature ``beta`` 3.0 locomotion / 10.0 antmaze
-(IQL App. B), weights clipped at 100 (``EXP_ADV_MAX`` in both reference codes). Adam, lr 3e-4 with cosine
-decay to 0 over the run (IQL's ``opt_decay_schedule="cosine"``).
+AWR (IDQL paper Eq. 3; IQL Eq. 7):
+``L_pi = -E_{(s,a)~D}[ min(exp(beta (Q_target(s, a) - V(s))), 100) log pi(a|s) ]`` with
+``Q_target = min(Q1_target, Q2_target)``; inverse temperature ``beta`` 3.0 locomotion / 10.0 antmaze (IQL
+App. B), weights clipped at 100 (``EXP_ADV_MAX`` in both reference codes). Adam, lr 3e-4 with cosine decay to
+0 over the run (IQL's ``opt_decay_schedule="cosine"``).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class GaussianActor(nn.Module):
         return (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(-1)
 
     @torch.no_grad()
-    def sample(self, states: Tensor, num_samples: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, states: Tensor, num_samples: int = 1,
+               generator: torch.Generator | None = None) -> Tensor:
         """``num_samples`` Gaussian draws per state, clipped to [-1, 1]: ``[B, num_samples, A]``."""
         mean, log_std = self(states)
         noise = torch.randn(mean.shape[0], num_samples, mean.shape[1], device=mean.device, dtype=mean.dtype,
@@ -91,11 +93,12 @@ class GaussianActor(nn.Module):
 
 def awr_loss(actor: GaussianActor, critic: ImplicitCritic, batch: Batch, beta: float,
              max_weight: float = EXP_ADV_MAX) -> tuple[Tensor, Tensor, Tensor]:
-    """AWR actor loss (IDQL Eq. 3, IQL Eq. 7): ``-mean(min(exp(beta (Q_target - V)), max_weight) log pi(a|s))``
-    on dataset actions; the advantage uses the critic's target twin-Q minimum and V, without gradient.
-    Returns ``(loss, weights, advantages)``."""
+    """AWR actor loss (IDQL Eq. 3, IQL Eq. 7):
+    ``-mean(min(exp(beta (Q_target - V)), max_weight) log pi(a|s))`` on dataset actions; the advantage uses
+    the critic's target twin-Q minimum and V, without gradient. Returns ``(loss, weights, advantages)``."""
     with torch.no_grad():
-        adv = (critic.q_target(batch.observations, batch.actions) - critic.v(batch.observations)).squeeze(0)  # one agent
+        # one agent
+        adv = (critic.q_target(batch.observations, batch.actions) - critic.v(batch.observations)).squeeze(0)
         weights = awr_weights(adv, beta, max_weight)
     loss = -(weights * actor.log_prob(batch.observations, batch.actions)).mean()
     return loss, weights, adv
@@ -111,9 +114,9 @@ class IQLOptimizers(NamedTuple):
 
 def iql_iteration(iql: IQL, batch: Batch, opt: IQLOptimizers, actor_lr: float | Tensor | None,
                   step: GradientStep) -> dict[str, Tensor]:
-    """One IQL step (Kostrikov et al. 2022, Alg. 1): the critic's part of Algorithm 1 (V, Q with the new V, the
-    Polyak target), then one AWR step of the actor (IDQL Eq. 3, IQL Eq. 7) on the same batch, at ``actor_lr``.
-    Returns detached scalars, no host sync."""
+    """One IQL step (Kostrikov et al. 2022, Alg. 1): the critic's part of Algorithm 1 (V, Q with the new V,
+    the Polyak target), then one AWR step of the actor (IDQL Eq. 3, IQL Eq. 7) on the same batch, at
+    ``actor_lr``. Returns detached scalars, no host sync."""
     critic_opt = IDQLOptimizers(None, opt.value, opt.q)
     metrics = algorithm1_iteration(None, iql.critic, [], batch, critic_opt, [], step)
     loss, weights, adv = step(opt.actor, iql.actor_loss, batch, lr=actor_lr)
@@ -156,22 +159,29 @@ class IQL(IDQLModule):
     ):
         super().__init__()
         if not (beta >= 0 and math.isfinite(beta)):
-            raise ConfigError(f"IQL beta must be a finite number >= 0 (got {beta}); the IQL paper uses 3.0 locomotion / 10.0 antmaze")
+            raise ConfigError(f"IQL beta must be a finite number >= 0 (got {beta});"
+                              " the IQL paper uses 3.0 locomotion / 10.0 antmaze")
         if not max_weight > 0:
-            raise ConfigError(f"max_weight must be > 0 (got {max_weight}); the IQL code clips the AWR weights at 100")
+            raise ConfigError(f"max_weight must be > 0 (got {max_weight});"
+                              " the IQL code clips the AWR weights at 100")
         if len(actor_hidden_dims) == 0 or any(int(h) < 1 for h in actor_hidden_dims):
-            raise ConfigError(f"actor_hidden_dims must be a non-empty list of sizes >= 1 (got {list(actor_hidden_dims)})")
+            raise ConfigError("actor_hidden_dims must be a non-empty list of sizes >= 1"
+                              f" (got {list(actor_hidden_dims)})")
         if not log_std_min < log_std_max:
-            raise ConfigError(f"log_std_min must be < log_std_max (got {log_std_min}, {log_std_max}); IQL uses -5, 2")
+            raise ConfigError(f"log_std_min must be < log_std_max (got {log_std_min}, {log_std_max});"
+                              " IQL uses -5, 2")
         if not (actor_lr > 0 and math.isfinite(actor_lr)):
             raise ConfigError(f"actor_lr must be > 0 (got {actor_lr}); the IQL paper uses 3e-4")
         if lr_decay_steps is not None and lr_decay_steps < 1:
-            raise ConfigError(f"lr_decay_steps must be >= 1 or null (got {lr_decay_steps}): null uses max_steps")
+            raise ConfigError(f"lr_decay_steps must be >= 1 or null (got {lr_decay_steps}):"
+                              " null uses max_steps")
         self.save_init_args(locals(), ignore=("critic",))
         self.critic = critic(obs_dim, action_dim)
         if self.critic.num_agents != 1:
-            raise ConfigError(f"IQL trains one agent: drop the critic's num_agents (got {self.critic.num_agents})")
-        self.actor = GaussianActor(obs_dim, action_dim, actor_hidden_dims, state_dependent_std, log_std_min, log_std_max)
+            raise ConfigError("IQL trains one agent:"
+                              f" drop the critic's num_agents (got {self.critic.num_agents})")
+        self.actor = GaussianActor(obs_dim, action_dim, actor_hidden_dims, state_dependent_std, log_std_min,
+                                   log_std_max)
 
     def updates_per_step(self) -> dict[str, int]:
         return {"critic": 1, "actor": 1}
@@ -188,7 +198,8 @@ class IQL(IDQLModule):
         total = self.hparams.lr_decay_steps or self.trainer.max_steps
         if total is None or int(total) < 1:
             raise ConfigError(
-                f"the actor LR schedule needs a length (got {total}): set trainer.max_steps or model.lr_decay_steps")
+                f"the actor LR schedule needs a length (got {total}):"
+                " set trainer.max_steps or model.lr_decay_steps")
         actor_opt = make_adam(list(self.actor.parameters()), self.hparams.actor_lr)
         sched = LambdaLR(actor_opt, CosineDecay(int(total)))
         return [actor_opt, *self.critic.configure_optimizers()], [{"scheduler": sched, "interval": "step"}]
@@ -202,7 +213,8 @@ class IQL(IDQLModule):
         """One IQL step (:func:`iql_iteration`) on one batch of ``critic.batch_size`` rows."""
         batch = buffer.sample(self.critic.hparams.batch_size)
         scheduler = self.lr_schedulers()
-        metrics = self.run(iql_iteration, self, batch, self.named_optimizers(), self.scheduled_lrs(scheduler, 1)[0])
+        metrics = self.run(iql_iteration, self, batch, self.named_optimizers(),
+                           self.scheduled_lrs(scheduler, 1)[0])
         self.advance(scheduler, 1)
         self.track_losses(metrics)
         self.count_step()  # Lightning's global_step + 1: one critic and one actor step

@@ -3,10 +3,10 @@
 Every network of the critic and the behavior model holds ``num_agents = K`` independent copies (K seeds or K
 hyperparameter settings trained in one process): each parameter has a leading agent dimension, inputs and
 outputs are ``[K, ...]``, and each layer is one batched matmul for all agents (:class:`AgentLinear`,
-:class:`AgentLayerNorm`). ``K = 1`` is the ordinary single run; :func:`build_agents` initializes agent ``k`` as
-a single run seeded ``seed + k``. Initialization follows the reference code's flax defaults (xavier-uniform,
-or LeCun-normal, zero biases); :func:`ema_update_` is the Polyak/EMA update of the target Q and of the
-score network's EMA copy.
+:class:`AgentLayerNorm`). ``K = 1`` is the ordinary single run; :func:`build_agents` initializes agent ``k``
+as a single run seeded ``seed + k``. Initialization follows the reference code's flax defaults
+(xavier-uniform, or LeCun-normal, zero biases); :func:`ema_update_` is the Polyak/EMA update of the target Q
+and of the score network's EMA copy.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ Net = TypeVar("Net", bound=nn.Module)
 
 
 def build_agents(build: Callable[[int], Net], num_agents: int, seed: int | None = None) -> Net:
-    """``build(num_agents)`` with each agent initialized as its own single run (seed everything, paper App. D).
+    """``build(num_agents)`` with each agent initialized as its own single run (seed everything,
+    paper App. D).
 
     Agent ``k``'s parameters are the ones ``build(1)`` draws right after seeding the CPU generator with
     ``seed + k`` (``seed``: ``torch.initial_seed()``, i.e. ``seed_everything``'s seed), so agent ``k`` of a
@@ -103,14 +104,15 @@ def per_agent(value: float | Sequence[float], num_agents: int, name: str) -> lis
         return [float(value)] * num_agents
     values = [float(v) for v in value]
     if len(values) != num_agents:
-        raise ConfigError(f"{name} has {len(values)} values but num_agents is {num_agents}: give one value, or one per"
-                          " agent")
+        raise ConfigError(f"{name} has {len(values)} values but num_agents is {num_agents}: give one value,"
+                          " or one per agent")
     return values
 
 
 class AgentLinear(nn.Module):
-    """One ``Dense`` layer per agent: ``weight [K, out, in]``, ``bias [K, out]`` (agent ``k``'s as ``nn.Linear``
-    stores it); ``forward(x [K, ..., in]) -> [K, ..., out]``, one ``torch.baddbmm`` for all agents.
+    """One ``Dense`` layer per agent: ``weight [K, out, in]``, ``bias [K, out]`` (agent ``k``'s as
+    ``nn.Linear`` stores it); ``forward(x [K, ..., in]) -> [K, ..., out]``, one ``torch.baddbmm`` for all
+    agents.
 
     ``init(in_dim, out_dim, bias)`` builds each agent's initial layer (:func:`xavier_linear` or
     :func:`lecun_linear`, flax's ``Dense`` inits), drawn in agent order; :meth:`stack` stacks given layers.
@@ -119,12 +121,14 @@ class AgentLinear(nn.Module):
     def __init__(self, num_agents: int, in_dim: int, out_dim: int, bias: bool = True,
                  init: Callable[..., nn.Linear] = xavier_linear, layers: Sequence[nn.Linear] | None = None):
         super().__init__()
-        layers = list(layers) if layers is not None else [init(in_dim, out_dim, bias=bias) for _ in range(num_agents)]
+        layers = list(layers) if layers is not None else [init(in_dim, out_dim, bias=bias)
+                                                          for _ in range(num_agents)]
         if len(layers) != num_agents:
             raise ValueError(f"AgentLinear: {len(layers)} layers for {num_agents} agents")
         self.num_agents, self.in_dim, self.out_dim = num_agents, in_dim, out_dim
-        # [K, out, in], laid out as autograd lays out the gradient of ``x @ weight^T`` (as EnsembleMLP's weights
-        # are): they differ only in the stride of a size-1 dim (out_dim 1), which DDP's gradient buckets check
+        # [K, out, in], laid out as autograd lays out the gradient of ``x @ weight^T`` (as EnsembleMLP's
+        # weights are): they differ only in the stride of a size-1 dim (out_dim 1), which DDP's gradient
+        # buckets check
         weight = torch.stack([layer.weight.detach().T for layer in layers]).transpose(1, 2).contiguous()
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers])) if bias else None
@@ -159,7 +163,8 @@ class AgentLayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = (self.num_agents, *([1] * (x.dim() - 2)), self.dim)
-        return torch.addcmul(self.bias.view(shape), F.layer_norm(x, (self.dim,), eps=self.eps), self.weight.view(shape))
+        return torch.addcmul(self.bias.view(shape), F.layer_norm(x, (self.dim,), eps=self.eps),
+                             self.weight.view(shape))
 
 
 @torch.no_grad()
@@ -175,7 +180,8 @@ def ema_update_(target_params: Iterable[Tensor], source_params: Iterable[Tensor]
 
 def strip_dropout_(module: nn.Module) -> nn.Module:
     """Replace every ``nn.Dropout`` inside ``module`` by ``nn.Identity`` (the state_dict is unchanged): the
-    module then computes its eval-mode function whatever mode it is in (the EMA score net samples this way)."""
+    module then computes its eval-mode function whatever mode it is in (the EMA score net samples this
+    way)."""
     for parent in module.modules():
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Dropout):

@@ -85,16 +85,17 @@ class EnsembleMLP(nn.Module):
 
 
 class TwinQ(nn.Module):
-    """The critic's Q pair (docs/fidelity.md §1) for each of ``K`` agents: independent ``MLP([s, a])`` of 2x256
-    ReLU, all ``K x num_members`` of them one :class:`EnsembleMLP` (agent-major members).
+    """The critic's Q pair (docs/fidelity.md §1) for each of ``K`` agents: independent ``MLP([s, a])`` of
+    2x256 ReLU, all ``K x num_members`` of them one :class:`EnsembleMLP` (agent-major members).
     ``forward(s [K, B, S], a [K, B, A]) -> [K, num_members, B]``; every member of agent ``k`` reads agent
     ``k``'s rows."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: Sequence[int] = (256, 256), num_members: int = 2,
-                 activation: str = "relu", num_agents: int = 1):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: Sequence[int] = (256, 256),
+                 num_members: int = 2, activation: str = "relu", num_agents: int = 1):
         super().__init__()
         self.num_agents, self.num_members = num_agents, num_members
-        self.ensemble = EnsembleMLP(obs_dim + action_dim, hidden_dims, 1, num_agents * num_members, activation)
+        self.ensemble = EnsembleMLP(obs_dim + action_dim, hidden_dims, 1, num_agents * num_members,
+                                    activation)
 
     def forward(self, states: Tensor, actions: Tensor) -> Tensor:
         x = torch.cat([states, actions], dim=-1)  # [K, B, S + A]

@@ -20,17 +20,19 @@ from idql_pl.nets.mlp import AgentMLP
 
 
 class FourierTimeEmbedding(nn.Module):
-    """Learnable Fourier features of the step index (paper App. G; docs/fidelity.md §3): per agent ``W ~ N(0, 0.2^2)``
-    of shape ``[fourier_dim/2, 1]`` (stored ``[K, fourier_dim/2, 1]``), ``[cos(2 pi k W), sin(2 pi k W)]`` (64
-    dims), then ``Dense(time_dim) -> act -> Dense(time_dim)`` (128). ``k [K, ...]``; output
-    ``[K, ..., time_dim]``."""
+    """Learnable Fourier features of the step index (paper App. G; docs/fidelity.md §3): per agent
+    ``W ~ N(0, 0.2^2)`` of shape ``[fourier_dim/2, 1]`` (stored ``[K, fourier_dim/2, 1]``),
+    ``[cos(2 pi k W), sin(2 pi k W)]`` (64 dims), then ``Dense(time_dim) -> act -> Dense(time_dim)`` (128).
+    ``k [K, ...]``; output ``[K, ..., time_dim]``."""
 
-    def __init__(self, fourier_dim: int = 64, time_dim: int = 128, activation: str = "mish", num_agents: int = 1):
+    def __init__(self, fourier_dim: int = 64, time_dim: int = 128, activation: str = "mish",
+                 num_agents: int = 1):
         super().__init__()
         if fourier_dim % 2:
             raise ConfigError(f"fourier_dim must be even (got {fourier_dim})")
         self.num_agents = num_agents
-        self.kernel = nn.Parameter(torch.stack([torch.randn(fourier_dim // 2, 1) * 0.2 for _ in range(num_agents)]))
+        self.kernel = nn.Parameter(torch.stack([torch.randn(fourier_dim // 2, 1) * 0.2
+                                                for _ in range(num_agents)]))
         self.mlp = AgentMLP(fourier_dim, [time_dim], time_dim, activation=activation, num_agents=num_agents)
 
     def forward(self, k: Tensor) -> Tensor:
@@ -51,8 +53,9 @@ class ScoreNet(nn.Module):
     broadcast (``x [K, B, N, A]`` with ``state_proj [K, B, 1, H]``).
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int, time_dim: int = 128, fourier_dim: int = 64,
-                 activation: str = "mish", num_timesteps: int | None = None, num_agents: int = 1):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int, time_dim: int = 128,
+                 fourier_dim: int = 64, activation: str = "mish", num_timesteps: int | None = None,
+                 num_agents: int = 1):
         super().__init__()
         self.obs_dim, self.action_dim, self.hidden_dim = obs_dim, action_dim, hidden_dim
         self.num_timesteps, self.num_agents = num_timesteps, num_agents
@@ -75,15 +78,16 @@ class ScoreNet(nn.Module):
         return self.in_state(states)
 
     def project_time(self, k: int | Tensor) -> Tensor:
-        """The time block of the first Dense on ``time_emb(k)``: ``[K, ..., H]`` for ``k [K, ...]``, ``[K, H]``
-        for an int. Integer ``k`` tensors read :meth:`time_table` when ``num_timesteps`` is set (T rows
-        embedded per agent, not B)."""
+        """The time block of the first Dense on ``time_emb(k)``: ``[K, ..., H]`` for ``k [K, ...]``,
+        ``[K, H]`` for an int. Integer ``k`` tensors read :meth:`time_table` when ``num_timesteps`` is set (T
+        rows embedded per agent, not B)."""
         if isinstance(k, int):
             if self.num_timesteps is not None:
                 return self.time_table()[:, k]
             k = torch.full((self.num_agents,), k, device=self.in_time.weight.device)
         if self.num_timesteps is not None and not k.is_floating_point():
-            agent = torch.arange(self.num_agents, device=k.device).view(self.num_agents, *([1] * (k.dim() - 1)))
+            agent = torch.arange(self.num_agents, device=k.device).view(self.num_agents,
+                                                                        *([1] * (k.dim() - 1)))
             return self.time_table()[agent, k]
         return self.in_time(self.time_embedding(k))
 
@@ -129,7 +133,8 @@ class LNResNet(ScoreNet):
     def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int = 256, num_blocks: int = 3,
                  ff_dim: int = 1024, dropout: float = 0.1, activation: str = "mish", time_dim: int = 128,
                  fourier_dim: int = 64, num_timesteps: int | None = None, num_agents: int = 1):
-        super().__init__(obs_dim, action_dim, hidden_dim, time_dim, fourier_dim, activation, num_timesteps, num_agents)
+        super().__init__(obs_dim, action_dim, hidden_dim, time_dim, fourier_dim, activation, num_timesteps,
+                         num_agents)
         self.blocks = nn.Sequential(*(ResidualBlock(hidden_dim, ff_dim, dropout, activation, num_agents)
                                       for _ in range(num_blocks)))
         self.out_act = make_activation(activation)
@@ -140,13 +145,14 @@ class LNResNet(ScoreNet):
 
 
 class MLPScoreNet(ScoreNet):
-    """Plain-MLP score network (the paper's Fig. 3 baseline): ``Dense(H)`` on ``concat[x, s, time_emb]`` -> act,
-    ``num_layers - 1`` more ``Dense(H) -> act``, then ``Dense(action_dim)``; no LayerNorm, no dropout."""
+    """Plain-MLP score network (the paper's Fig. 3 baseline): ``Dense(H)`` on ``concat[x, s, time_emb]`` ->
+    act, ``num_layers - 1`` more ``Dense(H) -> act``, then ``Dense(action_dim)``; no LayerNorm, no dropout."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dim: int = 256, num_layers: int = 3,
                  activation: str = "mish", time_dim: int = 128, fourier_dim: int = 64,
                  num_timesteps: int | None = None, num_agents: int = 1):
-        super().__init__(obs_dim, action_dim, hidden_dim, time_dim, fourier_dim, activation, num_timesteps, num_agents)
+        super().__init__(obs_dim, action_dim, hidden_dim, time_dim, fourier_dim, activation, num_timesteps,
+                         num_agents)
         self.act = make_activation(activation)
         self.rest = AgentMLP(hidden_dim, [hidden_dim] * (num_layers - 1), action_dim, activation=activation,
                              num_agents=num_agents)

@@ -1,10 +1,10 @@
-"""Runtime tweaks: what a training process changes about itself for speed and quiet, one place for all of them.
-They are applied by the CLI (``python -m idql_pl``), never on import; each is switched off by naming it in
-``IDQL_PL_TWEAKS_OFF`` (a comma-separated list: ``openmp``, ``threads``, ``malloc``, ``notices``, or ``all``),
-and each yields to the standard setting a user made himself (``OMP_WAIT_POLICY``, ``OMP_NUM_THREADS`` or
-``--threads``, ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_``). Nothing here imports torch at module level:
-the OpenMP settings must be in place before torch starts OpenMP. The Lightning callbacks that apply two of
-them during training are in :mod:`idql_pl.runtime.callbacks`.
+"""Runtime tweaks: what a training process changes about itself for speed and quiet, one place for all of
+them. They are applied by the CLI (``python -m idql_pl``), never on import; each is switched off by naming it
+in ``IDQL_PL_TWEAKS_OFF`` (a comma-separated list: ``openmp``, ``threads``, ``malloc``, ``notices``, or
+``all``), and each yields to the standard setting a user made himself (``OMP_WAIT_POLICY``,
+``OMP_NUM_THREADS`` or ``--threads``, ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_``). Nothing here imports
+torch at module level: the OpenMP settings must be in place before torch starts OpenMP. The Lightning
+callbacks that apply two of them during training are in :mod:`idql_pl.runtime.callbacks`.
 
 ``openmp``: passive OpenMP waits with a short spin
     Each PyTorch process starts one OpenMP thread per core, and by default an idle OpenMP thread spins for a
@@ -67,9 +67,9 @@ SHORT_SPIN = "10000"  # libgomp spin iterations before a thread sleeps: about 0.
 
 
 def passive_openmp_wait(environ: dict[str, str] | None = None) -> bool:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` with a short spin (``GOMP_SPINCOUNT``) unless the user set the wait policy
-    or torch (and so OpenMP) is already loaded. Returns whether passive waits are in effect for the OpenMP
-    runtime that will start."""
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` with a short spin (``GOMP_SPINCOUNT``) unless the user set the wait
+    policy or torch (and so OpenMP) is already loaded. Returns whether passive waits are in effect for the
+    OpenMP runtime that will start."""
     environ = os.environ if environ is None else environ
     if WAIT_POLICY in environ:
         return environ[WAIT_POLICY].strip().upper() == "PASSIVE"
@@ -147,14 +147,15 @@ def available_cpus() -> int:
 
 
 def intra_op_threads(requested: int | None = None, environ: dict[str, str] | None = None) -> tuple[int, str]:
-    """The thread count to use and where it came from: ``--threads``, ``OMP_NUM_THREADS`` or the affinity mask."""
+    """The thread count to use and where it came from: ``--threads``, ``OMP_NUM_THREADS`` or the affinity
+    mask."""
     environ = os.environ if environ is None else environ
     if requested is not None:
         if requested < 1:
             from idql_pl.errors import ConfigError
 
-            raise ConfigError(f"--threads must be >= 1, got {requested}; omit it to use the {available_cpus()} CPUs"
-                              " this process may run on")
+            raise ConfigError(f"--threads must be >= 1, got {requested}; omit it to use the"
+                              f" {available_cpus()} CPUs this process may run on")
         return requested, "--threads"
     env = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) >= 1:
@@ -165,7 +166,8 @@ def intra_op_threads(requested: int | None = None, environ: dict[str, str] | Non
 def apply_threads(requested: int | None = None) -> tuple[int, str]:
     """Set torch's intra-op threads (see :func:`intra_op_threads`). An explicit ``--threads`` is also exported
     as ``OMP_NUM_THREADS``, so processes started from this one (DDP ranks) keep it; otherwise Lightning's DDP
-    launcher divides the CPUs among the ranks itself. Returns the count and its source, as :func:`intra_op_threads`."""
+    launcher divides the CPUs among the ranks itself. Returns the count and its source, as
+    :func:`intra_op_threads`."""
     import torch
 
     n, source = intra_op_threads(requested)
@@ -184,8 +186,8 @@ USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def reuse_large_blocks(environ: dict[str, str] | None = None) -> str:
-    """Serve large allocations from glibc's heap and keep freed memory (``mallopt``); returns what was done, as
-    a few words for the start-up line."""
+    """Serve large allocations from glibc's heap and keep freed memory (``mallopt``); returns what was done,
+    as a few words for the start-up line."""
     environ = os.environ if environ is None else environ
     if not enabled("malloc", environ):
         return f"glibc malloc defaults ({TWEAKS_OFF})"

@@ -1,5 +1,5 @@
-"""The two runtime tweaks that act during training (:mod:`idql_pl.runtime`): :class:`ShareCpus` (fewer intra-op
-threads while other processes need the cores, all of them again when they are gone) and
+"""The two runtime tweaks that act during training (:mod:`idql_pl.runtime`): :class:`ShareCpus` (fewer
+intra-op threads while other processes need the cores, all of them again when they are gone) and
 :class:`ReuseLargeBlocks` (large CPU tensors from glibc's reused heap once the data is loaded)."""
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from idql_pl.runtime import CpuShare, rank_share, reuse_large_blocks, shared_thr
 
 
 class ShareCpus(L.Callback):
-    """Every ``interval_s`` seconds of training (checked at the end of a training step, on the main thread, where
-    ``torch.set_num_threads`` takes effect) set the thread count to :func:`~idql_pl.runtime.shared_threads` of
-    ``max_threads`` and the cores other processes used since the last check. One line when the count changes.
-    Added by the CLI when the thread count comes from the CPU affinity (not from ``--threads``/``OMP_NUM_THREADS``).
+    """Every ``interval_s`` seconds of training (checked at the end of a training step, on the main thread,
+    where ``torch.set_num_threads`` takes effect) set the thread count to
+    :func:`~idql_pl.runtime.shared_threads` of ``max_threads`` and the cores other processes used since the
+    last check. One line when the count changes. Added by the CLI when the thread count comes from the CPU
+    affinity (not from ``--threads``/``OMP_NUM_THREADS``).
 
     Under DDP the ``L`` ranks on this machine (``trainer.num_devices``) share its ``max_threads`` CPUs: each
     rank is capped at :func:`~idql_pl.runtime.rank_share` of them from the start of training (the share
@@ -62,9 +63,10 @@ class ShareCpus(L.Callback):
         current = torch.get_num_threads()
         if target != current:
             torch.set_num_threads(target)
-            reason = f"other processes use {others:.1f} of the cores" if target < current else "the cores are free again"
-            rank_zero_info(f"[idql_pl] {target} CPU thread{'s' if target != 1 else ''} from step {trainer.global_step}:"
-                           f" {reason} (--threads N fixes the count)")
+            reason = (f"other processes use {others:.1f} of the cores" if target < current
+                      else "the cores are free again")
+            rank_zero_info(f"[idql_pl] {target} CPU thread{'s' if target != 1 else ''} from step"
+                           f" {trainer.global_step}: {reason} (--threads N fixes the count)")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if torch.get_num_threads() != self.limit:

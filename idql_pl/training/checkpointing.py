@@ -25,22 +25,25 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, A
     if path.is_dir():
         raise CheckpointError(directory_message(path))
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: check the path (runs keep theirs in checkpoints/<run>/)")
+        raise CheckpointError(f"checkpoint {path} does not exist:"
+                              " check the path (runs keep theirs in checkpoints/<run>/)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0][:160]
         raise CheckpointError(
-            f"checkpoint {path} holds objects other than tensors and plain types and was refused, since loading it"
-            f" could execute code ({first}); only load checkpoints written by idql_pl"
+            f"checkpoint {path} holds objects other than tensors and plain types and was refused, since"
+            f" loading it could execute code ({first}); only load checkpoints written by idql_pl"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({first}): resume from an earlier checkpoint or retrain"
+            f"checkpoint {path} is corrupt or truncated ({first}):"
+            " resume from an earlier checkpoint or retrain"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict): pass a .ckpt written by idql_pl")
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict):"
+                              " pass a .ckpt written by idql_pl")
     return checkpoint
 
 
@@ -50,13 +53,13 @@ def directory_message(path: Path) -> str:
     if found:
         best = "last.ckpt" if "last.ckpt" in found else found[-1]
         shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
-        return (f"--ckpt_path {path} is a directory, not a checkpoint file; it holds {shown}: pass one of them,"
-                f" e.g. --ckpt_path {path / best}")
+        return (f"--ckpt_path {path} is a directory, not a checkpoint file; it holds {shown}: pass one of"
+                f" them, e.g. --ckpt_path {path / best}")
     runs = sorted(str(p.relative_to(path)) for p in path.glob("*/last.ckpt") if p.is_file())
     if runs:
         shown = ", ".join(runs[:8]) + (f" and {len(runs) - 8} more" if len(runs) > 8 else "")
-        return (f"--ckpt_path {path} is a directory, not a checkpoint file; its run folders hold {shown}: pass"
-                f" one of them, e.g. --ckpt_path {path / runs[0]}")
+        return (f"--ckpt_path {path} is a directory, not a checkpoint file; its run folders hold {shown}:"
+                f" pass one of them, e.g. --ckpt_path {path / runs[0]}")
     return (f"--ckpt_path {path} is a directory, not a checkpoint file, and it holds no .ckpt files: pass a"
             " checkpoint file (runs keep theirs in checkpoints/<run>/last.ckpt)")
 
@@ -66,7 +69,8 @@ _writes_lock = threading.Lock()
 
 
 def write_in_progress() -> bool:
-    """Whether a checkpoint file is being written by this process right now (the stop handler waits for it)."""
+    """Whether a checkpoint file is being written by this process right now (the stop handler waits for
+    it)."""
     return _writes > 0
 
 
@@ -138,11 +142,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 if old.name != keep:
                     old.unlink(missing_ok=True)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, path: Any, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = safe_load(path, map_location=map_location or "cpu")
         files = (checkpoint.get(SIDECARS_KEY) or {}).get("files")
         if files:
-            checkpoint[SIDECARS_KEY] = {name: load_sidecar(Path(path).parent / file) for name, file in files.items()}
+            checkpoint[SIDECARS_KEY] = {name: load_sidecar(Path(path).parent / file)
+                                        for name, file in files.items()}
         return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
@@ -154,14 +160,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def load_sidecar(path: Path) -> Any:
     """A sidecar file (tensors and plain containers only), with the one-line errors of :func:`safe_load`."""
     if not path.is_file():
-        raise CheckpointError(f"{path} (saved beside its checkpoint) is missing: copy it with the checkpoint, or"
-                              " start a new run")
+        raise CheckpointError(f"{path} (saved beside its checkpoint) is missing: copy it with the checkpoint,"
+                              " or start a new run")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} (saved beside its checkpoint) is corrupt or unsafe ({first}): resume from"
-                              " an earlier checkpoint") from None
+        raise CheckpointError(f"{path} (saved beside its checkpoint) is corrupt or unsafe ({first}): resume"
+                              " from an earlier checkpoint") from None
 
 
 def _no_space(err: BaseException) -> bool:
@@ -199,8 +205,8 @@ def load_submodule_state(module: nn.Module, path: str | os.PathLike, prefix: str
     if missing or mismatched:
         what = f"missing {missing[:3]}" if missing else f"shape mismatch in {mismatched[:3]}"
         raise CheckpointError(
-            f"{path} does not fit this {type(module).__name__} ({what}): use a checkpoint of the same model size"
-            " trained on the same environment"
+            f"{path} does not fit this {type(module).__name__} ({what}): use a checkpoint of the same model"
+            " size trained on the same environment"
         )
     module.load_state_dict({k: state[k] for k in own})
 
@@ -218,15 +224,17 @@ def export_agent(path: str | os.PathLike, agent: int, out: str | os.PathLike,
     hparams = checkpoint.get("hyper_parameters") or {}
     agents = int(hparams.get("num_agents", 1))
     if not 0 <= agent < agents:
-        raise CheckpointError(f"{path} holds {agents} agent(s): --agent must lie in 0..{agents - 1} (got {agent})")
+        raise CheckpointError(f"{path} holds {agents} agent(s):"
+                              f" --agent must lie in 0..{agents - 1} (got {agent})")
     state = {}
     for key, value in checkpoint["state_dict"].items():
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] % agents:
-            raise CheckpointError(f"{path}: {key} has no leading agent dimension of {agents}; not a many-agent"
-                                  " checkpoint of idql_pl")
+            raise CheckpointError(f"{path}: {key} has no leading agent dimension of {agents}; not a"
+                                  " many-agent checkpoint of idql_pl")
         rows = value.shape[0] // agents
         state[key] = value[agent * rows : (agent + 1) * rows].clone()
-    exported = {k: v for k, v in checkpoint.items() if k not in ("optimizer_states", "lr_schedulers", "state_dict")}
+    exported = {k: v for k, v in checkpoint.items()
+                if k not in ("optimizer_states", "lr_schedulers", "state_dict")}
     exported["state_dict"] = state
     exported["hyper_parameters"] = {**hparams, "num_agents": 1}
     if isinstance(hparams.get("num_samples"), list | tuple):  # one candidate count per agent: this agent's

@@ -41,7 +41,8 @@ NAMED_CKPTS = ("last", "best", "hpc")
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", Path(text).stem if text.endswith(".hdf5") else text).strip("-").lower()
+    return re.sub(r"[^A-Za-z0-9.]+", "-",
+                  Path(text).stem if text.endswith(".hdf5") else text).strip("-").lower()
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -82,14 +83,17 @@ class IDQLCLI(LightningCLI):
 
     # ---------------------------------------------------------------------------------------- parser
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--run_name", type=str | None, default=None, help="run folder under --run_root (default: model-dataset-seedN)")
+        parser.add_argument("--run_name", type=str | None, default=None,
+                            help="run folder under --run_root (default: model-dataset-seedN)")
         parser.add_argument("--run_root", type=str, default="checkpoints", help="where run folders live")
-        parser.add_argument("--wandb_project", type=str, default="idql_pl", help="W&B project (offline when no API key)")
+        parser.add_argument("--wandb_project", type=str, default="idql_pl",
+                            help="W&B project (offline when no API key)")
         parser.add_argument("--tensorboard", type=bool, default=False,
                             help="also log to TensorBoard in <run folder>/tensorboard (needs tensorboard)")
         parser.add_argument("--threads", type=int | None, default=None,
-                            help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else the CPUs this process may"
-                                 " use, from its affinity mask, fewer while other processes use them)")
+                            help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else the CPUs this"
+                                 " process may use, from its affinity mask,"
+                                 " fewer while other processes use them)")
         parser.add_lightning_class_args(PolicyEvaluation, "eval")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -101,7 +105,8 @@ class IDQLCLI(LightningCLI):
             }
         )
         for dim in ("obs_dim", "action_dim"):
-            parser.link_arguments("data", f"model.init_args.{dim}", compute_fn=lambda d, dim=dim: getattr(d, dim), apply_on="instantiate")
+            parser.link_arguments("data", f"model.init_args.{dim}",
+                                  compute_fn=lambda d, dim=dim: getattr(d, dim), apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then check up front what would otherwise fail late or not at all: a YAML syntax error names
@@ -120,8 +125,8 @@ class IDQLCLI(LightningCLI):
         ckpt = cfg.get("ckpt_path")
         if sub in ("validate", "test") and not ckpt:
             raise ConfigError(
-                f"{sub} needs a trained model: pass --ckpt_path checkpoints/<run>/last.ckpt (or --ckpt_path last with"
-                f" the run's --run_name); without one it would evaluate an untrained policy"
+                f"{sub} needs a trained model: pass --ckpt_path checkpoints/<run>/last.ckpt (or --ckpt_path"
+                f" last with the run's --run_name); without one it would evaluate an untrained policy"
             )
         if ckpt and ckpt not in NAMED_CKPTS:
             safe_load(ckpt)
@@ -163,8 +168,8 @@ class IDQLCLI(LightningCLI):
         elif ckpt == "last":
             if not (run_dir / "last.ckpt").is_file():
                 raise CheckpointError(
-                    f"--ckpt_path last: no {run_dir / 'last.ckpt'} to resume; pass the --run_name of the run to"
-                    " continue (see checkpoints/), or drop --ckpt_path to start a new run"
+                    f"--ckpt_path last: no {run_dir / 'last.ckpt'} to resume; pass the --run_name of the run"
+                    " to continue (see checkpoints/), or drop --ckpt_path to start a new run"
                 )
         elif ckpt is not None and ckpt not in NAMED_CKPTS:
             run_dir = Path(ckpt).resolve().parent
@@ -194,7 +199,8 @@ class IDQLCLI(LightningCLI):
         ours: list[Any] = [GracefulStop(resume_hint=self.resume_hint), ReuseLargeBlocks()]
         if self.thread_source == "CPU affinity" and runtime.enabled("threads"):
             ours.append(ShareCpus(self.threads))
-        if cfg.trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        if cfg.trainer.get("enable_progress_bar") is not False \
+                and not any(isinstance(c, ProgressBar) for c in callbacks):
             ours.append(StepProgressBar())
         kwargs["callbacks"] = [*ours, *callbacks]
         return super().instantiate_trainer(**kwargs)
@@ -217,9 +223,10 @@ class IDQLCLI(LightningCLI):
         return loggers
 
     def _add_wandb(self) -> None:
-        """Start the W&B run ourselves (rank 0) and hand it to ``WandbLogger(experiment=...)``: Lightning's own
-        ``wandb.init`` call passes ``anonymous=None``, which wandb >= 0.2x answers with a deprecation warning on
-        every run, and sets ``WANDB_MODE=dryrun`` offline, which wandb no longer reads as offline."""
+        """Start the W&B run ourselves (rank 0) and hand it to ``WandbLogger(experiment=...)``: Lightning's
+        own ``wandb.init`` call passes ``anonymous=None``, which wandb >= 0.2x answers with a deprecation
+        warning on every run, and sets ``WANDB_MODE=dryrun`` offline, which wandb no longer reads as
+        offline."""
         if not getattr(self, "_wandb_wanted", False):
             return
         try:
@@ -234,8 +241,8 @@ class IDQLCLI(LightningCLI):
         experiment = None
         if rank_zero_only.rank == 0:
             if offline:
-                print(f"[idql_pl] W&B: no API key found, logging offline to {run_dir}/wandb (upload later with"
-                      " `wandb sync`)", file=sys.stderr)
+                print(f"[idql_pl] W&B: no API key found, logging offline to {run_dir}/wandb (upload later"
+                      " with `wandb sync`)", file=sys.stderr)
             id_file = run_dir / RUN_ID_FILE
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -246,7 +253,8 @@ class IDQLCLI(LightningCLI):
             # the x-axis WandbLogger defines when it starts the run itself
             experiment.define_metric("trainer/global_step")
             experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
-        logger = WandbLogger(project=cfg.wandb_project, name=run_dir.name, save_dir=str(run_dir), experiment=experiment)
+        logger = WandbLogger(project=cfg.wandb_project, name=run_dir.name, save_dir=str(run_dir),
+                             experiment=experiment)
         self.trainer.loggers = [*self.trainer.loggers, logger]
 
     # ------------------------------------------------------------------------------------- subcommands
@@ -260,7 +268,8 @@ class IDQLCLI(LightningCLI):
         hint = "" if source == "--threads" else "; --threads N to change"
         if source == "CPU affinity" and runtime.enabled("threads"):
             hint += "; fewer while other processes use the cores"
-        rank_zero_info(f"[idql_pl] {self.threads} CPU thread{'s' if self.threads != 1 else ''} (from {source}{hint}), OpenMP wait policy {wait}")
+        rank_zero_info(f"[idql_pl] {self.threads} CPU thread{'s' if self.threads != 1 else ''}"
+                       f" (from {source}{hint}), OpenMP wait policy {wait}")
         self._add_wandb()
 
     def after_fit(self) -> None:
@@ -277,7 +286,8 @@ class IDQLCLI(LightningCLI):
         """One line at start when this run computes in bf16 on a CPU without native bf16."""
         if self.trainer.strategy.root_device.type != "cpu":
             return
-        asked = [f"--trainer.precision {self.trainer.precision}"] if str(self.trainer.precision).startswith("bf16") else []
+        asked = ([f"--trainer.precision {self.trainer.precision}"]
+                 if str(self.trainer.precision).startswith("bf16") else [])
         asked += [f"--eval.precision {cb.precision}" for cb in self.trainer.callbacks
                   if isinstance(cb, PolicyEvaluation) and cb.precision == "bf16"]
         note = slow_bf16_note(" and ".join(asked)) if asked else None
@@ -302,9 +312,10 @@ class IDQLCLI(LightningCLI):
                 self._keep_metrics_history(int(ckpt.get("global_step", 0)))
 
     def _keep_metrics_history(self, resumed_step: int) -> None:
-        """A resumed fit keeps ``csv/metrics.csv``'s rows up to the checkpoint's step (Lightning's CSVLogger would
-        delete the file when the resumed run starts logging): they are logged again through the logger, then the
-        resumed run's rows follow. Rows after that step are dropped (the resumed run redoes those steps)."""
+        """A resumed fit keeps ``csv/metrics.csv``'s rows up to the checkpoint's step (Lightning's CSVLogger
+        would delete the file when the resumed run starts logging): they are logged again through the logger,
+        then the resumed run's rows follow. Rows after that step are dropped (the resumed run redoes those
+        steps)."""
         logger = next((lg for lg in self.trainer.loggers if isinstance(lg, CSVLogger)), None)
         path = self.run_dir / "csv" / "metrics.csv"
         if logger is None or not path.is_file() or rank_zero_only.rank != 0:
@@ -326,9 +337,9 @@ def check_fit_trainer(trainer: Any) -> None:
     """Refuse up front, in one line, a step count or a precision that ``fit`` cannot run."""
     max_steps = trainer.get("max_steps")
     if max_steps is None or int(max_steps) < 1:
-        raise ConfigError(f"--trainer.max_steps must be a positive number of training steps (got {max_steps}): it"
-                          " sets the length of the run and of its LR schedule (IDQL counts critic steps; the paper"
-                          " trains 1000000)")
+        raise ConfigError("--trainer.max_steps must be a positive number of training steps (got"
+                          f" {max_steps}): it sets the length of the run and of its LR schedule (IDQL counts"
+                          " critic steps; the paper trains 1000000)")
     error = precision_error(trainer.get("precision") or "32-true")
     if error:
         raise ConfigError(error)
@@ -357,12 +368,13 @@ def user_error_message(err: BaseException) -> str | None:
             keys.append(match.group(1))
     root = next((ln.strip() for ln in str(chain[-1]).splitlines() if ln.strip()), type(chain[-1]).__name__)
     where = f" at {'.'.join(keys)}" if keys else ""
-    return (f"invalid configuration{where}: {root}; list the accepted keys with `python -m idql_pl fit --help`"
-            " or `--print_config`")
+    return (f"invalid configuration{where}: {root}; list the accepted keys with"
+            " `python -m idql_pl fit --help` or `--print_config`")
 
 
 def _resume_hint(run_dir: Path, root: Path, name: str) -> str:
-    """What to add to the same command to continue this run (``last`` means ``<run_root>/<run_name>/last.ckpt``)."""
+    """What to add to the same command to continue this run (``last`` means
+    ``<run_root>/<run_name>/last.ckpt``)."""
     if run_dir == root / name:
         return "--ckpt_path last"
     if run_dir.parent == root:
@@ -374,9 +386,9 @@ BUNDLED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # idql_pl/con
 
 
 def with_bundled_configs(argv: list[str]) -> list[str]:
-    """``argv`` with each ``--config`` path that does not exist here but names a config shipped with the package
-    (``configs/loco.yaml``, or ``loco.yaml``) replaced by that config's path, so the README's commands also run
-    from outside the repository, after ``pip install``."""
+    """``argv`` with each ``--config`` path that does not exist here but names a config shipped with the
+    package (``configs/loco.yaml``, or ``loco.yaml``) replaced by that config's path, so the README's commands
+    also run from outside the repository, after ``pip install``."""
     def resolve(path: str) -> str:
         relative = Path(path)
         if relative.exists() or relative.is_absolute():
@@ -415,10 +427,10 @@ def yaml_syntax_error(err: BaseException, args: Any) -> ConfigError | None:
         try:
             yaml.safe_load(text)
         except yaml.MarkedYAMLError as bad:
-            return ConfigError(f"YAML syntax error in {name}, {_where(bad)}: fix the file (a bracket, quote or"
-                               " indentation) and run again")
-    return ConfigError(f"YAML syntax error in a command-line value ({_where(marked, with_line=False)}): quote it"
-                       " like --key '[1, 2]' or --key \"a: b\"")
+            return ConfigError(f"YAML syntax error in {name}, {_where(bad)}: fix the file (a bracket, quote"
+                               " or indentation) and run again")
+    return ConfigError(f"YAML syntax error in a command-line value ({_where(marked, with_line=False)}): quote"
+                       " it like --key '[1, 2]' or --key \"a: b\"")
 
 
 def _where(err: yaml.MarkedYAMLError, with_line: bool = True) -> str:

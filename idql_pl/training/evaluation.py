@@ -38,8 +38,8 @@ def rollout(env: Any, policy: Policy, seeds: list[int], device: torch.device, ge
 
     ``policy(states [K, c, S], generator) -> [K, c, A]`` gets, for each agent, the ``c`` env slots where any
     agent's episode is still running (one batched call for all agents; a slot some agent has finished is
-    computed and its action ignored). Returns per-episode undiscounted returns and lengths, ``[K, len(seeds)]``
-    in ``seeds`` order. Steps of finished envs (auto-reset by the vector env) are ignored.
+    computed and its action ignored). Returns per-episode undiscounted returns and lengths,
+    ``[K, len(seeds)]`` in ``seeds`` order. Steps of finished envs (auto-reset by the vector env) are ignored.
 
     ``record``: the first ``record`` episodes of agent 0 are rendered into ``frames[i]`` (``i``: the position
     in ``seeds``): their env's ``render()`` after the reset and after every step of the episode; no other env
@@ -68,7 +68,8 @@ def rollout(env: Any, policy: Policy, seeds: list[int], device: torch.device, ge
             states = torch.as_tensor(grid[:, slots], dtype=torch.float32, device=device)
             actions[:, slots] = policy(states, generator).cpu().numpy()
             actions[~active] = 0.0
-            obs, reward, terminated, truncated, _ = env.step(actions.reshape(num_agents * n_envs, *action_shape))
+            obs, reward, terminated, truncated, _ = env.step(
+                actions.reshape(num_agents * n_envs, *action_shape))
             reward = np.asarray(reward).reshape(num_agents, n_envs)
             ret[active] += reward[active]
             length[active] += 1
@@ -103,7 +104,8 @@ def resident_memory_mb() -> float:
 
 
 def autocast_sample(behavior: Any, states: Tensor, generator: torch.Generator, precision: str) -> Tensor:
-    """One behavior-policy sample per state and agent (behavior cloning): ``[K, B, S] -> [K, B, A]``, float32."""
+    """One behavior-policy sample per state and agent (behavior cloning): ``[K, B, S] -> [K, B, A]``,
+    float32."""
     with torch.no_grad(), autocast_for(states.device, precision):
         return behavior.sample(states, 1, generator=generator)[..., 0, :].float()
 
@@ -181,7 +183,8 @@ class PolicyEvaluation(L.Callback):
         video_size: int = 256,
     ):
         if num_episodes < 1 or num_envs < 1 or every_n_steps < 0:
-            raise ConfigError("eval.num_episodes and eval.num_envs must be >= 1 and eval.every_n_steps >= 0 (0 = never)")
+            raise ConfigError("eval.num_episodes and eval.num_envs must be >= 1 and eval.every_n_steps >= 0"
+                              " (0 = never)")
         if isinstance(num_samples, list | tuple) and not num_samples:
             raise ConfigError("eval.num_samples is an empty list: give one N, a list such as [16, 64, 256],"
                               " or null")
@@ -222,7 +225,8 @@ class PolicyEvaluation(L.Callback):
             self.evaluate(trainer, pl_module, log_to_module=True)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Create the envs up front, so a run that cannot be evaluated fails in seconds, not at its first eval."""
+        """Create the envs up front, so a run that cannot be evaluated fails in seconds, not at its first
+        eval."""
         if self.policy_for(pl_module) is not None and self._env is None:
             self._env = self._make_env(trainer, pl_module)
 
@@ -263,7 +267,8 @@ class PolicyEvaluation(L.Callback):
         """IDQL: reweighted extraction; a behavior model alone: its own samples (BC); a critic alone: none."""
         if hasattr(pl_module, "act"):
             return lambda s, g: pl_module.act(
-                s, num_samples=self.num_samples, extraction=self.extraction, generator=g, precision=self.precision
+                s, num_samples=self.num_samples, extraction=self.extraction, generator=g,
+                precision=self.precision
             )
         if hasattr(pl_module, "sample"):
             return lambda s, g: autocast_sample(pl_module, s, g, self.precision)
@@ -305,7 +310,8 @@ class PolicyEvaluation(L.Callback):
 
         return policy
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, log_to_module: bool) -> dict[str, float] | None:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                 log_to_module: bool) -> dict[str, float] | None:
         if self.policy_for(pl_module) is None:
             rank_zero_info(f"[eval] skipped: {type(pl_module).__name__} has no policy to roll out")
             return None
@@ -437,10 +443,12 @@ class PolicyEvaluation(L.Callback):
             text += f"; video {videos[0].parent.name}/{videos[0].name}{more}"
         rank_zero_info(
             f"[eval] step {step}: {text} over {int(metrics['eval/num_episodes'])} episodes"
-            f" (length {metrics['eval/episode_length']:.0f}, {metrics['perf/eval_env_steps_per_s']:.0f} env steps/s)"
+            f" (length {metrics['eval/episode_length']:.0f}, {metrics['perf/eval_env_steps_per_s']:.0f}"
+            " env steps/s)"
         )
         if self.plot and trainer.is_global_zero and (self.history or self.n_history):
-            self._plot(Path(trainer.default_root_dir) / "eval_curve.png", getattr(pl_module, "step_unit", "critic steps"))
+            self._plot(Path(trainer.default_root_dir) / "eval_curve.png",
+                       getattr(pl_module, "step_unit", "critic steps"))
 
     def _write_episodes(self, trainer: L.Trainer, episodes: Tensor, returns: Tensor, lengths: Tensor,
                         counts: list[int | None] | None = None, agents: int | None = None) -> None:
@@ -482,7 +490,8 @@ class PolicyEvaluation(L.Callback):
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-        per_agent = [row for _, row in self.agent_history] if len(self.agent_history) == len(self.history) else []
+        per_agent = ([row for _, row in self.agent_history] if len(self.agent_history) == len(self.history)
+                     else [])
         if self.n_history:  # one line per N, the model's own N in black
             for n in sorted({n for _, row in self.n_history for n in row}):
                 points = [(step, row[n]) for step, row in self.n_history if n in row]
@@ -494,8 +503,8 @@ class PolicyEvaluation(L.Callback):
             steps, scores = zip(*self.history)
             agent_steps = [step for step, _ in self.agent_history]
             for k in range(len(per_agent[-1])):
-                ax.plot(agent_steps, [row[k] if k < len(row) else np.nan for row in per_agent], lw=0.8, alpha=0.5,
-                        label=f"agent {k}")
+                ax.plot(agent_steps, [row[k] if k < len(row) else np.nan for row in per_agent], lw=0.8,
+                        alpha=0.5, label=f"agent {k}")
             ax.plot(steps, scores, marker="o", color="black", lw=2, label="mean")
             ax.legend(fontsize=6, ncol=2)
         else:

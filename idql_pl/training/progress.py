@@ -1,12 +1,12 @@
-"""A progress bar that counts what ``trainer.max_steps`` counts here (critic steps for IDQL), with the rate, the
-time left and the latest ``eval/normalized_score``; nothing about epochs (there is one endless epoch) or
+"""A progress bar that counts what ``trainer.max_steps`` counts here (critic steps for IDQL), with the rate,
+the time left and the latest ``eval/normalized_score``; nothing about epochs (there is one endless epoch) or
 ``v_num``.
 
 On a terminal it is a tqdm bar on stderr. Anywhere else (a CI log, a cluster job's output file) it prints one
 plain line every ``every_n_steps`` steps instead of carriage-return redraws::
 
     [idql_pl] critic step 5,000/25,000 (20%) | 96.1 steps/s | elapsed 0:00:52 | ETA 0:03:28 | eval/normalized_score 13.6
-"""
+"""  # noqa: E501 (one sample output line, which cannot be split)
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ class StepProgressBar(ProgressBar):
     Args:
         every_n_steps: steps between two lines when the output is not a terminal (default: the trainer's
             ``log_every_n_steps``).
-        interactive: force the tqdm bar (True) or the plain lines (False); default: whether the stream is a TTY.
+        interactive: force the tqdm bar (True) or the plain lines (False); default: whether the stream is a
+            TTY.
         stream: where to write (default: ``sys.stderr``).
     """
 
@@ -96,7 +97,8 @@ class StepProgressBar(ProgressBar):
             total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
             self._bar = tqdm(total=total, initial=trainer.global_step, desc=self.label, unit=" steps",
                              file=self._out(), dynamic_ncols=True, smoothing=0.05, leave=True,
-                             bar_format="{desc} {n_fmt}/{total_fmt} {bar} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
+                             bar_format="{desc} {n_fmt}/{total_fmt} {bar}"
+                                        " [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
             # Lightning's and our info lines (evaluation results) print above the bar, not through it
             self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger("lightning.pytorch")])
             self._redirect.__enter__()
@@ -117,7 +119,8 @@ class StepProgressBar(ProgressBar):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
         self._finish(trainer, final_line=False)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -135,9 +138,11 @@ class StepProgressBar(ProgressBar):
         except (AttributeError, ValueError):
             return False
 
-    def format_line(self, step: int, total: int | None, elapsed: float, done: int, score: float | None) -> str:
+    def format_line(self, step: int, total: int | None, elapsed: float, done: int,
+                    score: float | None) -> str:
         """One progress line (the non-interactive form)."""
-        parts = [f"[idql_pl] {self.label} {step:,}" + (f"/{total:,} ({100 * step / total:.0f}%)" if total else "")]
+        parts = [f"[idql_pl] {self.label} {step:,}"
+                 + (f"/{total:,} ({100 * step / total:.0f}%)" if total else "")]
         rate = done / elapsed if elapsed > 0 and done > 0 else None
         parts.append(f"{rate:.1f} steps/s" if rate else "- steps/s")
         parts.append(f"elapsed {_clock(elapsed)}")

@@ -34,7 +34,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     devices this process sees (a checkpoint from an 8-GPU node resumes on a 1-GPU machine, a CUDA one on a
     CPU). Tensors may come on any device (``map_location``); generator states are read from CPU copies."""
     random.setstate((3, tuple(int(x) for x in state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].cpu().numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", state["numpy"].cpu().numpy().astype(np.uint32), state["numpy_pos"],
+                         0, 0.0))
     torch.set_rng_state(state["torch"].cpu())
     saved = state.get("cuda") or []
     if saved and torch.cuda.is_available():

@@ -3,9 +3,9 @@
 A fresh ``fit`` takes ``<root>/<name>``, or the first of ``<name>-1``, ``<name>-2``, ... that holds no
 checkpoint and is not claimed by a live process. The claim is an exclusive ``flock`` on the folder itself: the
 kernel gives it to exactly one process, holds it while that process lives and drops it when the process ends
-however it ends (even ``kill -9``), and it adds no file to the folder. On a file system without ``flock`` (some
-network mounts) the claim is the atomic creation of a ``.claimed`` subfolder instead, removed when the command
-ends (a run killed before its first checkpoint then keeps it, and the next run takes the next suffix).
+however it ends (even ``kill -9``), and it adds no file to the folder. On a file system without ``flock``
+(some network mounts) the claim is the atomic creation of a ``.claimed`` subfolder instead, removed when the
+command ends (a run killed before its first checkpoint then keeps it, and the next run takes the next suffix).
 
 Under SLURM, a job that Lightning requeued (auto-requeue on SIGUSR1) restarts the same command: the folder
 whose ``slurm_job_id.txt`` names this job and that holds an ``hpc_ckpt_*.ckpt`` is taken again, so Lightning
@@ -122,8 +122,8 @@ def claim_existing(path: Path) -> Claim:
         from idql_pl.errors import ConfigError
 
         raise ConfigError(
-            f"run folder {path} is in use by another fit that is still running: wait for it to end, or start a"
-            " new run (drop --ckpt_path)"
+            f"run folder {path} is in use by another fit that is still running: wait for it to end, or start"
+            " a new run (drop --ckpt_path)"
         )
     return claim
 

@@ -148,11 +148,12 @@ class StopController:
             return
         if self.requested is None:
             self.requested, self._first_at = signum, time.monotonic()
-            _write_stderr(f"{_fresh_line()}[idql_pl] {name} received: stopping after this step and saving last.ckpt"
-                          f" (send it again to stop at once without saving)\n")
+            _write_stderr(f"{_fresh_line()}[idql_pl] {name} received: stopping after this step and saving"
+                          f" last.ckpt (send it again to stop at once without saving)\n")
             return
         if self.saving or write_in_progress():
-            _write_stderr(f"[idql_pl] {name} again: a checkpoint is being written; waiting for it to finish\n")
+            _write_stderr(f"[idql_pl] {name} again: a checkpoint is being written;"
+                          " waiting for it to finish\n")
             return
         if time.monotonic() - self._first_at < self.grace_s:  # the same stop, delivered twice (process group)
             return
@@ -220,7 +221,8 @@ class GracefulStop(Callback):
         label = self.stop.step_label
         try:
             with self.stop.saving_checkpoint():
-                trainer.save_checkpoint(path, weights_only=False)  # the module's non-finite check runs first; atomic write
+                # the module's non-finite check runs first; atomic write
+                trainer.save_checkpoint(path, weights_only=False)
         except CheckpointError as err:  # e.g. no space left: the previous last.ckpt is intact
             raise Stopped(signum, step=trainer.global_step, saved=False, path=path, step_label=label,
                           resume_hint=self.resume_hint, detail=str(err)) from None
@@ -234,7 +236,8 @@ class GracefulStop(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.stop.phase = "done"
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
         self.stop.phase = "done"
 
 

@@ -18,15 +18,16 @@ from idql_pl.errors import ConfigError, EvalEnvError
 
 
 def prepare_offscreen_rendering() -> None:
-    """``MUJOCO_GL=egl`` when neither ``MUJOCO_GL`` nor a display (``DISPLAY``) is set (gymnasium reads it when
-    an env first renders)."""
+    """``MUJOCO_GL=egl`` when neither ``MUJOCO_GL`` nor a display (``DISPLAY``) is set (gymnasium reads it
+    when an env first renders)."""
     if not os.environ.get("MUJOCO_GL") and not os.environ.get("DISPLAY"):
         os.environ["MUJOCO_GL"] = "egl"
 
 
 def set_frame_size(env: Any, size: int) -> None:
-    """Render ``size x size`` frames from a MuJoCo env (the renderer reads its size when it first renders), also
-    when the MuJoCo env sits one level inside the env (the maze envs' point mass or ant); others are unchanged."""
+    """Render ``size x size`` frames from a MuJoCo env (the renderer reads its size when it first renders),
+    also when the MuJoCo env sits one level inside the env (the maze envs' point mass or ant); others are
+    unchanged."""
     base = getattr(env, "unwrapped", env)
     for obj in (base, *vars(base).values()):
         renderer = getattr(obj, "mujoco_renderer", None)
@@ -37,17 +38,19 @@ def set_frame_size(env: Any, size: int) -> None:
 def first_frame(env: Any, what: str) -> np.ndarray:
     """Reset ``env`` and render one frame, or fail in one line saying how to make rendering work."""
     if "rgb_array" not in (getattr(env, "metadata", None) or {}).get("render_modes", []):
-        raise EvalEnvError(f"{what} cannot render frames (no rgb_array render mode): drop --eval.video_episodes")
+        raise EvalEnvError(f"{what} cannot render frames (no rgb_array render mode):"
+                           " drop --eval.video_episodes")
     try:
         env.reset(seed=0)
         frame = env.render()
     except Exception as err:
         raise EvalEnvError(
-            f"{what} could not render a frame ({type(err).__name__}: {' '.join(str(err).split())[:160]}): MuJoCo"
-            " renders offscreen with MUJOCO_GL=egl (libEGL, e.g. Mesa) or MUJOCO_GL=osmesa; set one, or drop"
-            " --eval.video_episodes") from None
+            f"{what} could not render a frame ({type(err).__name__}: {' '.join(str(err).split())[:160]}):"
+            " MuJoCo renders offscreen with MUJOCO_GL=egl (libEGL, e.g. Mesa) or MUJOCO_GL=osmesa; set one,"
+            " or drop --eval.video_episodes") from None
     if not isinstance(frame, np.ndarray) or frame.ndim != 3:
-        raise EvalEnvError(f"{what} rendered no RGB frame (got {type(frame).__name__}): drop --eval.video_episodes")
+        raise EvalEnvError(f"{what} rendered no RGB frame (got {type(frame).__name__}):"
+                           " drop --eval.video_episodes")
     return frame
 
 
@@ -58,12 +61,13 @@ def _even(frame: np.ndarray) -> np.ndarray:
 
 
 def write_mp4(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float) -> Path:
-    """``frames`` (uint8 ``[H, W, 3]``) as an H.264 MP4 at ``fps`` (PyAV); written beside ``path`` and renamed."""
+    """``frames`` (uint8 ``[H, W, 3]``) as an H.264 MP4 at ``fps`` (PyAV); written beside ``path`` and
+    renamed."""
     try:
         import av
     except ImportError:
-        raise ConfigError("evaluation videos need PyAV: pip install av (or pip install 'idql_pl[video]'), or drop"
-                          " --eval.video_episodes") from None
+        raise ConfigError("evaluation videos need PyAV: pip install av (or pip install 'idql_pl[video]'), or"
+                          " drop --eval.video_episodes") from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")

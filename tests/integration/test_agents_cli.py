@@ -25,7 +25,8 @@ def test_many_agent_fit_evaluates_every_agent_and_exports_one(tmp_path):
     run = tmp_path / "two"
     rows = read_csv(run / "eval_episodes.csv")
     assert {r["agent"] for r in rows} == {"0", "1"}
-    by_agent = {a: [(r["step"], r["episode"], r["seed"]) for r in rows if r["agent"] == a] for a in ("0", "1")}
+    by_agent = {a: [(r["step"], r["episode"], r["seed"]) for r in rows if r["agent"] == a]
+                for a in ("0", "1")}
     assert by_agent["0"] == by_agent["1"]  # the same seeded episodes for both agents
     metrics = read_csv(next(run.rglob("metrics.csv")))
     names = set(metrics[0])
@@ -46,7 +47,8 @@ def test_many_agent_fit_evaluates_every_agent_and_exports_one(tmp_path):
         rows = value.shape[0] // 2
         assert torch.equal(single["state_dict"][key], value[rows:]), key
     assert run_cli("export", "--ckpt_path", run / "last.ckpt", "--agent", "2", "--out", out) == 2
-    assert run_cli("validate", *common, "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+    assert run_cli("validate", *common, "--trainer.accelerator", "cpu",
+                   "--trainer.enable_progress_bar", "false",
                    "--eval.num_episodes", "2", "--eval.num_envs", "2", "--model.num_agents", "1",
                    "--ckpt_path", out, "--run_name", "agent1") == 0
     rows = read_csv(tmp_path / "eval_episodes.csv")  # validate writes beside the checkpoint it evaluates

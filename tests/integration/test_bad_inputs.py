@@ -70,8 +70,10 @@ def test_unknown_dataset(capsys, run_root):
 
 
 def test_unknown_dataset_with_the_quickstart_config(capsys, run_root):
-    """The quickstart config sets dataset_size (a local-recipe option): the misspelt name is what the line says."""
-    _fails(capsys, run_root, *FIT, "--data.dataset", "no-such-dataset-v9", expect=("unknown dataset", "no-such-dataset-v9"))
+    """The quickstart config sets dataset_size (a local-recipe option): the misspelt name is what the line
+    says."""
+    _fails(capsys, run_root, *FIT, "--data.dataset", "no-such-dataset-v9",
+           expect=("unknown dataset", "no-such-dataset-v9"))
 
 
 def test_dataset_unreachable_offline(capsys, run_root, monkeypatch):

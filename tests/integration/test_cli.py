@@ -19,12 +19,14 @@ def test_fit_each_config_structure(config, tmp_path):
     assert (run / "config.yaml").is_file() and (run / "last.ckpt").is_file()
     ckpt = load_state(run / "last.ckpt")
     assert ckpt["global_step"] == 6  # one Lightning-counted step per critic step
-    assert any(k.startswith("behavior.ema") for k in ckpt["state_dict"]) or any("ema" in k for k in ckpt["state_dict"])
+    assert (any(k.startswith("behavior.ema") for k in ckpt["state_dict"])
+            or any("ema" in k for k in ckpt["state_dict"]))
     assert (run / "csv" / "metrics.csv").is_file()
 
 
 def test_fresh_fit_never_overwrites_a_run(tmp_path):
-    args = ("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER, "--run_root", tmp_path)
+    args = ("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
+            "--run_root", tmp_path)
     assert run_cli(*args) == 0
     assert run_cli(*args) == 0
     runs = sorted(p.name for p in tmp_path.iterdir())
@@ -45,7 +47,8 @@ def test_validate_from_checkpoint_runs_the_requested_episodes(tmp_path):
     assert sorted(int(r["episode"]) for r in validate_rows) == [0, 1, 2]
     metrics = read_csv(tmp_path / "r" / "csv_validate" / "metrics.csv")
     logged = [float(m["eval/return"]) for m in metrics if m.get("eval/return")]
-    assert logged and logged[-1] == pytest.approx(sum(float(r["return"]) for r in validate_rows) / 3, rel=1e-6)
+    assert logged and logged[-1] == pytest.approx(sum(float(r["return"]) for r in validate_rows) / 3,
+                                                  rel=1e-6)
 
 
 def test_print_config_round_trips(tmp_path, capsys):
@@ -91,8 +94,8 @@ def test_critic_alone(dataset, tmp_path):
 @pytest.mark.parametrize("dataset", [["--data.dataset", "local/bandit"], SMALL_MAZE])
 def test_behavior_alone(dataset, tmp_path):
     code = run_cli("fit", "--model", "idql_pl.DiffusionBehavior", *dataset, "--model.hidden_dim", "32",
-                   "--model.ff_dim", "64", "--model.batch_size", "64", *TINY_TRAINER, "--eval.every_n_steps", "3",
-                   "--run_root", tmp_path, "--run_name", "b")
+                   "--model.ff_dim", "64", "--model.batch_size", "64", *TINY_TRAINER,
+                   "--eval.every_n_steps", "3", "--run_root", tmp_path, "--run_name", "b")
     assert code == 0
     ckpt = load_state(tmp_path / "b" / "last.ckpt")
     assert ckpt["global_step"] == 6
@@ -103,8 +106,8 @@ def test_behavior_alone(dataset, tmp_path):
 def test_bf16_mixed_precision_fit_and_eval(tmp_path):
     """The bf16 autocast path (training and the extraction sampler) runs end to end; weights stay float32."""
     code = run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
-                   "--trainer.precision", "bf16-mixed", "--eval.precision", "bf16", "--eval.every_n_steps", "6",
-                   "--run_root", tmp_path, "--run_name", "bf16")
+                   "--trainer.precision", "bf16-mixed", "--eval.precision", "bf16",
+                   "--eval.every_n_steps", "6", "--run_root", tmp_path, "--run_name", "bf16")
     assert code == 0
     ckpt = load_state(tmp_path / "bf16" / "last.ckpt")
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())

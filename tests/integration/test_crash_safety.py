@@ -36,8 +36,10 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left behind
 
 
-@pytest.mark.parametrize("compile_", ["false", pytest.param("true", marks=pytest.mark.slow)])  # fast: test_compile
-def test_nan_rewards_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys, compile_, request):
+# fast: test_compile
+@pytest.mark.parametrize("compile_", ["false", pytest.param("true", marks=pytest.mark.slow)])
+def test_nan_rewards_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys, compile_,
+                                                                      request):
     if compile_ == "true":  # the whole iteration compiled (aot_eager backend): the guard reads its metrics
         request.getfixturevalue("aot_eager")
     original = TransitionBuffer.sample
@@ -55,8 +57,8 @@ def test_nan_rewards_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path, 
     monkeypatch.setattr(TransitionBuffer, "sample", poisoned)
     code = run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
                    "--trainer.max_steps", "10", "--trainer.log_every_n_steps", "1000",
-                   "--checkpoint.every_n_train_steps", "2", "--model.compile", compile_, "--run_root", tmp_path,
-                   "--run_name", "nan")
+                   "--checkpoint.every_n_train_steps", "2", "--model.compile", compile_,
+                   "--run_root", tmp_path, "--run_name", "nan")
     err = capsys.readouterr().err
     assert code == 2
     line = next(ln for ln in err.splitlines() if ln.startswith("error:"))
@@ -66,7 +68,8 @@ def test_nan_rewards_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path, 
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
-BIG = ["--model.behavior.hidden_dim", "256", "--model.behavior.ff_dim", "1024", "--model.behavior.batch_size", "1024"]
+BIG = ["--model.behavior.hidden_dim", "256", "--model.behavior.ff_dim", "1024",
+       "--model.behavior.batch_size", "1024"]
 
 
 @pytest.mark.timeout(600)

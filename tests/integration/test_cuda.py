@@ -1,5 +1,6 @@
-"""CUDA-only checks (skipped without a GPU; ``make gpu-check`` runs them): the eager and compiled joint step on
-the GPU with host syncs caught by CUDA's sync debug mode, a K = 3 critic on the GPU against the CPU, and a fit."""
+"""CUDA-only checks (skipped without a GPU; ``make gpu-check`` runs them): the eager and compiled joint step
+on the GPU with host syncs caught by CUDA's sync debug mode, a K = 3 critic on the GPU against the CPU, and a
+fit."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def _model_on(device: str, num_agents: int, compiled: bool = False, mode: str | 
 def test_compiled_iteration_on_cuda_makes_no_host_sync(mode, monkeypatch) -> None:
     """After warm-up (compile, CUDA-graph capture), iterations run with ``torch.cuda.set_sync_debug_mode
     ("error")``: any host sync inside the step (``.item()``, a blocking copy) raises. With "reduce-overhead"
-    CUDA graphs are really captured and none is skipped (a skip raises: ``cudagraph_or_error``), also after the
-    optimizer states are reloaded from a CPU checkpoint, as a resume does."""
+    CUDA graphs are really captured and none is skipped (a skip raises: ``cudagraph_or_error``), also after
+    the optimizer states are reloaded from a CPU checkpoint, as a resume does."""
     import io
 
     from torch._dynamo.utils import counters
@@ -97,8 +98,8 @@ def test_16_mixed_is_refused_on_cuda(tmp_path, capsys) -> None:
     """float16 with loss scaling cannot run the plain optimizer steps of Algorithm 1: one line naming
     bf16-mixed, exit 2, instead of "No inf checks were recorded" after the first step."""
     code = run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
-                   "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "16-mixed",
-                   "--run_root", tmp_path, "--run_name", "fp16")
+                   "--trainer.accelerator", "gpu", "--trainer.devices", "1",
+                   "--trainer.precision", "16-mixed", "--run_root", tmp_path, "--run_name", "fp16")
     assert code == 2
     assert "bf16-mixed" in capsys.readouterr().err
 

@@ -1,4 +1,5 @@
-"""Every bad input is a one-line DatasetError/EvalEnvError naming the problem and the fix; nothing left behind."""
+"""Every bad input is a one-line DatasetError/EvalEnvError naming the problem and the fix; nothing left
+behind."""
 
 import dataclasses
 import os
@@ -17,7 +18,8 @@ from idql_pl.data import OfflineDataModule, load_dataset, registry
 from idql_pl.data.d4rl import dataset_dir
 from idql_pl.errors import DatasetError, EvalEnvError, IDQLError
 
-CLOSED_PORT_URL = "http://127.0.0.1:9/x.hdf5"  # discard port on localhost: refused at once, never another host
+# discard port on localhost: refused at once, never another host
+CLOSED_PORT_URL = "http://127.0.0.1:9/x.hdf5"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -84,8 +86,9 @@ def test_malformed_minari_id():
 
 
 def test_dataset_size_does_not_block_other_datasets(capsys, monkeypatch):
-    """A recipe-only option (the quickstart config sets dataset_size) is ignored, with a note, for a D4RL file:
-    the run goes on to load that file, here the canonical one, which is absent and unreachable offline."""
+    """A recipe-only option (the quickstart config sets dataset_size) is ignored, with a note, for a D4RL
+    file: the run goes on to load that file, here the canonical one, which is absent and unreachable
+    offline."""
     from idql_pl.data import d4rl
 
     def no_download(*args, **kwargs):
@@ -94,7 +97,8 @@ def test_dataset_size_does_not_block_other_datasets(capsys, monkeypatch):
     monkeypatch.setattr(d4rl, "load_d4rl", no_download)
     with pytest.raises(DatasetError, match="offline"):
         load_dataset("hopper-medium-v2", dataset_size=10)
-    assert "dataset_size 10 applies to local recipes only: ignored for 'hopper-medium-v2'" in capsys.readouterr().err
+    assert ("dataset_size 10 applies to local recipes only: ignored for 'hopper-medium-v2'"
+            in capsys.readouterr().err)
 
 
 def test_unknown_dataset_is_named_before_recipe_options():
@@ -206,7 +210,8 @@ def test_minari_dataset_without_env_or_scores():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         minari.create_dataset_from_buffers(
-            "test/noenv-v0", [buf], observation_space=gym.spaces.Box(-1, 1, (3,)), action_space=gym.spaces.Box(-1, 1, (2,)),
+            "test/noenv-v0", [buf], observation_space=gym.spaces.Box(-1, 1, (3,)),
+            action_space=gym.spaces.Box(-1, 1, (2,)),
         )
     dm = OfflineDataModule("test/noenv-v0")
     assert dm.info.num_transitions == 3 and dm._arrays["masks"].tolist() == [1.0, 1.0, 0.0]
@@ -218,8 +223,8 @@ def test_minari_dataset_without_env_or_scores():
 
 def test_cli_prints_one_line_error_and_exit_code_2():
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "idql_pl.data", "no-such-dataset"], capture_output=True, text=True,
-                          env=env, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-m", "idql_pl.data", "no-such-dataset"], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == IDQLError.exit_code == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "unknown dataset 'no-such-dataset'" in lines[0]

@@ -38,12 +38,14 @@ def write_d4rl(path, obs_dim=11, act_dim=3, seed=0):
 
 
 def test_d4rl_local_path_with_known_name(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # mujoco writes MUJOCO_LOG.TXT (deprecation warnings of the v4 xmls) to the cwd
+    # mujoco writes MUJOCO_LOG.TXT (deprecation warnings of the v4 xmls) to the cwd
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "hopper_medium-v2.hdf5"
     raw = write_d4rl(path)
     dm = OfflineDataModule(str(path))
     info = dm.info
-    assert (info.name, info.source, info.family, info.env_id) == ("hopper-medium-v2", "d4rl", "locomotion", "Hopper-v4")
+    assert ((info.name, info.source, info.family, info.env_id)
+            == ("hopper-medium-v2", "d4rl", "locomotion", "Hopper-v4"))
     assert (info.ref_min_score, info.ref_max_score, info.max_episode_steps) == (-20.272305, 3234.3, 1000)
     keep = np.array([0, 1, 2, 3, 4, 5, 6, 7, 9, 10])  # timeouts 8, 11 and the last row dropped
     a = dm._arrays
@@ -132,8 +134,9 @@ def tiny_minari():
         firsts.append(np.concatenate([seq[k][0] for k in keys]))
         buffers.append(
             EpisodeBuffer(
-                observations={k: np.array(v) for k, v in seq.items()}, actions=np.array(acts), rewards=np.array(rews),
-                terminations=np.zeros(20, bool), truncations=np.r_[np.zeros(19, bool), True],
+                observations={k: np.array(v) for k, v in seq.items()}, actions=np.array(acts),
+                rewards=np.array(rews), terminations=np.zeros(20, bool),
+                truncations=np.r_[np.zeros(19, bool), True],
             )
         )
     with warnings.catch_warnings():
@@ -151,7 +154,8 @@ def test_minari_dataset_flattened_in_sorted_key_order(tiny_minari):
     dm = OfflineDataModule("test/pointmaze-tiny-v0", seed=0)
     info = dm.info
     assert (dm.obs_dim, dm.action_dim, info.num_transitions, info.num_episodes) == (8, 2, 60, 3)
-    assert (info.source, info.family, info.ref_min_score, info.ref_max_score) == ("minari", "maze2d", 0.0, 10.0)
+    assert ((info.source, info.family, info.ref_min_score, info.ref_max_score)
+            == ("minari", "maze2d", 0.0, 10.0))
     assert info.max_episode_steps == 300 and info.env_id == "PointMaze_UMaze-v3"
     obs = dm._arrays["observations"]
     np.testing.assert_allclose(obs[[0, 20, 40]], tiny_minari, rtol=1e-6)  # achieved | desired | observation
@@ -201,7 +205,8 @@ def test_seed_defaults_to_torch_initial_seed():
 
 def test_val_split_is_seeded_and_disjoint():
     def split(seed):
-        dm = OfflineDataModule("local/pointmaze-umaze", dataset_size=POINTMAZE_SIZE, val_fraction=0.1, seed=seed)
+        dm = OfflineDataModule("local/pointmaze-umaze", dataset_size=POINTMAZE_SIZE, val_fraction=0.1,
+                               seed=seed)
         dm.setup()
         return dm
 
@@ -283,18 +288,21 @@ def _trainer(tmp_path, max_steps):
 
 def test_lightning_fit_validate_and_resume_draws(tmp_path):
     full = _DrawModel()
-    _trainer(tmp_path, 4).fit(full, datamodule=OfflineDataModule("local/pointmaze-umaze", dataset_size=POINTMAZE_SIZE, seed=11))
+    _trainer(tmp_path, 4).fit(full, datamodule=OfflineDataModule("local/pointmaze-umaze",
+                                                                 dataset_size=POINTMAZE_SIZE, seed=11))
     assert len(full.draws) == 4 and full.val_batches == [TransitionBuffer, TransitionBuffer]
     half = _DrawModel()
     trainer = _trainer(tmp_path, 2)
-    trainer.fit(half, datamodule=OfflineDataModule("local/pointmaze-umaze", dataset_size=POINTMAZE_SIZE, seed=11))
+    trainer.fit(half,
+                datamodule=OfflineDataModule("local/pointmaze-umaze", dataset_size=POINTMAZE_SIZE, seed=11))
     ckpt = tmp_path / "half.ckpt"
     trainer.save_checkpoint(ckpt)
     loaded = torch.load(ckpt, weights_only=True)
     assert isinstance(loaded["OfflineDataModule"]["train_buffer"]["generator"], torch.Tensor)
     resumed = _DrawModel()
     _trainer(tmp_path, 4).fit(
-        resumed, datamodule=OfflineDataModule("local/pointmaze-umaze", dataset_size=POINTMAZE_SIZE, seed=11), ckpt_path=ckpt
+        resumed, datamodule=OfflineDataModule("local/pointmaze-umaze", dataset_size=POINTMAZE_SIZE, seed=11),
+        ckpt_path=ckpt
     )
     assert len(resumed.draws) == 2
     for got, want in zip(resumed.draws, full.draws[2:], strict=True):

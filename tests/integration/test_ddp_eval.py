@@ -19,9 +19,10 @@ def test_two_process_validate_covers_every_episode_once(tmp_path):
     assert run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
                    "--run_root", tmp_path, "--run_name", "r") == 0
     run = tmp_path / "r"
-    cmd = [sys.executable, "-m", "idql_pl", "validate", "--config", str(CONFIGS / "quickstart.yaml"), *SMALL_MAZE,
-           *TINY_IDQL, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--trainer.enable_progress_bar", "false", "--eval.num_episodes", str(NUM_EPISODES), "--eval.num_envs", "2",
+    cmd = [sys.executable, "-m", "idql_pl", "validate", "--config", str(CONFIGS / "quickstart.yaml"),
+           *SMALL_MAZE, *TINY_IDQL, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+           "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false",
+           "--eval.num_episodes", str(NUM_EPISODES), "--eval.num_envs", "2",
            "--ckpt_path", str(run / "last.ckpt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)

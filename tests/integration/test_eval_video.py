@@ -1,5 +1,6 @@
 """An evaluation through the command line with videos (``--eval.video_episodes``), several N
-(``--eval.num_samples "[...]"``) and TensorBoard (``--tensorboard true``); one N keeps the usual metrics only."""
+(``--eval.num_samples "[...]"``) and TensorBoard (``--tensorboard true``); one N keeps the usual metrics
+only."""
 
 from __future__ import annotations
 
@@ -55,13 +56,15 @@ def test_one_n_keeps_the_usual_metrics_and_renders_nothing(tmp_path):
     names = set(read_csv(run / "csv" / "metrics.csv")[0])
     assert "eval/normalized_score" in names and not any(n.startswith("eval/N") for n in names)
     rows = read_csv(run / "eval_episodes.csv")
-    assert len(rows) == 3 and {r["num_samples"] for r in rows} == {"2"} and {r["model_n"] for r in rows} == {"1"}
+    assert (len(rows) == 3 and {r["num_samples"] for r in rows} == {"2"}
+            and {r["model_n"] for r in rows} == {"1"})
     assert not (run / "videos").exists() and not (run / "tensorboard").exists()
 
 
 def test_videos_on_an_env_that_cannot_render_are_a_one_line_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MUJOCO_GL", "disable")
     args = ["--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER, *SHORT]
-    assert run_cli("fit", *args, "--run_root", tmp_path, "--run_name", "bad", "--eval.video_episodes", "1") == 2
+    assert run_cli("fit", *args, "--run_root", tmp_path, "--run_name", "bad",
+                   "--eval.video_episodes", "1") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "MUJOCO_GL=egl" in err and "--eval.video_episodes" in err

@@ -1,5 +1,6 @@
-"""``python -m idql_pl export``: policy files that act with torch alone (pt2, TorchScript) in a process that never
-imports idql_pl, with the actions of ``IDQL.act`` given the same noise; one agent as a checkpoint; bad inputs."""
+"""``python -m idql_pl export``: policy files that act with torch alone (pt2, TorchScript) in a process that
+never imports idql_pl, with the actions of ``IDQL.act`` given the same noise; one agent as a checkpoint; bad
+inputs."""
 
 from __future__ import annotations
 
@@ -37,16 +38,18 @@ ACT_WITH_TORCH_ALONE = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def two_agent_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export")
-    args = ["--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER, "--run_root", root]
-    assert run_cli("fit", *args, "--model.num_agents", "2", "--eval.at_end", "false", "--run_name", "two") == 0
+    args = ["--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
+            "--run_root", root]
+    assert run_cli("fit", *args, "--model.num_agents", "2", "--eval.at_end", "false",
+                   "--run_name", "two") == 0
     return root / "two"
 
 
 def test_exported_policies_act_with_torch_alone_as_idql_act(two_agent_run, tmp_path):
     """Agent 1 of a K = 2 checkpoint (pt2 argmax, TorchScript implicit) and the same agent exported first as a
-    K = 1 checkpoint (pt2 implicit, TorchScript argmax, with --config): a fresh Python that never imports idql_pl
-    loads each file, acts on a batch (and on one state), and its actions equal ``IDQL.act``'s after the same
-    seed, bit for bit."""
+    K = 1 checkpoint (pt2 implicit, TorchScript argmax, with --config): a fresh Python that never imports
+    idql_pl loads each file, acts on a batch (and on one state), and its actions equal ``IDQL.act``'s after
+    the same seed, bit for bit."""
     from idql_pl.training.export import load_model
 
     ckpt, config = two_agent_run / "last.ckpt", two_agent_run / "config.yaml"
@@ -68,9 +71,9 @@ def test_exported_policies_act_with_torch_alone_as_idql_act(two_agent_run, tmp_p
     obs = torch.randn(6, 4)
     torch.save(obs, tmp_path / "obs.pt")
     env = {**os.environ, "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", ACT_WITH_TORCH_ALONE, json.dumps(files), str(tmp_path / "obs.pt"),
-                           str(tmp_path / "actions.pt")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", ACT_WITH_TORCH_ALONE, json.dumps(files),
+                           str(tmp_path / "obs.pt"), str(tmp_path / "actions.pt")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     acted = torch.load(tmp_path / "actions.pt")
 
@@ -106,13 +109,17 @@ def test_bad_exports_are_one_line_errors(two_agent_run, tmp_path, capsys):
     lonely.parent.mkdir()
     shutil.copy(ckpt, lonely)
     cases = [
-        (["--ckpt_path", ckpt, "--agent", "0", "--format", "onnx", "--out", tmp_path / "p.onnx"], "unknown --format"),
+        (["--ckpt_path", ckpt, "--agent", "0", "--format", "onnx", "--out", tmp_path / "p.onnx"],
+         "unknown --format"),
         (["--ckpt_path", ckpt, "--agent", "0", "--out", tmp_path / "p.bin"], "cannot tell the format"),
         (["--ckpt_path", ckpt, "--agent", "2", "--out", tmp_path / "p.pt2"], "--agent must lie in 0..1"),
         (["--ckpt_path", ckpt, "--out", tmp_path / "p.pt2"], "holds 2 agents: choose one with --agent"),
-        (["--ckpt_path", halves["critic"], "--out", tmp_path / "p.pt2"], "critic only.*needs the diffusion behavior"),
-        (["--ckpt_path", halves["behavior"], "--out", tmp_path / "p.pt"], "behavior model only.*needs the critic"),
-        (["--ckpt_path", lonely, "--agent", "0", "--out", tmp_path / "p.pt2"], "no config.yaml beside.*--config"),
+        (["--ckpt_path", halves["critic"], "--out", tmp_path / "p.pt2"],
+         "critic only.*needs the diffusion behavior"),
+        (["--ckpt_path", halves["behavior"], "--out", tmp_path / "p.pt"],
+         "behavior model only.*needs the critic"),
+        (["--ckpt_path", lonely, "--agent", "0", "--out", tmp_path / "p.pt2"],
+         "no config.yaml beside.*--config"),
         (["--ckpt_path", ckpt, "--agent", "0", "--extraction", "softmax", "--out", tmp_path / "p.pt2"],
          "unknown --extraction"),
     ]

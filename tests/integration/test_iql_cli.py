@@ -30,13 +30,16 @@ def test_iql_fit_through_the_cli_trains_and_evaluates(config, tmp_path):
 
 def test_iql_resumed_run_equals_uninterrupted(tmp_path):
     common = ["fit", "--config", CONFIGS / "iql_quickstart.yaml", *SMALL_MAZE, *TINY_IQL,
-              "--model.lr_decay_steps", "16", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-              "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "3", "--eval.every_n_steps", "0",
-              "--eval.at_end", "false", "--checkpoint.every_n_train_steps", "4", "--run_root", tmp_path]
+              "--model.lr_decay_steps", "16", "--trainer.accelerator", "cpu",
+              "--trainer.enable_progress_bar", "false",
+              "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "3",
+              "--eval.every_n_steps", "0", "--eval.at_end", "false", "--checkpoint.every_n_train_steps", "4",
+              "--run_root", tmp_path]
     assert run_cli(*common, "--trainer.max_steps", 8, "--run_name", "straight") == 0
     assert run_cli(*common, "--trainer.max_steps", 4, "--run_name", "split") == 0
     assert run_cli(*common, "--trainer.max_steps", 8, "--run_name", "split", "--ckpt_path", "last") == 0
-    straight, split = load_state(tmp_path / "straight" / "last.ckpt"), load_state(tmp_path / "split" / "last.ckpt")
+    straight, split = (load_state(tmp_path / "straight" / "last.ckpt"),
+                       load_state(tmp_path / "split" / "last.ckpt"))
     assert straight["global_step"] == split["global_step"] == 8
     for key in ("state_dict", "optimizer_states", "lr_schedulers"):
         _assert_same(straight[key], split[key], key)

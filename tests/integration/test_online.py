@@ -1,5 +1,5 @@
-"""Online finetuning (OnlineIDQL, IDQL-Max / IDQL-Imp): symmetric batches, warm-up, the frozen behavior model of
-Max, the implicit exploration of Imp, online rewards and masks, resume parity, and the bad-input errors."""
+"""Online finetuning (OnlineIDQL, IDQL-Max / IDQL-Imp): symmetric batches, warm-up, the frozen behavior model
+of Max, the implicit exploration of Imp, online rewards and masks, resume parity, and the bad-input errors."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from idql_pl.models.online import OnlineIDQL, pretrained_behavior_optimizer
 from tests.helpers import CONFIGS, TINY_IDQL, load_state, random_transitions, run_cli
 
 BANDIT = ["--data.dataset", "local/bandit", "--data.dataset_size", "2000"]
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu", "--eval.every_n_steps", "0",
-         "--eval.at_end", "false", "--trainer.val_check_interval", "1000"]
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+         "--eval.every_n_steps", "0", "--eval.at_end", "false", "--trainer.val_check_interval", "1000"]
 FINETUNE = ["fit", "--config", CONFIGS / "finetune_quickstart.yaml", *BANDIT, *TINY_IDQL, *QUIET,
             "--eval.at_start", "false", "--trainer.log_every_n_steps", "2"]
 
@@ -49,7 +49,8 @@ def test_mixed_batch_is_half_online_half_offline(batch_size):
     assert torch.equal(batch.observations[is_online], i[:, None].expand(-1, 3))
     assert torch.equal(batch.next_observations[is_online], (i + 1)[:, None].expand(-1, 3))
     assert all(o.shape[0] == batch_size for o in batch)
-    assert int((mixed_batch(online, offline, batch_size, online_fraction=1.0).rewards >= 100).sum()) == batch_size
+    assert (int((mixed_batch(online, offline, batch_size, online_fraction=1.0).rewards >= 100).sum())
+            == batch_size)
 
 
 def test_replay_ring_and_compact_state():
@@ -72,7 +73,8 @@ def test_replay_ring_and_compact_state():
 
 
 class ScriptedEnv:
-    """obs = [episode, t]; episode 0 terminates after 3 steps, later ones are truncated after 2 (time limit)."""
+    """obs = [episode, t]; episode 0 terminates after 3 steps, later ones are truncated after 2 (time
+    limit)."""
 
     def __init__(self):
         self.episode, self.t, self.seeds = -1, 0, []
@@ -103,7 +105,8 @@ def test_online_rows_reward_transform_and_masks():
     assert rows.rewards.tolist() == [0.0] * 5  # r - 1 applied to every online row (raw reward 1)
     assert rows.masks.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]  # termination is terminal, truncation is not
     assert rows.observations[:, 1].tolist() == [0, 1, 2, 0, 1]
-    assert rows.next_observations.tolist() == [[0, 1], [0, 2], [0, 3], [1, 1], [1, 2]]  # true final states kept
+    # true final states kept
+    assert rows.next_observations.tolist() == [[0, 1], [0, 2], [0, 3], [1, 1], [1, 2]]
     assert ends[:2] == [None, None] and ends[3] is None
     assert ends[2] == {"train/online/episode_return": 3.0, "train/online/episode_length": 3.0,
                        "train/online/episode_normalized_score": 30.0}  # raw rewards, the normalizer's score
@@ -118,9 +121,11 @@ def test_exploration_follows_implicit_weights_or_argmax(variant, monkeypatch):
     candidates = torch.tensor([[-0.9], [-0.3], [0.2], [0.8]])
     state = torch.tensor([[0.1, -0.2]])
     q = module.critic.q_target(state.expand(4, 2), candidates)[0]  # the one agent
-    v_value = q.sort().values[1:3].mean()  # two candidates above V, two below: expectile weights tau and 1 - tau
-    monkeypatch.setattr(module.behavior, "sample",
-                        lambda s, n, generator=None: candidates.T.expand(s.shape[-2], n).unsqueeze(-1)[None].clone())
+    # two candidates above V, two below: expectile weights tau and 1 - tau
+    v_value = q.sort().values[1:3].mean()
+    monkeypatch.setattr(
+        module.behavior, "sample",
+        lambda s, n, generator=None: candidates.T.expand(s.shape[-2], n).unsqueeze(-1)[None].clone())
     monkeypatch.setattr(module.critic, "v", lambda s: torch.full(s.shape[:-1], float(v_value)))
     n = 20_000
     actions = module.explore(state.expand(n, 2))[0]
@@ -142,7 +147,8 @@ def pretrained(tmp_path_factory):
     """Tiny joint IDQL, critic-only and behavior-only checkpoints on local/bandit."""
     root = tmp_path_factory.mktemp("pretrained")
     common = [*BANDIT, *QUIET, "--trainer.max_steps", "3", "--run_root", root]  # after --config: they win
-    assert run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *common, *TINY_IDQL, "--run_name", "joint") == 0
+    assert run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *common, *TINY_IDQL,
+                   "--run_name", "joint") == 0
     common = ["fit", *common]
     assert run_cli(*common, "--model", "idql_pl.ImplicitCritic", "--model.hidden_dims", "[32, 32]",
                    "--run_name", "critic") == 0
@@ -178,7 +184,8 @@ def test_warmup_then_updates_max_freezes_behavior(pretrained, tmp_path):
     rows = replay["rows"]
     assert rows.shape == (5, 1 + 2 + 1 + 1 + 1)
     actions, rewards, masks = rows[:, 1:3], rows[:, 3], rows[:, 5]
-    assert torch.allclose(rewards, torch.as_tensor(bandit_reward(actions.numpy())) - 1.0)  # the offline transform
+    # the offline transform
+    assert torch.allclose(rewards, torch.as_tensor(bandit_reward(actions.numpy())) - 1.0)
     assert torch.equal(masks, torch.zeros(5))  # the bandit terminates every step
     # 3 steps past the warm-up: 3 critic updates, the behavior model (and its EMA copy) bit-identical
     assert _finetune(pretrained, tmp_path, "max", "max", 8, "--model.warmup_steps", "5") == 0
@@ -195,20 +202,23 @@ def test_warmup_then_updates_max_freezes_behavior(pretrained, tmp_path):
 def test_imp_trains_behavior_twice_per_env_step(pretrained, tmp_path, behavior_optimizer):
     joint = load_state(pretrained["joint"])
     start = joint["state_dict"]
-    done = {int(s["step"]) for s in joint["optimizer_states"][0]["state"].values()}.pop()  # pretraining's actor steps
+    # pretraining's actor steps
+    done = {int(s["step"]) for s in joint["optimizer_states"][0]["state"].values()}.pop()
     assert done == 6 and joint["lr_schedulers"][0]["_last_lr"] == [0.0]  # 3 joint steps, cosine decayed to 0
     assert _finetune(pretrained, tmp_path, "imp", "imp", 7, "--model.warmup_steps", "4",
                      "--model.behavior_optimizer", behavior_optimizer) == 0
     ckpt = load_state(tmp_path / "imp" / "last.ckpt")
     actor, v_opt, q_opt = ckpt["optimizer_states"]
     (schedule,) = ckpt["lr_schedulers"]
-    # 2 behavior steps per env step after the warm-up: 6; "continue" adds them to pretraining's AdamW step count
-    # and schedule (one cosine over 6 + 6 actor steps), "restart" starts a fresh AdamW and cosine over 6
+    # 2 behavior steps per env step after the warm-up: 6; "continue" adds them to pretraining's AdamW step
+    # count and schedule (one cosine over 6 + 6 actor steps), "restart" starts a fresh AdamW and cosine over 6
     offset = done if behavior_optimizer == "continue" else 0
     assert {int(s["step"]) for s in actor["state"].values()} == {offset + 6}
     assert schedule["lr_lambdas"] == [{"total_steps": offset + 6, "start": offset}]
-    assert {int(s["step"]) for o in (v_opt, q_opt) for s in o["state"].values()} == {3}  # the critic's start fresh
-    assert any(not torch.equal(ckpt["state_dict"][k], v) for k, v in _half(start, "behavior.ema_net.").items())
+    # the critic's start fresh
+    assert {int(s["step"]) for o in (v_opt, q_opt) for s in o["state"].values()} == {3}
+    assert any(not torch.equal(ckpt["state_dict"][k], v)
+               for k, v in _half(start, "behavior.ema_net.").items())
 
 
 def test_compiled_imp_finetuning_makes_the_same_updates(pretrained, tmp_path, aot_eager):
@@ -231,7 +241,8 @@ def test_continued_behavior_optimizer_keeps_moments_and_cosine():
     opt, _ = source.behavior.make_optimizer(10)
     for _ in range(4):  # 4 pretraining steps
         source.behavior.update(random_batch(), opt, None)
-    ckpt = {"optimizer_states": [tiny_module().critic.configure_optimizers()[0].state_dict(), opt.state_dict()]}
+    ckpt = {"optimizer_states": [tiny_module().critic.configure_optimizers()[0].state_dict(),
+                                 opt.state_dict()]}
     model = tiny_module("imp")
     state, done = pretrained_behavior_optimizer(ckpt, model.behavior)
     assert done == 4
@@ -242,7 +253,8 @@ def test_continued_behavior_optimizer_keeps_moments_and_cosine():
     model.behavior.update(random_batch(), new_opt, sched)
     assert new_opt.param_groups[0]["lr"] == pytest.approx(3e-4 * CosineDecay(10)(5))
     assert int(new_opt.state[next(model.behavior.net.parameters())]["step"]) == 5
-    assert pretrained_behavior_optimizer({"optimizer_states": ckpt["optimizer_states"][:1]}, model.behavior) is None
+    assert pretrained_behavior_optimizer({"optimizer_states": ckpt["optimizer_states"][:1]},
+                                         model.behavior) is None
     assert CosineDecay(10, start=4)(0) == CosineDecay(10)(4) and CosineDecay(10, start=4)(9) == 0.0
 
 
@@ -260,7 +272,8 @@ def test_resumed_finetuning_equals_uninterrupted(pretrained, tmp_path):
     assert _finetune(pretrained, tmp_path, "split", "imp", k, *common) == 0
     assert _replay(tmp_path / "split")["rows"].shape[0] == k
     assert _finetune(pretrained, tmp_path, "split", "imp", 2 * k, *common, "--ckpt_path", "last") == 0
-    straight, split = load_state(tmp_path / "straight" / "last.ckpt"), load_state(tmp_path / "split" / "last.ckpt")
+    straight, split = (load_state(tmp_path / "straight" / "last.ckpt"),
+                       load_state(tmp_path / "split" / "last.ckpt"))
     assert straight["global_step"] == split["global_step"] == 2 * k
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "idql_rng"):
         _assert_same(straight[key], split[key], key)
@@ -300,7 +313,8 @@ def _assert_same(a, b, path=""):
 )
 def test_bad_finetuning_inputs(pretrained, tmp_path, capsys, which, extra, message):
     path = pretrained.get(which, tmp_path / "nope.ckpt")
-    code = run_cli(*FINETUNE, "--trainer.max_steps", "2", "--run_root", tmp_path, "--model.pretrained", path, *extra)
+    code = run_cli(*FINETUNE, "--trainer.max_steps", "2", "--run_root", tmp_path, "--model.pretrained", path,
+                   *extra)
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert err.count("error:") == 1 and "Traceback" not in err

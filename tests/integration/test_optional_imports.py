@@ -1,7 +1,8 @@
-"""W&B, rliable and submitit are optional: only ``wandb`` logging, ``idql_pl.experiments.report`` and ``idql_pl.experiments.suite
---launcher slurm`` use them. In a process where importing them fails (a meta-path blocker that also records
-who asked), ``import idql_pl``, a W&B-disabled ``fit`` (evaluation and checkpoint included), ``validate``, the
-benchmark and the GPU check's plan all work, and no module of the package tried to import them."""
+"""W&B, rliable and submitit are optional: only ``wandb`` logging, ``idql_pl.experiments.report`` and
+``idql_pl.experiments.suite --launcher slurm`` use them. In a process where importing them fails (a meta-path
+blocker that also records who asked), ``import idql_pl``, a W&B-disabled ``fit`` (evaluation and checkpoint
+included), ``validate``, the benchmark and the GPU check's plan all work, and no module of the package tried
+to import them."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ SCRIPT = textwrap.dedent("""
 
     import idql_pl
     from idql_pl import IDQL, IQL, DiffusionBehavior, ImplicitCritic, OfflineDataModule, OnlineIDQL
-    import idql_pl.experiments.benchmark, idql_pl.training.cli, idql_pl.experiments.gpu_check, idql_pl.experiments.report, idql_pl.experiments.suite  # noqa: F401
+    import idql_pl.experiments.benchmark, idql_pl.training.cli, idql_pl.experiments.gpu_check  # noqa: F401
+    import idql_pl.experiments.report, idql_pl.experiments.suite  # noqa: F401
     from idql_pl.training.cli import main
 
     run_root = sys.argv[1]

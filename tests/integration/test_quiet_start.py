@@ -30,7 +30,8 @@ def test_filters_are_narrow_by_message_and_category():
         warnings.simplefilter("always")
         runtime.drop_notices()
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", UserWarning, stacklevel=1)  # other kind
+        # other kind
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", UserWarning, stacklevel=1)
         warnings.warn("cached dataset /x is unreadable; regenerating it", UserWarning, stacklevel=1)  # ours
         warnings.warn("something else deprecated", FutureWarning, stacklevel=1)
     texts = [(str(w.message), w.category) for w in seen]
@@ -49,7 +50,8 @@ def test_log_filter_drops_only_the_named_records():
     old_level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](...)")
+        logger.info("💡 Tip: For seamless cloud logging and experiment tracking,"
+                    " try installing [litlogger](...)")
         logger.info("GPU available: False, used: False")
     finally:
         logger.removeHandler(handler)
@@ -59,18 +61,22 @@ def test_log_filter_drops_only_the_named_records():
 
 @pytest.mark.timeout(400)
 def test_cli_start_is_quiet_but_our_own_warning_gets_through(tmp_path):
-    """A real `python -m idql_pl fit` with W&B offline and a damaged dataset cache: the notices above are gone,
-    the dataset summary, run folder and our own 'regenerating' warning are there, progress is plain lines."""
+    """A real `python -m idql_pl fit` with W&B offline and a damaged dataset cache: the notices above are
+    gone, the dataset summary, run folder and our own 'regenerating' warning are there, progress is plain
+    lines."""
     datasets = tmp_path / "minari"
     (datasets / minari_id("local/pointmaze-umaze", 4000)).mkdir(parents=True)  # a damaged cache: ours warns
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets), "WANDB_MODE": "offline", "HOME": str(tmp_path / "home"),
-           "WANDB_CONFIG_DIR": str(tmp_path / "home" / "wandb"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(datasets), "WANDB_MODE": "offline",
+           "HOME": str(tmp_path / "home"), "WANDB_CONFIG_DIR": str(tmp_path / "home" / "wandb"),
+           "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_API_KEY", None)
     env.pop("WANDB_SILENT", None)
-    proc = subprocess.run([sys.executable, "-m", "idql_pl", "fit", "--config", str(CONFIGS / "quickstart.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "idql_pl", "fit",
+                           "--config", str(CONFIGS / "quickstart.yaml"),
                            *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER, "--trainer.enable_progress_bar", "true",
-                           "--eval.every_n_steps", "4", "--trainer.max_steps", "8", "--trainer.log_every_n_steps", "4",
-                           "--run_root", str(tmp_path / "runs"), "--run_name", "q"],
+                           "--eval.every_n_steps", "4", "--trainer.max_steps", "8",
+                           "--trainer.log_every_n_steps", "4", "--run_root", str(tmp_path / "runs"),
+                           "--run_name", "q"],
                           env=env, capture_output=True, text=True, timeout=360)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -80,7 +86,8 @@ def test_cli_start_is_quiet_but_our_own_warning_gets_through(tmp_path):
     assert "regenerating it" in proc.stderr  # a real warning of our own (UserWarning from idql_pl.data)
     assert "transitions      4,000" in out and f"[idql_pl] run folder: {tmp_path / 'runs' / 'q'}" in out
     progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("[idql_pl] critic step")]
-    assert [ln.split(" | ")[0] for ln in progress] == ["[idql_pl] critic step 4/8 (50%)", "[idql_pl] critic step 8/8 (100%)"]
+    assert [ln.split(" | ")[0] for ln in progress] == ["[idql_pl] critic step 4/8 (50%)",
+                                                       "[idql_pl] critic step 8/8 (100%)"]
     assert "steps/s" in progress[0] and "ETA" in progress[0]
     assert "eval/normalized_score" in progress[1]  # the step-4 evaluation's score
     assert "\r" not in proc.stderr
@@ -101,7 +108,8 @@ def test_interactive_bar_counts_steps_not_epochs(tmp_path):
     stream = io.StringIO()
     bar = StepProgressBar(interactive=True, stream=stream)
     trainer = L.Trainer(max_steps=5, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, callbacks=[bar], default_root_dir=tmp_path, accelerator="cpu")
+                        enable_model_summary=False, callbacks=[bar], default_root_dir=tmp_path,
+                        accelerator="cpu")
     trainer.fit(BoringModel())
     text = stream.getvalue()
     assert "5/5" in text and "steps/s" in text

@@ -14,9 +14,9 @@ K = 4
 COMMON = [
     "fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL,
     "--model.behavior.lr_decay_steps", str(4 * K),  # the cosine schedule must not depend on where we stop
-    "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
-    "--trainer.val_check_interval", "3", "--eval.every_n_steps", "0", "--eval.at_end", "false",
-    "--checkpoint.every_n_train_steps", str(K),
+    "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+    "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "3", "--eval.every_n_steps", "0",
+    "--eval.at_end", "false", "--checkpoint.every_n_train_steps", str(K),
 ]
 
 
@@ -43,7 +43,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path, compile_, agents, request):
     if compile_ == "true":
         request.getfixturevalue("aot_eager")
     common = [*COMMON, "--model.compile", compile_, "--model.num_agents", agents]
-    assert run_cli(*common, "--trainer.max_steps", 2 * K, "--run_root", tmp_path, "--run_name", "straight") == 0
+    assert run_cli(*common, "--trainer.max_steps", 2 * K, "--run_root", tmp_path,
+                   "--run_name", "straight") == 0
     assert run_cli(*common, "--trainer.max_steps", K, "--run_root", tmp_path, "--run_name", "split") == 0
     halfway = load_state(tmp_path / "split" / "last.ckpt")
     assert halfway["global_step"] == K
@@ -53,7 +54,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path, compile_, agents, request):
     split = load_state(tmp_path / "split" / "last.ckpt")
     assert straight["global_step"] == split["global_step"] == 2 * K
     state = straight["state_dict"]
-    assert any(k.startswith("behavior.ema_net.") for k in state) and any(k.startswith("critic.q_target_net.") for k in state)
+    assert (any(k.startswith("behavior.ema_net.") for k in state)
+            and any(k.startswith("critic.q_target_net.") for k in state))
     _assert_same(state, split["state_dict"], "state_dict")  # weights, EMA copies, target Q
     _assert_same(straight["optimizer_states"], split["optimizer_states"], "optimizer_states")
     _assert_same(straight["lr_schedulers"], split["lr_schedulers"], "lr_schedulers")
@@ -67,19 +69,22 @@ def test_resumed_run_equals_uninterrupted(tmp_path, compile_, agents, request):
 def _train_losses(run_dir):
     with open(run_dir / "csv" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return {(row["step"], k): float(v) for row in rows for k, v in row.items() if k.startswith("train/") and v}
+    return {(row["step"], k): float(v) for row in rows for k, v in row.items()
+            if k.startswith("train/") and v}
 
 
 def test_resumed_run_keeps_the_metrics_history(tmp_path):
     """Lightning's CSVLogger deletes metrics.csv when a run in the same folder starts logging; a resume keeps
     the rows up to its checkpoint, so the resumed run's losses equal the uninterrupted run's, row for row."""
-    assert run_cli(*COMMON, "--trainer.max_steps", 2 * K, "--run_root", tmp_path, "--run_name", "straight") == 0
+    assert run_cli(*COMMON, "--trainer.max_steps", 2 * K, "--run_root", tmp_path,
+                   "--run_name", "straight") == 0
     assert run_cli(*COMMON, "--trainer.max_steps", K, "--run_root", tmp_path, "--run_name", "split") == 0
     # a killed run may have logged past its last checkpoint: the resume redoes that step, so its row goes
     metrics = tmp_path / "split" / "csv" / "metrics.csv"
     header = metrics.read_text().splitlines()[0].split(",")
     with open(metrics, "a") as f:
-        f.write(",".join(str(K + 1) if c == "step" else ("123.0" if c == "train/critic/q_loss" else "") for c in header)
+        f.write(",".join(str(K + 1) if c == "step" else ("123.0" if c == "train/critic/q_loss" else "")
+                         for c in header)
                 + "\n")
     assert run_cli(*COMMON, "--trainer.max_steps", 2 * K, "--run_root", tmp_path, "--run_name", "split",
                    "--ckpt_path", "last") == 0

@@ -19,8 +19,8 @@ from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_sta
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The claimers load run_folder.py by path: a claim needs nothing of torch, and four interpreters importing torch at
-# once on a small machine would take long to reach the barrier.
+# The claimers load run_folder.py by path: a claim needs nothing of torch, and four interpreters importing
+# torch at once on a small machine would take long to reach the barrier.
 LOAD = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('run_folder', {path!r}); "
         "run_folder = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_folder)\n")
 CLAIMER = LOAD.format(path=str(REPO / "idql_pl" / "training" / "run_folder.py")) + """
@@ -62,10 +62,12 @@ def test_a_claim_is_held_while_the_process_lives_and_released_after(tmp_path):
     base = tmp_path / "r"
     first = run_folder.claim_fresh(base)
     assert first == base
-    other = subprocess.run([sys.executable, "-c", CLAIM_ONCE, str(base)], capture_output=True, text=True, timeout=60)
+    other = subprocess.run([sys.executable, "-c", CLAIM_ONCE, str(base)], capture_output=True, text=True,
+                           timeout=60)
     assert other.stdout.strip() == f"{base}-1", other.stderr  # held by this (live) process: the next suffix
     run_folder.release_all()
-    again = subprocess.run([sys.executable, "-c", CLAIM_ONCE, str(base)], capture_output=True, text=True, timeout=60)
+    again = subprocess.run([sys.executable, "-c", CLAIM_ONCE, str(base)], capture_output=True, text=True,
+                           timeout=60)
     assert again.stdout.strip() == str(base)  # released, and it holds no checkpoint: free again
 
 
@@ -101,14 +103,16 @@ def test_a_requeued_slurm_job_takes_its_own_folder_back(tmp_path):
     assert other == Path(f"{base}-1") and (other / run_folder.SLURM_JOB_FILE).read_text() == "456"
 
 
-FIT = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER, "--eval.at_end", "false"]
+FIT = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
+       "--eval.at_end", "false"]
 
 
 @pytest.mark.timeout(600)
 def test_two_fits_started_at_once_with_one_name_get_two_folders(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "idql_pl", *FIT, "--run_root", str(tmp_path), "--run_name", "twin"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     for proc in procs:
         _, err = proc.communicate(timeout=500)
         assert proc.returncode == 0, err[-3000:]
@@ -121,9 +125,10 @@ def test_two_fits_started_at_once_with_one_name_get_two_folders(tmp_path):
 def test_resume_refuses_a_folder_a_live_fit_holds(tmp_path, capsys):
     assert run_cli(*FIT, "--run_root", tmp_path, "--run_name", "busy") == 0
     code = LOAD.format(path=str(REPO / "idql_pl" / "training" / "run_folder.py")) + (
-        "import time; from pathlib import Path; run_folder.try_claim(Path(sys.argv[1])); print('held', flush=True); "
-        "time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "busy")], stdout=subprocess.PIPE, text=True)
+        "import time; from pathlib import Path; run_folder.try_claim(Path(sys.argv[1]));"
+        " print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "busy")], stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         assert run_cli(*FIT, "--run_root", tmp_path, "--run_name", "busy", "--ckpt_path", "last") == 2

@@ -21,16 +21,18 @@ from tests.integration.test_resume import _assert_same
 
 STEPS = 300
 ARGS = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
-        "--trainer.max_steps", str(STEPS), "--trainer.log_every_n_steps", "20", "--trainer.val_check_interval", "1000",
-        "--checkpoint.every_n_train_steps", "50", "--eval.at_end", "false",
-        "--model.behavior.lr_decay_steps", str(STEPS)]
-LINE = re.compile(r"^stopped by (SIG\w+) at critic step (\d+); last\.ckpt saved; resume with --ckpt_path last$")
+        "--trainer.max_steps", str(STEPS), "--trainer.log_every_n_steps", "20",
+        "--trainer.val_check_interval", "1000", "--checkpoint.every_n_train_steps", "50",
+        "--eval.at_end", "false", "--model.behavior.lr_decay_steps", str(STEPS)]
+LINE = re.compile(r"^stopped by (SIG\w+) at critic step (\d+); last\.ckpt saved;"
+                  r" resume with --ckpt_path last$")
 
 
 def _start(tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "idql_pl", *ARGS, "--run_root", str(tmp_path), "--run_name", name,
-                             *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "idql_pl", *ARGS, "--run_root", str(tmp_path),
+                             "--run_name", name, *extra], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -74,7 +76,8 @@ def test_sigint_exits_130_and_a_burst_of_signals_corrupts_nothing(tmp_path):
     _wait_for(last, proc)
     first = time.monotonic()
     os.kill(proc.pid, signal.SIGINT)
-    while proc.poll() is None and time.monotonic() - first < 0.5:  # Ctrl-C again and again while it stops and saves
+    # Ctrl-C again and again while it stops and saves
+    while proc.poll() is None and time.monotonic() - first < 0.5:
         time.sleep(0.002)
         os.kill(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -129,7 +132,8 @@ def test_ddp_sigterm_to_rank_zero_stops_every_rank_and_rank_zero_writes(tmp_path
     ckpt = load_state(last)
     assert ckpt["global_step"] == step and len(ckpt["idql_rng_per_rank"]) == 2
     deadline = time.time() + 60
-    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in ranks) and time.time() < deadline:
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in ranks) \
+            and time.time() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)], \
         "a DDP rank kept running after the stop"

@@ -14,8 +14,9 @@ STEPS = 20_000
 @pytest.mark.timeout(3 * 3600)
 def test_quickstart_soak_memory_is_flat(tmp_path):
     code = run_cli("fit", "--config", CONFIGS / "quickstart.yaml", "--trainer.max_steps", STEPS,
-                   "--trainer.enable_progress_bar", "false", "--eval.every_n_steps", "2000", "--eval.num_episodes", "5",
-                   "--checkpoint.every_n_train_steps", "1000", "--run_root", tmp_path, "--run_name", "soak")
+                   "--trainer.enable_progress_bar", "false", "--eval.every_n_steps", "2000",
+                   "--eval.num_episodes", "5", "--checkpoint.every_n_train_steps", "1000",
+                   "--run_root", tmp_path, "--run_name", "soak")
     assert code == 0
     rows = [r for r in read_csv(tmp_path / "soak" / "csv" / "metrics.csv") if r.get("perf/rss_mb")]
     rss = [float(r["perf/rss_mb"]) for r in rows]

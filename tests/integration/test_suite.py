@@ -1,5 +1,5 @@
-"""python -m idql_pl.suite: expansion, run state (skip / resume / conflict), the local launcher, the SLURM job array
-through submitit's local executor, and the W&B sweep files."""
+"""python -m idql_pl.suite: expansion, run state (skip / resume / conflict), the local launcher, the SLURM job
+array through submitit's local executor, and the W&B sweep files."""
 
 import os
 import signal
@@ -31,7 +31,8 @@ def test_table1_expands_into_paper_runs(tmp_path):
     assert r.expected_max_steps() == 1_000_000  # the "-1" protocol
     assert "--model.num_samples=64" in r.fit_args()
     args = r.fit_args()
-    assert args[:5] == ["fit", "--config", str(CONFIGS / "loco.yaml"), "--data.dataset", "hopper-medium-replay-v2"]
+    assert args[:5] == ["fit", "--config", str(CONFIGS / "loco.yaml"),
+                        "--data.dataset", "hopper-medium-replay-v2"]
     assert args[-4:] == ["--run_root", str(tmp_path.resolve()), "--run_name", r.name]
 
 
@@ -41,9 +42,11 @@ def test_suites_share_roots_and_protocol_a_keeps_the_configs():
         for r in suite.expand(part, seeds=[0]):
             assert full[(r.dataset, r.seed)] == r  # the same run folder: a sub-suite's runs count for table1
     a = suite.expand("table1-antmaze", seeds=[0], protocol="A")
-    assert a[0].root.endswith("runs/table1-A") and a[0].overrides == () and a[0].expected_max_steps() == 1_500_000
+    assert (a[0].root.endswith("runs/table1-A") and a[0].overrides == ()
+            and a[0].expected_max_steps() == 1_500_000)
     t5 = suite.expand("table5")
-    assert [r.dataset for r in t5[::10]] == list(suite.MAZE2D_DATASETS) and t5[0].expected_max_steps() == 1_000_000
+    assert ([r.dataset for r in t5[::10]] == list(suite.MAZE2D_DATASETS)
+            and t5[0].expected_max_steps() == 1_000_000)
     q = suite.expand("quickstart-seeds")
     assert [(r.dataset, r.seed) for r in q] == [("local/pointmaze-umaze", s) for s in (0, 1, 2)]
     assert q[0].expected_max_steps() == 25_000 and q[0].root.endswith("runs/quickstart-seeds")
@@ -76,8 +79,10 @@ def test_status_skip_resume_and_conflict(tmp_path):
     run = suite.expand("quickstart-seeds", seeds=[0], root=tmp_path)[0]
     assert suite.status(run) == ("new", None)
     _fake_run(run.run_dir, 25_000, eval_steps=[12_500], ckpts=["last.ckpt", "hpc_ckpt_1.ckpt"])
-    assert suite.status(run) == ("resume", run.run_dir / "hpc_ckpt_1.ckpt")  # Lightning's requeue checkpoint is newer
-    assert run.fit_args(str(run.run_dir / "hpc_ckpt_1.ckpt"))[-2:] == ["--ckpt_path", str(run.run_dir / "hpc_ckpt_1.ckpt")]
+    # Lightning's requeue checkpoint is newer
+    assert suite.status(run) == ("resume", run.run_dir / "hpc_ckpt_1.ckpt")
+    assert (run.fit_args(str(run.run_dir / "hpc_ckpt_1.ckpt"))[-2:]
+            == ["--ckpt_path", str(run.run_dir / "hpc_ckpt_1.ckpt")])
     _fake_run(run.run_dir, 25_000, ckpts=["hpc_ckpt_1.ckpt", "last.ckpt"])
     assert suite.status(run)[1] == run.run_dir / "last.ckpt"
     _fake_run(run.run_dir, 25_000, eval_steps=[12_500, 25_000])
@@ -90,7 +95,8 @@ def test_status_skip_resume_and_conflict(tmp_path):
 
 def test_dry_run_lists_states_and_commands(tmp_path, capsys):
     _fake_run(tmp_path / "local-pointmaze-umaze-seed1", 25_000, eval_steps=[25_000])
-    assert suite.main(["quickstart-seeds", "--root", str(tmp_path), "--dry-run", "--set", "eval.num_episodes=5"]) == 0
+    assert suite.main(["quickstart-seeds", "--root", str(tmp_path), "--dry-run",
+                       "--set", "eval.num_episodes=5"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "3 runs" in out[0] and "(1 done, 0 to resume, 2 new)" in out[0]
     assert out[1].startswith("new     local-pointmaze-umaze-seed0: python -m idql_pl fit --config")
@@ -101,7 +107,8 @@ def test_dry_run_lists_states_and_commands(tmp_path, capsys):
 
 def _finished(run: "suite.Run") -> bool:
     rows = read_csv(run.run_dir / "eval_episodes.csv")
-    return {int(r["step"]) for r in rows if r["stage"] == "fit"} == {6} and (run.run_dir / "last.ckpt").is_file()
+    return ({int(r["step"]) for r in rows if r["stage"] == "fit"} == {6}
+            and (run.run_dir / "last.ckpt").is_file())
 
 
 def test_local_launcher_runs_then_skips(tmp_path, capsys):
@@ -110,7 +117,8 @@ def test_local_launcher_runs_then_skips(tmp_path, capsys):
     run = suite.expand("quickstart-seeds", seeds=[0], root=tmp_path, extra=TINY)[0]
     assert _finished(run)
     cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text())
-    assert cfg["seed_everything"] == 0 and cfg["trainer"]["max_steps"] == 6 and cfg["data"]["dataset_size"] == 4000
+    assert (cfg["seed_everything"] == 0 and cfg["trainer"]["max_steps"] == 6
+            and cfg["data"]["dataset_size"] == 4000)
     ends = [m for m in map(suite.END_LINE.match, (run.run_dir / "suite.log").read_text().splitlines()) if m]
     assert [(m["how"], m["threads"]) for m in ends] == [("exit 0", "1")] and float(ends[0]["seconds"]) > 0
     capsys.readouterr()
@@ -119,7 +127,8 @@ def test_local_launcher_runs_then_skips(tmp_path, capsys):
 
 
 def test_slurm_launcher_through_submitit_local_executor(tmp_path, capsys):
-    """The SLURM path (a submitit job array, one task per run) on submitit's local executor: both runs finish."""
+    """The SLURM path (a submitit job array, one task per run) on submitit's local executor: both runs
+    finish."""
     argv = ["quickstart-seeds", "--seeds", "0-1", "--root", str(tmp_path), "--launcher", "slurm",
             "--submitit-cluster", "local", "--time", "10", "--", *TINY]
     assert suite.main(argv) == 0
@@ -134,20 +143,25 @@ def test_sweep_files_are_current_and_match_the_suites():
     files = suite.sweep_files()
     assert set(files) == {"table1_loco.yaml", "table1_antmaze.yaml", "table5.yaml", "quickstart_seeds.yaml"}
     for name, text in files.items():
-        assert (CONFIGS / "sweeps" / name).read_text() == text, f"regenerate: python -m idql_pl.suite --write-sweeps configs/sweeps ({name})"
+        assert (CONFIGS / "sweeps" / name).read_text() == text, \
+            f"regenerate: python -m idql_pl.suite --write-sweeps configs/sweeps ({name})"
     loco = yaml.safe_load(files["table1_loco.yaml"])
-    assert loco["command"] == ["${env}", "python", "-m", "idql_pl", "fit", "--config", "configs/loco.yaml", "${args}"]
+    assert loco["command"] == ["${env}", "python", "-m", "idql_pl", "fit", "--config", "configs/loco.yaml",
+                               "${args}"]
     runs = suite.expand("table1-loco")
-    assert {(d, s) for d in loco["parameters"]["data.dataset"]["values"] for s in loco["parameters"]["seed_everything"]["values"]} \
+    assert {(d, s) for d in loco["parameters"]["data.dataset"]["values"]
+            for s in loco["parameters"]["seed_everything"]["values"]} \
         == {(r.dataset, r.seed) for r in runs}
     assert loco["parameters"]["trainer.max_steps"] == {"value": 1_000_000}
 
 
-@pytest.mark.parametrize("name", ["table1_loco.yaml", "table1_antmaze.yaml", "table5.yaml", "quickstart_seeds.yaml"])
+@pytest.mark.parametrize("name",
+                         ["table1_loco.yaml", "table1_antmaze.yaml", "table5.yaml", "quickstart_seeds.yaml"])
 def test_every_sweep_key_is_accepted(name, capsys):
     sweep = yaml.safe_load((CONFIGS / "sweeps" / name).read_text())
     config = sweep["command"][sweep["command"].index("--config") + 1]
-    args = [f"--{k}={spec['values'][-1] if 'values' in spec else spec['value']}" for k, spec in sweep["parameters"].items()]
+    args = [f"--{k}={spec['values'][-1] if 'values' in spec else spec['value']}"
+            for k, spec in sweep["parameters"].items()]
     with pytest.raises(SystemExit) as exit_info:
         run_cli("fit", "--config", CONFIGS.parent / config, *args, "--print_config")
     assert exit_info.value.code == 0
@@ -157,19 +171,20 @@ def test_every_sweep_key_is_accepted(name, capsys):
 
 @pytest.mark.slow
 def test_lightning_slurm_requeue_then_resume(tmp_path):
-    """SIGUSR1 under (simulated) SLURM: Lightning saves hpc_ckpt_1.ckpt and calls scontrol requeue (a stub that
-    kills the job like SLURM would); the suite's next start resumes from that checkpoint and finishes."""
+    """SIGUSR1 under (simulated) SLURM: Lightning saves hpc_ckpt_1.ckpt and calls scontrol requeue (a stub
+    that kills the job like SLURM would); the suite's next start resumes from that checkpoint and finishes."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/requeued\nkill -9 $PPID\n")
     (bin_dir / "scontrol").chmod(0o755)
     extra = [*TINY, "--trainer.max_steps", "400", "--checkpoint.every_n_train_steps", "100"]
     run = suite.expand("quickstart-seeds", seeds=[0], root=tmp_path / "runs", extra=extra)[0]
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "idql",
-           "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "0", "SLURM_NODELIST": "localhost"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NTASKS": "1",
+           "SLURM_JOB_NAME": "idql", "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "77",
+           "SLURM_ARRAY_TASK_ID": "0", "SLURM_NODELIST": "localhost"}
     run.run_dir.mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, "-m", "idql_pl", *run.fit_args()], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "idql_pl", *run.fit_args()], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (run.run_dir / "last.ckpt").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -186,7 +201,8 @@ def test_lightning_slurm_requeue_then_resume(tmp_path):
 def test_importing_submitit_keeps_the_logging_handlers(tmp_path):
     """submitit configures logging with dictConfig on import, which closes every handler already installed."""
     code = ("import logging; h = logging.FileHandler(r'%s'); logging.getLogger('lightning').addHandler(h);"
-            "from idql_pl.experiments.suite import import_submitit; import_submitit(); assert not h.stream.closed") % (tmp_path / "x.log")
+            "from idql_pl.experiments.suite import import_submitit; import_submitit();"
+            " assert not h.stream.closed") % (tmp_path / "x.log")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

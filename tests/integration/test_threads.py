@@ -1,6 +1,6 @@
-"""Threads on shared machines: the intra-op thread count comes from the CPUs this process may use (its affinity
-mask), ``--threads`` overrides it, and ``python -m idql_pl`` makes OpenMP wait passively unless the user chose
-otherwise. No timings here."""
+"""Threads on shared machines: the intra-op thread count comes from the CPUs this process may use (its
+affinity mask), ``--threads`` overrides it, and ``python -m idql_pl`` makes OpenMP wait passively unless the
+user chose otherwise. No timings here."""
 
 from __future__ import annotations
 
@@ -125,14 +125,15 @@ def test_bad_threads_value_is_one_line(tmp_path, capsys):
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux affinity masks")
 @pytest.mark.timeout(300)
 def test_cli_process_uses_its_affinity_mask_and_passive_openmp(tmp_path):
-    """A real `python -m idql_pl fit` pinned to one CPU (as taskset or a cluster's cpuset would): 1 thread, and
-    OMP_WAIT_POLICY=PASSIVE in place before torch started; a user's own OMP_WAIT_POLICY is kept."""
+    """A real `python -m idql_pl fit` pinned to one CPU (as taskset or a cluster's cpuset would): 1 thread,
+    and OMP_WAIT_POLICY=PASSIVE in place before torch started; a user's own OMP_WAIT_POLICY is kept."""
     cpu = min(os.sched_getaffinity(0))
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     proc = subprocess.run([sys.executable, "-m", "idql_pl", *FIT, "--run_root", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=240, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+                          capture_output=True, text=True, timeout=240,
+                          preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ("[idql_pl] 1 CPU thread (from CPU affinity; --threads N to change; fewer while other processes use the"
-            " cores), OpenMP wait policy PASSIVE, GOMP_SPINCOUNT=10000") in proc.stderr
+    assert ("[idql_pl] 1 CPU thread (from CPU affinity; --threads N to change; fewer while other processes"
+            " use the cores), OpenMP wait policy PASSIVE, GOMP_SPINCOUNT=10000") in proc.stderr
     if runtime._glibc_mallopt() is not None:  # see tests/unit/test_allocator.py
         assert "[idql_pl] memory: glibc malloc: large blocks from the heap, reused" in proc.stderr

@@ -1,4 +1,5 @@
-"""Algorithm 1 under Lightning: a training step's order and counts, and decoupled training of the two halves."""
+"""Algorithm 1 under Lightning: a training step's order and counts, and decoupled training of the two
+halves."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ def test_idql_training_step_order_counts_and_actor_schedule(monkeypatch):
     """One training step = 2 behavior steps, then V, Q, target; global_step counts critic steps, the actor's
     cosine schedule spans 2 x max_steps, and every optimizer made exactly its share of steps."""
     calls: list[str] = []
-    for cls, names in ((DiffusionBehavior, ["loss", "ema_update"]), (ImplicitCritic, ["v_loss", "q_loss", "target_update"])):
+    for cls, names in ((DiffusionBehavior, ["loss", "ema_update"]),
+                       (ImplicitCritic, ["v_loss", "q_loss", "target_update"])):
         for name in names:
             real = getattr(cls, name)
-            monkeypatch.setattr(cls, name, lambda self, *a, _r=real, _n=name, **k: (calls.append(_n), _r(self, *a, **k))[1])
+            monkeypatch.setattr(
+                cls, name, lambda self, *a, _r=real, _n=name, **k: (calls.append(_n), _r(self, *a, **k))[1])
     L.seed_everything(0, verbose=False)
-    model = IDQL(5, 2, critic=lambda o, a, **kw: ImplicitCritic(o, a, hidden_dims=(16, 16), batch_size=8, **kw),
-                 behavior=lambda o, a, **kw: DiffusionBehavior(o, a, hidden_dim=16, ff_dim=32, batch_size=8, **kw),
+    model = IDQL(5, 2,
+                 critic=lambda o, a, **kw: ImplicitCritic(o, a, hidden_dims=(16, 16), batch_size=8, **kw),
+                 behavior=lambda o, a, **kw: DiffusionBehavior(o, a, hidden_dim=16, ff_dim=32, batch_size=8,
+                                                               **kw),
                  num_samples=2)
     steps = 5
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,

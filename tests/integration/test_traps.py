@@ -15,9 +15,10 @@ from idql_pl.errors import CheckpointError
 from idql_pl.training.checkpointing import AtomicCheckpointIO, safe_load
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, load_state, run_cli
 
-FIT = ("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER, "--eval.at_end", "false")
-VALIDATE = ("validate", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, "--trainer.accelerator", "cpu",
-            "--trainer.enable_progress_bar", "false")
+FIT = ("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
+       "--eval.at_end", "false")
+VALIDATE = ("validate", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL,
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def test_validate_without_a_checkpoint(capsys, tmp_path):
 
 def test_yaml_syntax_error_names_file_line_and_column(capsys, tmp_path):
     bad = tmp_path / "mine.yaml"
-    bad.write_text("trainer:\n  max_steps: 100\nmodel:\n  init_args:\n    num_samples: [1, 2\n    extraction: argmax\n")
+    bad.write_text("trainer:\n  max_steps: 100\nmodel:\n  init_args:\n"
+                   "    num_samples: [1, 2\n    extraction: argmax\n")
     line = _one_error(capsys, run_cli("fit", "--config", bad, "--run_root", tmp_path))
     assert str(bad) in line and "line 6, column 15" in line, line
     assert "YAML syntax error" in line

@@ -40,7 +40,8 @@ def _finite_positive(x: object) -> bool:
 def test_tiny_benchmark_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "idql_pl.benchmark", "--tiny", "--repeats", "2", "--threads", "1", "--json", str(out)],
+        [sys.executable, "-m", "idql_pl.benchmark", "--tiny", "--repeats", "2", "--threads", "1",
+         "--json", str(out)],
         capture_output=True, text=True, timeout=110,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -63,7 +64,8 @@ def test_tiny_benchmark_writes_every_figure(tmp_path: Path) -> None:
         fig = figures[name]
         per_state = 1 if name != "sampler" else report["settings"]["sizes"]["sampler_states"]
         assert _finite_positive(fig["ceiling_gflops"]), name
-        assert fig["reference"] / per_state * fig["flops_per_call"] == pytest.approx(fig["ceiling_gflops"] * 1e9)
+        assert (fig["reference"] / per_state * fig["flops_per_call"]
+                == pytest.approx(fig["ceiling_gflops"] * 1e9))
     for name in ("joint_step_lightning", "batch_sampling", "peak_rss"):
         assert isinstance(figures[name]["ok"], bool) and figures[name]["target"], name
     assert report["machine"]["torch_threads"] == 1
@@ -119,14 +121,15 @@ def test_analytic_flops_match_pytorch_counter() -> None:
 def test_only_runs_the_chosen_sections(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "idql_pl.benchmark", "--tiny", "--repeats", "1", "--threads", "1", "--only", "critic",
-         "--json", str(out)], capture_output=True, text=True, timeout=110,
+        [sys.executable, "-m", "idql_pl.benchmark", "--tiny", "--repeats", "1", "--threads", "1",
+         "--only", "critic", "--json", str(out)], capture_output=True, text=True, timeout=110,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = set(json.loads(out.read_text())["figures"])
     assert {"critic_step", "critic_step_bf16", "matmul_f32"} <= names  # the ceiling always runs
     assert not any(n.startswith(("actor", "sampler", "joint", "peak")) for n in names), names
-    bad = subprocess.run([sys.executable, "-m", "idql_pl.benchmark", "--only", "critc"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "idql_pl.benchmark", "--only", "critc"], capture_output=True,
+                         text=True)
     assert bad.returncode == 2 and "unknown section(s) critc" in bad.stderr
 
 
@@ -137,8 +140,8 @@ def test_tiny_benchmark_many_agents_section(tmp_path: Path) -> None:
     costs less than the full one but not nothing)."""
     out = tmp_path / "agents.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "idql_pl.benchmark", "--tiny", "--repeats", "1", "--threads", "1", "--agents", "1,2",
-         "--only", "agents", "--json", str(out)],
+        [sys.executable, "-m", "idql_pl.benchmark", "--tiny", "--repeats", "1", "--threads", "1",
+         "--agents", "1,2", "--only", "agents", "--json", str(out)],
         capture_output=True, text=True, timeout=110,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -151,7 +154,8 @@ def test_tiny_benchmark_many_agents_section(tmp_path: Path) -> None:
             assert two["reference"] == pytest.approx(base["value"])
             bound = figures[f"agents_{kind}_bound{suffix}"]
             # None: JSON's inf, when at these tiny sizes the batch-2 step timed as long as the full one
-            assert (bound["value"] is None or bound["value"] > 1) and "fixed (the step at batch 2)" in bound["note"]
+            assert (bound["value"] is None or bound["value"] > 1) \
+                and "fixed (the step at batch 2)" in bound["note"]
             assert bound["target"] == f"target {bench.AGENT_TARGETS[kind]}x within reach"
     assert json.loads(out.read_text())["machine"]["malloc"]
     assert "critic_step" not in figures  # --only agents: just the section (after the ceiling and the dataset)
@@ -184,9 +188,10 @@ def test_compile_joint_alone_in_one_precision_with_its_mode(monkeypatch: pytest.
     assert "max-autotune-no-cudagraphs" in fig["label"]
     assert modes == ["max-autotune-no-cudagraphs"]  # one compile (per K), with the mode asked for
     assert not any(name.endswith("_bf16") for name in figures if name != "matmul_bf16"), sorted(figures)
-    assert not {"actor_step_compiled", "critic_step_compiled"} & set(figures)  # the halves alone are not timed
+    # the halves alone are not timed
+    assert not {"actor_step_compiled", "critic_step_compiled"} & set(figures)
     assert "agents_joint_K1" in figures
     assert report["settings"]["precisions"] == ["f32"] and report["settings"]["compile"] == "joint"
-    bad = subprocess.run([sys.executable, "-m", "idql_pl.benchmark", "--precisions", "f16"], capture_output=True,
-                         text=True, timeout=60)
+    bad = subprocess.run([sys.executable, "-m", "idql_pl.benchmark", "--precisions", "f16"],
+                         capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--precisions" in bad.stderr

@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_concurrent_runs_are_measured_and_summed(tmp_path):
     out = tmp_path / "concurrency.json"
     extra = shlex.join([*SMALL_MAZE, *TINY_IDQL, "--trainer.accelerator", "cpu"])
-    code = benchmark_concurrency.main(["--runs", "2", "--steps", "40", "--pythonpath", str(REPO), "--extra", extra,
-                                       "--workdir", str(tmp_path / "runs"), "--json", str(out), "--no-warmup"])
+    code = benchmark_concurrency.main(["--runs", "2", "--steps", "40", "--pythonpath", str(REPO),
+                                       "--extra", extra, "--workdir", str(tmp_path / "runs"),
+                                       "--json", str(out), "--no-warmup"])
     assert code == 0
     report = json.loads(out.read_text())
     (result,) = report["results"]

@@ -47,7 +47,8 @@ def test_plan_fits_in_eight_minutes_and_runs_what_the_gpu_needs(tmp_path: Path, 
     assert install[:3] == ["python", "-m", "pip"] and {"--no-index", "--no-deps"} <= set(install)
     assert _flag(install, "--target") == str(tmp_path / "site") and install[-1].endswith(".whl")
     cuda = _argv(steps, "cuda_tests")
-    assert cuda[-1] == "tests/integration/test_cuda.py" and "no:cacheprovider" in cuda and "--junitxml" in cuda
+    assert (cuda[-1] == "tests/integration/test_cuda.py" and "no:cacheprovider" in cuda
+            and "--junitxml" in cuda)
 
     fit, resume = _argv(steps, "fit"), _argv(steps, "resume")
     assert (

@@ -15,7 +15,8 @@ from tests.unit.test_critic import make_arrays, trainer
 
 @pytest.mark.slow
 def test_wall_time_1000_steps_paper_size():
-    """Reported, not asserted: 1,000 critic steps at paper size (2x256, batch 256), bare and under Lightning."""
+    """Reported, not asserted: 1,000 critic steps at paper size (2x256, batch 256), bare and under
+    Lightning."""
     arrays = make_arrays(n=100_000, obs_dim=17, action_dim=6)
     buf = TransitionBuffer(arrays, seed=0)
     critic = ImplicitCritic(17, 6)
@@ -31,8 +32,8 @@ def test_wall_time_1000_steps_paper_size():
     start = time.perf_counter()
     tr.fit(model, train_dataloaders=BufferStream(buf))
     lightning_s = time.perf_counter() - start
-    print(f"\n[critic] 1000 steps (batch 256, obs 17, act 6): bare loop {bare:.2f} s ({1000 / bare:.0f} steps/s), "
-          f"Lightning fit {lightning_s:.2f} s incl. start-up ({1000 / lightning_s:.0f} steps/s)")
+    print(f"\n[critic] 1000 steps (batch 256, obs 17, act 6): bare loop {bare:.2f} s ({1000 / bare:.0f}"
+          f" steps/s), Lightning fit {lightning_s:.2f} s incl. start-up ({1000 / lightning_s:.0f} steps/s)")
     assert tr.global_step == 1000
 
 
@@ -54,6 +55,6 @@ def test_wall_time_paper_size():
     for _ in range(20):
         model.sample(states, 128)
     sample_s = (time.perf_counter() - start) / 20
-    print(f"\n[behavior] paper size, batch 1024: {1000 * per_step:.1f} ms/step ({1 / per_step:.1f} steps/s) -> "
-          f"1000 steps ~ {1000 * per_step:.0f} s (100 timed, extrapolated); sample(10 states x 128, T=5): "
-          f"{1000 * sample_s:.1f} ms")
+    print(f"\n[behavior] paper size, batch 1024: {1000 * per_step:.1f} ms/step ({1 / per_step:.1f} steps/s)"
+          f" -> 1000 steps ~ {1000 * per_step:.0f} s (100 timed, extrapolated); sample(10 states x 128, T=5):"
+          f" {1000 * sample_s:.1f} ms")

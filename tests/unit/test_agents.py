@@ -26,7 +26,8 @@ TINY_BEHAVIOR = dict(hidden_dim=16, ff_dim=32, num_blocks=2, batch_size=24)
 
 
 def buffer(seed: int = 0) -> TransitionBuffer:
-    return TransitionBuffer(random_transitions(300, seed=1, obs_dim=S, action_dim=A, terminal_prob=0.1), seed=seed)
+    return TransitionBuffer(random_transitions(300, seed=1, obs_dim=S, action_dim=A, terminal_prob=0.1),
+                            seed=seed)
 
 
 def agent_slice(module: torch.nn.Module, k: int, num_agents: int) -> dict[str, torch.Tensor]:
@@ -40,9 +41,9 @@ def agent_slice(module: torch.nn.Module, k: int, num_agents: int) -> dict[str, t
 
 # ------------------------------------------------------------------------------------------ independence
 def test_agent_k_of_four_critics_is_a_single_critic_seeded_k():
-    """The critic has no noise besides its batches: agent k of a K = 4 critic (seed s) starts as a K = 1 critic
-    seeded s + k (bit for bit), draws the same batches, and follows it over the first steps (float tolerance:
-    one batched matmul for 4 agents rounds like four plain ones only up to the last bits)."""
+    """The critic has no noise besides its batches: agent k of a K = 4 critic (seed s) starts as a K = 1
+    critic seeded s + k (bit for bit), draws the same batches, and follows it over the first steps (float
+    tolerance: one batched matmul for 4 agents rounds like four plain ones only up to the last bits)."""
     seed, K, steps = 3, 4, 4
     L.seed_everything(seed, verbose=False)
     many = ImplicitCritic(S, A, num_agents=K, **TINY_CRITIC)
@@ -118,7 +119,8 @@ def test_no_gradient_flows_between_agents(part):
             block = g[k * rows : (k + 1) * rows]
             if k != j:
                 assert torch.count_nonzero(block) == 0, (name, k)
-        assert torch.count_nonzero(g[j * rows : (j + 1) * rows]) > 0 or "bias" in name or "in_time" in name, name
+        assert (torch.count_nonzero(g[j * rows : (j + 1) * rows]) > 0 or "bias" in name
+                or "in_time" in name), name
 
 
 def test_batches_of_agents_come_from_their_own_generators_and_resume():
@@ -158,11 +160,12 @@ def test_per_agent_tau_and_a_clear_error_for_a_wrong_length():
 
 
 def test_idql_acts_for_every_agent_and_losses_sum_per_agent_means():
-    model = IDQL(S, A, critic=partial(ImplicitCritic, **TINY_CRITIC), behavior=partial(DiffusionBehavior, **TINY_BEHAVIOR),
-                 num_samples=4, num_agents=2)
+    model = IDQL(S, A, critic=partial(ImplicitCritic, **TINY_CRITIC),
+                 behavior=partial(DiffusionBehavior, **TINY_BEHAVIOR), num_samples=4, num_agents=2)
     model.eval()
     for extraction in ("argmax", "implicit"):
-        actions = model.act(torch.randn(6, S), extraction=extraction, generator=torch.Generator().manual_seed(0))
+        actions = model.act(torch.randn(6, S), extraction=extraction,
+                            generator=torch.Generator().manual_seed(0))
         assert actions.shape == (2, 6, A) and actions.abs().max() <= 1.0
     batch = buffer().sample(24, 2)
     torch.manual_seed(0)
@@ -181,12 +184,13 @@ def test_interquartile_mean():
     assert interquartile_mean([1.0, 2.0, 3.0]) == pytest.approx(2.0)
 
 
-# ------------------------------------------------------------------------------------------ run, evaluate, export
+# -------------------------------------------------------------------------------------- run, evaluate, export
 
 
-# ------------------------------------------------------------------------------------------ per-agent N, independence
+# ---------------------------------------------------------------------------------- per-agent N, independence
 class _IndexedCandidates:
-    """Behavior stub: candidate ``n`` of every state is the action ``n / N`` (so ``Q = action`` ranks them)."""
+    """Behavior stub: candidate ``n`` of every state is the action ``n / N`` (so ``Q = action`` ranks
+    them)."""
 
     def sample(self, states, num_samples=1, generator=None):
         agents, batch = states.shape[:2]
@@ -217,8 +221,8 @@ def test_per_agent_num_samples_extracts_from_each_agents_own_candidates():
         assert drawn[k].max() <= (n - 1) / 8 + 1e-6  # never one of the masked candidates
     assert len(set(drawn[2, :, 0].tolist())) > 1  # implicit draws spread over the kept ones
     with pytest.raises(ConfigError, match="num_samples has 2 values but num_agents is 3"):
-        IDQL(S, A, critic=partial(ImplicitCritic, **TINY_CRITIC), behavior=partial(DiffusionBehavior, **TINY_BEHAVIOR),
-             num_samples=[4, 8], num_agents=3)
+        IDQL(S, A, critic=partial(ImplicitCritic, **TINY_CRITIC),
+             behavior=partial(DiffusionBehavior, **TINY_BEHAVIOR), num_samples=[4, 8], num_agents=3)
 
 
 def _behavior_loss_fluctuations(shared: bool, steps: int = 60) -> torch.Tensor:
@@ -229,7 +233,8 @@ def _behavior_loss_fluctuations(shared: bool, steps: int = 60) -> torch.Tensor:
 
     per_agent: list[torch.Tensor] = []
 
-    def recording_loss(denoise_fn, schedule, x0, generator=None):  # Eq. 4 as ddpm_loss, recording each agent's
+    # Eq. 4 as ddpm_loss, recording each agent's
+    def recording_loss(denoise_fn, schedule, x0, generator=None):
         shape = (1, *x0.shape[1:]) if shared else x0.shape
         k = torch.randint(schedule.T, shape[:-1]).expand(x0.shape[:-1])
         noise = torch.randn(shape).expand(x0.shape)

@@ -17,7 +17,8 @@ S, A = 17, 6  # hopper's dimensions
 
 
 def batches(n: int, size: int, seed: int = 0) -> list[Batch]:
-    buf = TransitionBuffer(random_transitions(4096, seed=seed, obs_dim=S, action_dim=A, terminal_prob=0.1), seed=seed)
+    buf = TransitionBuffer(random_transitions(4096, seed=seed, obs_dim=S, action_dim=A, terminal_prob=0.1),
+                           seed=seed)
     return [buf.sample(size) for _ in range(n)]
 
 
@@ -35,17 +36,19 @@ def mlp(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 
 def test_critic_update_equals_a_hand_written_reference_step():
-    """docs/fidelity.md §1 written out by hand: V step (expectile, Eq. 1) on min of the target Qs, Q step (Eq. 2)
-    with the new V, Polyak target; Adam 3e-4. Paper size (2x256), batch 256, 3 steps."""
+    """docs/fidelity.md §1 written out by hand: V step (expectile, Eq. 1) on min of the target Qs, Q step
+    (Eq. 2) with the new V, Polyak target; Adam 3e-4. Paper size (2x256), batch 256, 3 steps."""
     torch.manual_seed(0)
     critic = ImplicitCritic(S, A)
     tau, gamma, rate = 0.7, 0.99, 0.005
     v = leaves([p[0] for p in critic.v_net.parameters()])  # the one agent's layers
     v_init = [t.detach().clone() for t in v]
     ens = critic.q_net.ensemble
-    q = [leaves([t for layer in zip(ens.weights, ens.biases) for t in (layer[0][e], layer[1][e])]) for e in range(2)]
+    q = [leaves([t for layer in zip(ens.weights, ens.biases) for t in (layer[0][e], layer[1][e])])
+         for e in range(2)]
     tens = critic.q_target_net.ensemble
-    q_target = [[t.detach().clone() for layer in zip(tens.weights, tens.biases) for t in (layer[0][e], layer[1][e])]
+    q_target = [[t.detach().clone() for layer in zip(tens.weights, tens.biases)
+                 for t in (layer[0][e], layer[1][e])]
                 for e in range(2)]
     v_opt, q_opt = torch.optim.Adam(v, lr=3e-4), torch.optim.Adam(q[0] + q[1], lr=3e-4)
     ours = critic.configure_optimizers()
@@ -89,8 +92,8 @@ def mish(x: torch.Tensor) -> torch.Tensor:
 
 def score_net(p: dict[str, torch.Tensor], x: torch.Tensor, k: torch.Tensor, s: torch.Tensor, blocks: int,
               dropout: float) -> torch.Tensor:
-    """App. G written out: Dense(256) on concat[x, s, fourier(k) -> Dense-mish-Dense], 3 x (x + Dense(mish(Dense(
-    LayerNorm(Dropout(x)))))), mish, Dense(action_dim)."""
+    """App. G written out: Dense(256) on concat[x, s, fourier(k) -> Dense-mish-Dense], 3 x (x +
+    Dense(mish(Dense(LayerNorm(Dropout(x)))))), mish, Dense(action_dim)."""
     f = 2 * math.pi * k.float()[:, None] * p["time_embedding.kernel"][:, 0]
     t = torch.cat([torch.cos(f), torch.sin(f)], 1)
     t = mish(t @ p["time_embedding.mlp.net.0.weight"].T + p["time_embedding.mlp.net.0.bias"])
@@ -99,24 +102,25 @@ def score_net(p: dict[str, torch.Tensor], x: torch.Tensor, k: torch.Tensor, s: t
     h = torch.cat([x, s, t], 1) @ w_in.T + p["in_action.bias"]
     for i in range(blocks):
         b = f"blocks.{i}."
-        z = F.layer_norm(F.dropout(h, dropout, training=True), (h.shape[1],), p[b + "norm.weight"], p[b + "norm.bias"],
-                         eps=1e-6)
+        z = F.layer_norm(F.dropout(h, dropout, training=True), (h.shape[1],), p[b + "norm.weight"],
+                         p[b + "norm.bias"], eps=1e-6)
         z = mish(z @ p[b + "fc1.weight"].T + p[b + "fc1.bias"])
         h = h + z @ p[b + "fc2.weight"].T + p[b + "fc2.bias"]
     return mish(h) @ p["out.weight"].T + p["out.bias"]
 
 
 def test_behavior_update_equals_a_hand_written_reference_step():
-    """docs/fidelity.md §3 written out by hand: k ~ U{0..T-1}, eps ~ N(0, I), Eq. 4 loss through the LN-ResNet with
-    dropout 0.1, AdamW (wd 0) with cosine decay, EMA 0.001. Paper size (256/1024 x 3), batch 1024, 3 steps; the
-    same seeds give both the same diffusion steps, noise and dropout masks."""
+    """docs/fidelity.md §3 written out by hand: k ~ U{0..T-1}, eps ~ N(0, I), Eq. 4 loss through the LN-ResNet
+    with dropout 0.1, AdamW (wd 0) with cosine decay, EMA 0.001. Paper size (256/1024 x 3), batch 1024, 3
+    steps; the same seeds give both the same diffusion steps, noise and dropout masks."""
     torch.manual_seed(0)
     total = 10
     behavior = DiffusionBehavior(S, A).train()
     p = {k: t[0].detach().clone().requires_grad_(True) for k, t in behavior.net.named_parameters()}  # agent 0
     ema = {k: t[0].detach().clone() for k, t in behavior.ema_net.named_parameters()}
     opt = torch.optim.AdamW(list(p.values()), lr=3e-4, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt,
+                                              lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
     alpha_bars = behavior.alpha_bars
     our_opt, our_sched = behavior.make_optimizer(total)
     for i, batch in enumerate(batches(3, 1024)):

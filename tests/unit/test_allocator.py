@@ -47,12 +47,14 @@ def test_large_tensors_come_from_the_heap_after_reuse_large_blocks():
 def test_the_users_own_glibc_settings_are_kept(monkeypatch):
     calls = []
     monkeypatch.setattr(runtime, "_glibc_mallopt", lambda: lambda *a: calls.append(a) or 1)
-    assert runtime.reuse_large_blocks({"MALLOC_MMAP_MAX_": "65536"}) == "glibc malloc as set by MALLOC_MMAP_MAX_"
+    assert (runtime.reuse_large_blocks({"MALLOC_MMAP_MAX_": "65536"})
+            == "glibc malloc as set by MALLOC_MMAP_MAX_")
     assert calls == []
     assert runtime.reuse_large_blocks({}) == "glibc malloc: large blocks from the heap, reused"
     assert calls == [(runtime.M_MMAP_MAX, 0), (runtime.M_TRIM_THRESHOLD, runtime.TRIM_THRESHOLD)]
     calls.clear()
-    assert runtime.reuse_large_blocks({"IDQL_PL_TWEAKS_OFF": "malloc"}) == "glibc malloc defaults (IDQL_PL_TWEAKS_OFF)"
+    assert (runtime.reuse_large_blocks({"IDQL_PL_TWEAKS_OFF": "malloc"})
+            == "glibc malloc defaults (IDQL_PL_TWEAKS_OFF)")
     assert calls == []  # switched off
 
 

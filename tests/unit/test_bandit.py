@@ -35,7 +35,8 @@ def trained(tmp_path_factory):
         data.obs_dim, data.action_dim,
         critic=partial(ImplicitCritic, hidden_dims=(64, 64), batch_size=256, tau=0.9),
         # paper T=5 and VP schedule; a short run needs a faster EMA and a larger lr than the paper's 1M+ steps
-        behavior=partial(DiffusionBehavior, hidden_dim=64, ff_dim=256, batch_size=256, ema_rate=0.02, lr=1e-3),
+        behavior=partial(DiffusionBehavior, hidden_dim=64, ff_dim=256, batch_size=256, ema_rate=0.02,
+                         lr=1e-3),
         num_samples=64,
     )
     evaluation = PolicyEvaluation(every_n_steps=0, num_episodes=50, num_envs=50, plot=False)
@@ -52,8 +53,8 @@ def test_behavior_covers_all_three_clusters(trained):
     samples = model.behavior.sample(states, 2000, generator=torch.Generator().manual_seed(1))[0, 0].numpy()
     shares = [float(np.mean(_nearest(samples) == c)) for c in range(3)]
     inside = float(np.mean(_cluster_of(samples) >= 0))
-    print(f"behavior samples by nearest cluster {[round(x, 3) for x in shares]}; within the reward radius {inside:.1%}"
-          " (T=5 with the reference sampler's beta_k noise blurs tight 2-D clusters)")
+    print(f"behavior samples by nearest cluster {[round(x, 3) for x in shares]}; within the reward radius"
+          f" {inside:.1%} (T=5 with the reference sampler's beta_k noise blurs tight 2-D clusters)")
     assert min(shares) >= 0.25  # the data mixes the three clusters uniformly (1/3 each): every mode is kept
     assert inside >= 0.4
 
@@ -63,7 +64,8 @@ def test_argmax_extraction_picks_the_best_cluster(trained):
     states = torch.zeros(200, 1)
     actions = model.act(states, generator=torch.Generator().manual_seed(2))[0].numpy()  # the one agent
     rate = float(np.mean(_cluster_of(actions) == BANDIT_BEST))
-    print(f"argmax picks the best cluster in {rate:.1%} of 200 evaluations; eval history {evaluation.history}")
+    print(f"argmax picks the best cluster in {rate:.1%} of 200 evaluations;"
+          f" eval history {evaluation.history}")
     assert rate >= 0.90
     # the evaluation callback saw it too: mean return close to the best cluster's reward, normalized near 100
     assert evaluation.history and evaluation.history[-1][1] >= 80.0
@@ -77,6 +79,7 @@ def test_bf16_argmax_agrees_with_float32(trained):
     fp32 = model.act(states, generator=torch.Generator().manual_seed(3), precision="32")[0].numpy()
     bf16 = model.act(states, generator=torch.Generator().manual_seed(3), precision="bf16")[0].numpy()
     agree = float(np.mean(_cluster_of(fp32) == _cluster_of(bf16)))
-    print(f"bf16 vs float32 argmax: same cluster on {agree:.1%} of 256 states; max |diff| {np.abs(fp32 - bf16).max():.3f}")
+    print(f"bf16 vs float32 argmax: same cluster on {agree:.1%} of 256 states;"
+          f" max |diff| {np.abs(fp32 - bf16).max():.3f}")
     assert bf16.dtype == np.float32
     assert agree >= 0.9

@@ -44,15 +44,16 @@ def three_clusters(n: int = 3000, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def coverage(score_net: str, steps: int = 3000) -> tuple[float, list[float], float]:
     L.seed_everything(0, verbose=False)
-    model = DiffusionBehavior(1, 2, T=50, hidden_dim=64, ff_dim=256, score_net=score_net, batch_size=256, lr=1e-3,
-                              ema_rate=0.02)
+    model = DiffusionBehavior(1, 2, T=50, hidden_dim=64, ff_dim=256, score_net=score_net, batch_size=256,
+                              lr=1e-3, ema_rate=0.02)
     opt, sched = model.make_optimizer(steps)
     buf = TransitionBuffer(three_clusters(), seed=0)
     start = time.perf_counter()
     for _ in range(steps):
         model.update(buf.sample(256), opt, sched)
     seconds = time.perf_counter() - start
-    x = model.sample(torch.zeros(1, 1), 4000, generator=torch.Generator().manual_seed(0))[0, 0]  # agent 0, state 0
+    # agent 0, state 0
+    x = model.sample(torch.zeros(1, 1), 4000, generator=torch.Generator().manual_seed(0))[0, 0]
     dist = torch.cdist(x, CENTERS)
     near, label = dist.min(1)
     far = (near > 4 * STD).float().mean().item()
@@ -61,9 +62,9 @@ def coverage(score_net: str, steps: int = 3000) -> tuple[float, list[float], flo
 
 
 def test_ln_resnet_covers_all_modes():
-    """Three 2-D Gaussian clusters (paper Fig. 1 style), one state: after 3000 steps (width 64) the LN-ResNet's
-    samples cover every mode and few lie off them (the plain MLP's comparison is the paper's Fig. 3:
-    tests/unit/test_figures.py).
+    """Three 2-D Gaussian clusters (paper Fig. 1 style), one state: after 3000 steps (width 64) the
+    LN-ResNet's samples cover every mode and few lie off them (the plain MLP's comparison is the paper's
+    Fig. 3: tests/unit/test_figures.py).
 
     T = 50 here: with T = 5 even the *exact* denoiser leaves ~46% of Eq. 5 samples more than 4 sd from every
     mode (the last step returns a posterior mean at noise sd 0.44), so T = 5 cannot show mode coverage.
@@ -86,10 +87,12 @@ def test_make_optimizer_adamw_and_cosine_decay():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(1e-3) and lrs[50] == pytest.approx(5e-4) and opt.param_groups[0]["lr"] == 0.0
+    assert (lrs[0] == pytest.approx(1e-3) and lrs[50] == pytest.approx(5e-4)
+            and opt.param_groups[0]["lr"] == 0.0)
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     assert CosineDecay(10)(25) == 0.0
-    assert sched.state_dict()["lr_lambdas"][0] == {"total_steps": 100, "start": 0}  # plain types in checkpoints
+    # plain types in checkpoints
+    assert sched.state_dict()["lr_lambdas"][0] == {"total_steps": 100, "start": 0}
     with pytest.raises(ConfigError, match="max_steps"):
         model.make_optimizer(0)
     model._trainer = types.SimpleNamespace(max_steps=-1)
@@ -166,14 +169,16 @@ def test_sample_shapes_range_and_equivalence_to_naive(score_net):
             p.add_(0.3 * torch.randn_like(p))
     states = torch.randn(4, S)
     out = model.sample(states, 16, generator=torch.Generator().manual_seed(3))
-    assert out.shape == (1, 4, 16, A) and out.abs().max() <= 0.5 and not out.requires_grad  # [agents, B, N, A]
+    # [agents, B, N, A]
+    assert out.shape == (1, 4, 16, A) and out.abs().max() <= 0.5 and not out.requires_grad
     out = out[0]
     # naive: every (state, candidate) pair through the full forward, same noise stream
     gen = torch.Generator().manual_seed(3)
     x_T = torch.randn(4, 16, A, generator=gen)
     flat_states = states.repeat_interleave(16, 0)
     naive = reverse_sample(
-        lambda x, k: model.ema_net(x.reshape(1, -1, A), torch.full((1, 64), k), flat_states[None]).view(4, 16, A),
+        lambda x, k: model.ema_net(x.reshape(1, -1, A), torch.full((1, 64), k),
+                                   flat_states[None]).view(4, 16, A),
         model.schedule, x_T, generator=gen, clip=0.5,
     )
     assert torch.allclose(out, naive, atol=1e-5)
@@ -218,7 +223,8 @@ def test_fit_checkpoint_and_exact_resume(tmp_path):
     assert tr.global_step == k  # one actor step per training_step
     assert {"train/behavior/loss", "perf/actor_steps_per_s"} <= set(tr.callback_metrics)
     assert tr.lr_scheduler_configs[0].scheduler.last_epoch == k
-    assert tr.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * k / 20)))
+    assert (tr.optimizers[0].param_groups[0]["lr"]
+            == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * k / 20))))
     path = str(tmp_path / "behavior.ckpt")
     tr.save_checkpoint(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -237,7 +243,8 @@ def test_fit_checkpoint_and_exact_resume(tmp_path):
     for i in sa["state"]:
         for key in sa["state"][i]:
             assert torch.equal(sa["state"][i][key], sb["state"][i][key])
-    assert tr_resumed.lr_scheduler_configs[0].scheduler.state_dict() == tr_full.lr_scheduler_configs[0].scheduler.state_dict()
+    assert (tr_resumed.lr_scheduler_configs[0].scheduler.state_dict()
+            == tr_full.lr_scheduler_configs[0].scheduler.state_dict())
     assert torch.equal(tr_resumed.rng_after_fit, tr_full.rng_after_fit)
 
 

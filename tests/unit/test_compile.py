@@ -1,8 +1,8 @@
-"""``compile: true`` (``--model.compile true``): a whole training iteration is one ``torch.compile`` graph with no
-break, built from the functional gradient step, which computes the eager (reference) step bit for bit; the
-compiled iteration trains what the eager one trains, compiles once, and its optimizer state is what CUDA graphs
-need. The fast tests use dynamo's ``aot_eager`` backend (traced forward and backward, no C++ build); the slow one
-the default inductor backend."""
+"""``compile: true`` (``--model.compile true``): a whole training iteration is one ``torch.compile`` graph
+with no break, built from the functional gradient step, which computes the eager (reference) step bit for bit;
+the compiled iteration trains what the eager one trains, compiles once, and its optimizer state is what CUDA
+graphs need. The fast tests use dynamo's ``aot_eager`` backend (traced forward and backward, no C++ build);
+the slow one the default inductor backend."""
 
 from __future__ import annotations
 
@@ -25,15 +25,17 @@ S, A = 5, 3
 
 def _batch(n: int, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    return Batch(torch.randn(n, S, generator=g), torch.rand(n, A, generator=g) * 2 - 1, torch.randn(n, generator=g),
-                 torch.randn(n, S, generator=g), (torch.rand(n, generator=g) > 0.1).float())
+    return Batch(torch.randn(n, S, generator=g), torch.rand(n, A, generator=g) * 2 - 1,
+                 torch.randn(n, generator=g), torch.randn(n, S, generator=g),
+                 (torch.rand(n, generator=g) > 0.1).float())
 
 
 def _buffer() -> TransitionBuffer:
     return TransitionBuffer(random_transitions(500, obs_dim=S, action_dim=A), seed=0)
 
 
-def _tiny_idql(num_agents: int, dropout: float = 0.1) -> tuple[IDQL, IDQLOptimizers, torch.optim.lr_scheduler.LambdaLR]:
+def _tiny_idql(num_agents: int, dropout: float = 0.1
+               ) -> tuple[IDQL, IDQLOptimizers, torch.optim.lr_scheduler.LambdaLR]:
     torch.manual_seed(0)
     model = IDQL(S, A, critic=partial(ImplicitCritic, hidden_dims=[16, 16], batch_size=8),
                  behavior=partial(DiffusionBehavior, hidden_dim=16, ff_dim=32, batch_size=8, dropout=dropout),
@@ -123,8 +125,8 @@ def _iterations(num_agents: int, functional: bool, steps: int = 3, backend=None,
 
 def test_functional_iteration_is_the_eager_one_bit_for_bit(num_agents: int = 2) -> None:
     """``compile: true``'s functional step (torch.func gradients, the functional fused Adam on the optimizers'
-    own state, the LRs as a tensor), uncompiled, computes exactly the eager iteration: weights, EMA, target, Adam
-    state, metrics."""
+    own state, the LRs as a tensor), uncompiled, computes exactly the eager iteration: weights, EMA, target,
+    Adam state, metrics."""
     eager, eager_opts, eager_out = _iterations(num_agents, functional=False)
     func, func_opts, func_out = _iterations(num_agents, functional=True)
     for a, b in zip(eager_out, func_out):
@@ -146,7 +148,8 @@ def test_whole_iteration_compiles_to_one_graph_without_breaks(num_agents: int = 
     buf = _buffer()
     batches = [buf.sample(8, num_agents) for _ in range(3)]
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(algorithm1_iteration)(model.behavior, model.critic, batches[:2], batches[2], opts,
+    explained = torch._dynamo.explain(algorithm1_iteration)(model.behavior, model.critic, batches[:2],
+                                                          batches[2], opts,
                                                           torch.tensor([1e-4, 1e-4], dtype=torch.float64),
                                                           FunctionalStep(model))
     assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
@@ -160,8 +163,9 @@ def test_whole_iteration_compiles_to_one_graph_without_breaks(num_agents: int = 
         return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
 
     first_call: list[int] = []
-    compiled, _, compiled_out = _iterations(num_agents, functional=True, backend=counting_aot_eager,
-                                            after_each=lambda i: first_call.append(len(graphs)) if i == 0 else None)
+    compiled, _, compiled_out = _iterations(
+        num_agents, functional=True, backend=counting_aot_eager,
+        after_each=lambda i: first_call.append(len(graphs)) if i == 0 else None)
     assert len(graphs) == first_call[0], graphs  # 3 iterations, LRs changing each: compiled in the first only
     for a, b in zip(eager_out, compiled_out):
         for k in a:
@@ -199,11 +203,11 @@ def _save_and_load(obj):
 
 
 def test_compiled_training_resumes_exactly_and_trips_the_guard(aot_eager) -> None:
-    """``compile: true`` resumes as the eager run does (whose CLI resume tests/integration/test_resume.py runs):
-    4 compiled iterations in one go equal 2, then the state a checkpoint holds (weights, Adam states with their
-    LR tensors, the LR schedule, the sampling generators, the RNG) loaded into a fresh model that compiles
-    again, then 2 more. Then a NaN reward reaches the compiled iteration's metrics, and the non-finite guard
-    names the loss (the CLI version, eager: tests/integration/test_crash_safety.py)."""
+    """``compile: true`` resumes as the eager run does (whose CLI resume tests/integration/test_resume.py
+    runs): 4 compiled iterations in one go equal 2, then the state a checkpoint holds (weights, Adam states
+    with their LR tensors, the LR schedule, the sampling generators, the RNG) loaded into a fresh model that
+    compiles again, then 2 more. Then a NaN reward reaches the compiled iteration's metrics, and the
+    non-finite guard names the loss (the CLI version, eager: tests/integration/test_crash_safety.py)."""
     from idql_pl.errors import NonFiniteLossError
 
     def fresh():
@@ -216,7 +220,8 @@ def test_compiled_training_resumes_exactly_and_trips_the_guard(aot_eager) -> Non
     for _ in range(2):
         straight.update(buf, opts, scheduler)
     ckpt = _save_and_load({"model": straight.state_dict(), "opts": [o.state_dict() for o in opts],
-                           "scheduler": scheduler.state_dict(), "buffer": buf.state_dict(), "rng": torch.get_rng_state()})
+                           "scheduler": scheduler.state_dict(), "buffer": buf.state_dict(),
+                           "rng": torch.get_rng_state()})
     for _ in range(2):
         straight.update(buf, opts, scheduler)
     resumed, opts, scheduler, buf = fresh()
@@ -238,11 +243,12 @@ def test_compiled_training_resumes_exactly_and_trips_the_guard(aot_eager) -> Non
 
 
 def test_compiled_optimizer_state_is_static_and_on_the_parameters_device() -> None:
-    """What CUDA graphs (``compile_mode: reduce-overhead``) need to capture the step instead of skipping it for
-    "mutated inputs": every tensor the functional Adam mutates (moments, step counts, LRs) and the behavior LRs
-    of an iteration are static inputs on the parameters' device, also after a resume, whose checkpoint brings
-    the LRs back as CPU tensors and the moments as new tensors. The "meta" device stands in for a GPU here. (What
-    ``IDQLModule.run`` does before the first compiled step; the compile itself is tested above.)"""
+    """What CUDA graphs (``compile_mode: reduce-overhead``) need to capture the step instead of skipping it
+    for "mutated inputs": every tensor the functional Adam mutates (moments, step counts, LRs) and the
+    behavior LRs of an iteration are static inputs on the parameters' device, also after a resume, whose
+    checkpoint brings the LRs back as CPU tensors and the moments as new tensors. The "meta" device stands in
+    for a GPU here. (What ``IDQLModule.run`` does before the first compiled step; the compile itself is tested
+    above.)"""
     model, opts, scheduler = _tiny_idql(2)
     model.compile_training()  # lazy: nothing is traced until the first step
     for opt in opts:
@@ -250,7 +256,8 @@ def test_compiled_optimizer_state_is_static_and_on_the_parameters_device() -> No
     assert _static(model.scheduled_lrs(scheduler, 2))
     for opt in opts:
         (group,) = opt.param_groups
-        assert _static(group["lr"]) and all(_static(t) for state in opt.state.values() for t in state.values())
+        assert _static(group["lr"]) and all(_static(t) for state in opt.state.values()
+                                            for t in state.values())
     saved = _save_and_load(opts.q.state_dict())  # as a checkpoint holds it: the LR a tensor
     assert isinstance(saved["param_groups"][0]["lr"], torch.Tensor)
     on_meta = [p.detach().to("meta").requires_grad_() for p in opts.q.param_groups[0]["params"]]

@@ -54,7 +54,8 @@ def test_update_matches_a_hand_written_step(kind):
     ref_v_opt = torch.optim.Adam(ref.v_net.parameters(), lr=3e-4)
     ref_q_opt = torch.optim.Adam(ref.q_net.parameters(), lr=3e-4)
     with torch.no_grad():
-        q_hat = torch.minimum(member_forward(ref.q_target_net.ensemble, 0, sa), member_forward(ref.q_target_net.ensemble, 1, sa))
+        q_hat = torch.minimum(member_forward(ref.q_target_net.ensemble, 0, sa),
+                              member_forward(ref.q_target_net.ensemble, 1, sa))
     u = q_hat - ref.v_net(s).squeeze(-1)
     if kind == "expectile":
         f = torch.where(u < 0, 0.2, 0.8) * u**2
@@ -84,7 +85,8 @@ def test_update_matches_a_hand_written_step(kind):
     for (name, p), p_ref in zip(critic.state_dict().items(), ref.state_dict().values(), strict=True):
         assert torch.allclose(p, p_ref, atol=1e-6), name
     # the target moved by exactly the rate towards the new online weights
-    for t, t_old, o in zip(critic.q_target_net.parameters(), old_target, critic.q_net.parameters(), strict=True):
+    for t, t_old, o in zip(critic.q_target_net.parameters(), old_target, critic.q_net.parameters(),
+                           strict=True):
         assert torch.allclose(t, 0.995 * t_old + 0.005 * o, atol=1e-7)
 
 
@@ -110,8 +112,8 @@ def _root(fn, lo: float, hi: float) -> float:
 
 @pytest.mark.parametrize("kind,param", [("expectile", 0.7), ("expectile", 0.9), ("exponential", 1.0)])
 def test_value_step_converges_to_the_expectile(kind, param):
-    """One state, five actions with known Q: V converges to the tau-expectile (Eq. 1), or for the guarded linex
-    loss (Eq. 11) to the root of E_mu[min(exp(alpha (Q - V)), clip)] = 1 (log E_mu[exp(alpha Q)] / alpha
+    """One state, five actions with known Q: V converges to the tau-expectile (Eq. 1), or for the guarded
+    linex loss (Eq. 11) to the root of E_mu[min(exp(alpha (Q - V)), clip)] = 1 (log E_mu[exp(alpha Q)] / alpha
     without the clip)."""
     values = torch.tensor([-1.0, 0.5, 1.5, 2.0, 4.0], dtype=torch.float64)
     counts = [3, 1, 2, 3, 1]
@@ -135,12 +137,14 @@ def test_value_step_converges_to_the_expectile(kind, param):
 
     mu = torch.tensor(counts, dtype=torch.float64) / n
     if kind == "expectile":
-        target = _root(lambda x: -(mu * torch.where(values < x, 1 - param, param) * (values - x)).sum().item(), -1, 4)
+        target = _root(
+            lambda x: -(mu * torch.where(values < x, 1 - param, param) * (values - x)).sum().item(), -1, 4)
         assert target > (mu * values).sum().item() + 0.3  # distinct from the mean
     else:
         linex = (torch.log((mu * torch.exp(param * values)).sum()) / param).item()
         # the guarded loss's stationary point: E_mu[min(exp(alpha u), 6)] = 1 (clip active for Q = 4 here)
-        target = _root(lambda x: 1 - (mu * torch.exp(param * (values - x)).clamp(max=6.0)).sum().item(), -1, 4)
+        target = _root(lambda x: 1 - (mu * torch.exp(param * (values - x)).clamp(max=6.0)).sum().item(),
+                       -1, 4)
         assert linex - 0.1 < target < linex
     assert v == pytest.approx(target, abs=2e-3)
 
@@ -209,7 +213,8 @@ def fit(make_model, max_steps: int, ckpt: str | None = None, buffer_state=None, 
     return model, tr, buf
 
 
-def assert_same_training_state(a: L.LightningModule, ta: L.Trainer, b: L.LightningModule, tb: L.Trainer) -> None:
+def assert_same_training_state(a: L.LightningModule, ta: L.Trainer, b: L.LightningModule,
+                               tb: L.Trainer) -> None:
     assert ta.global_step == tb.global_step
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -227,7 +232,8 @@ def test_fit_checkpoint_and_exact_resume(tmp_path):
     k = 4
     model, tr, buf = fit(small_critic, k, log_every_n_steps=1)
     assert tr.global_step == k  # one critic step per training_step
-    assert {"train/critic/q_loss", "train/critic/v_loss", "perf/critic_steps_per_s"} <= set(tr.callback_metrics)
+    assert {"train/critic/q_loss", "train/critic/v_loss",
+            "perf/critic_steps_per_s"} <= set(tr.callback_metrics)
     path = str(tmp_path / "critic.ckpt")
     tr.save_checkpoint(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)

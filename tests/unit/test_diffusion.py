@@ -24,7 +24,8 @@ def test_vp_schedule_matches_spec_numbers():
     assert isinstance(s, Schedule) and s.T == 5
     assert all(t.dtype == torch.float32 and t.shape == (5,) for t in s)
     assert torch.allclose(s.betas, torch.tensor([0.19588, 0.45882, 0.63578, 0.75488, 0.83503]), atol=1e-4)
-    assert torch.allclose(s.alpha_bars, torch.tensor([0.80413, 0.43518, 0.15850, 0.03885, 0.00641]), atol=1e-4)
+    assert torch.allclose(s.alpha_bars, torch.tensor([0.80413, 0.43518, 0.15850, 0.03885, 0.00641]),
+                          atol=1e-4)
     assert torch.allclose(s.alphas, 1 - s.betas)
     assert torch.allclose(s.alpha_bars, torch.cumprod(s.alphas, 0))
     assert make_schedule().T == 5  # default is vp, T = 5

@@ -24,7 +24,8 @@ EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # http:, https:, m
 
 # Folders that are never tracked (.gitignore): the scan for outside references skips them (at the top level
 # only for the second set: docs/results/reports is tracked, /reports is not).
-UNTRACKED_ANYWHERE = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "wandb", "lightning_logs"}
+UNTRACKED_ANYWHERE = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "wandb",
+                      "lightning_logs"}
 UNTRACKED_AT_TOP = {"checkpoints", "runs", "reports", "wheels", "gpu_check", ".gpu_check", ".data"}
 # Assembled from parts, so this file does not match its own search.
 OUTSIDE_REFERENCE = re.compile("|".join([r"\.\./" + "shared", "IDQL" + "_SPEC", "DESIGN" + r"\.md"]))

@@ -1,5 +1,6 @@
-"""Several N in one evaluation (``--eval.num_samples "[16, 64, 256]"``): the settings played, one batched policy
-call for N settings x K agents with per-state candidate counts, the episode CSV's N column, resume state."""
+"""Several N in one evaluation (``--eval.num_samples "[16, 64, 256]"``): the settings played, one batched
+policy call for N settings x K agents with per-state candidate counts, the episode CSV's N column, resume
+state."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ class _QIsTheAction:
 
 
 class _LabelledCandidates:
-    """Candidate ``j`` drawn (in the order of one sampler call) for a state with first feature ``s`` is the action
-    ``1000 s + j``: it tells which state it was drawn for and in which slot. Records the batch of each call."""
+    """Candidate ``j`` drawn (in the order of one sampler call) for a state with first feature ``s`` is the
+    action ``1000 s + j``: it tells which state it was drawn for and in which slot. Records the batch of each
+    call."""
 
     def __init__(self):
         self.calls = []
@@ -49,7 +51,8 @@ def test_per_state_counts_draw_each_states_own_n_in_one_call():
     """A ``[K, B]`` tensor of counts: one sampler call draws exactly sum(N) candidates per agent (in units of
     gcd(N)), state b of agent k extracts among the N candidates drawn for it (argmax: the last of them;
     implicit: never one of another state's), and the dense path of one N per agent is unchanged."""
-    counts = torch.tensor([[2, 8, 4, 2], [8, 2, 2, 2]])  # agent 1 draws 14 of agent 0's 16: one padding repeat
+    # agent 1 draws 14 of agent 0's 16: one padding repeat
+    counts = torch.tensor([[2, 8, 4, 2], [8, 2, 2, 2]])
     states = torch.arange(4, dtype=torch.float32).view(1, 4, 1).expand(2, 4, 3)  # state b's feature: b
     behavior = _LabelledCandidates()
     best = extract_actions(behavior, _QIsTheAction(), states, counts)[..., 0]
@@ -66,8 +69,9 @@ def test_per_state_counts_draw_each_states_own_n_in_one_call():
 
 
 def test_per_state_counts_match_single_n_in_distribution():
-    """Candidates uniform in [0, 1], Q = the action: the argmax of N candidates averages N / (N + 1) at each N,
-    whether a state's N comes alone or beside others (a wrong count or a leak between states would show)."""
+    """Candidates uniform in [0, 1], Q = the action: the argmax of N candidates averages N / (N + 1) at each
+    N, whether a state's N comes alone or beside others (a wrong count or a leak between states would
+    show)."""
 
     class Uniform:
         def sample(self, states, num_samples=1, generator=None):
@@ -81,7 +85,8 @@ def test_per_state_counts_match_single_n_in_distribution():
 
 
 class _RecordingModel:
-    """A model with ``act``: returns, per agent and state, ``[first state feature, N used for that state]``."""
+    """A model with ``act``: returns, per agent and state,
+    ``[first state feature, N used for that state]``."""
 
     def __init__(self, num_samples, num_agents):
         self.hparams = {"num_samples": num_samples}
@@ -90,7 +95,8 @@ class _RecordingModel:
 
     def act(self, states, num_samples=None, extraction=None, generator=None, precision="auto"):
         self.calls += 1
-        counts = num_samples.float() if isinstance(num_samples, torch.Tensor) else torch.full(states.shape[:2], 0.0)
+        counts = (num_samples.float() if isinstance(num_samples, torch.Tensor)
+                  else torch.full(states.shape[:2], 0.0))
         return torch.stack([states[..., 0], counts], dim=-1)
 
 
@@ -158,7 +164,8 @@ def test_episode_rows_record_n_and_an_old_file_keeps_its_columns(tmp_path):
         ("2", "0", "1", "101", 3.0), ("8", "0", "0", "100", 4.0), ("8", "0", "1", "101", 5.0)]
     old = tmp_path / "old"
     old.mkdir()
-    (old / "eval_episodes.csv").write_text("stage,step,agent,episode,seed,return,length\nfit,1,0,0,100,0.5,7\n")
+    (old / "eval_episodes.csv").write_text("stage,step,agent,episode,seed,return,length\n"
+                                           "fit,1,0,0,100,0.5,7\n")
     evaluation._write_episodes(_trainer(old), episodes, returns, lengths, [4, 2, 8], 1)
     rows = read_csv(old / "eval_episodes.csv")
     assert list(rows[0]) == ["stage", "step", "agent", "episode", "seed", "return", "length"]
@@ -176,8 +183,8 @@ def test_per_n_history_survives_a_resume():
 
 
 def test_n_settings_of_a_two_agent_idql_share_one_sampler_call():
-    """A real K = 2 IDQL with one N per agent ([4, 8]) evaluated at N 2 and 8: settings (own, 2, 8) x 2 agents,
-    one behavior sampler call per step drawing sum(N) candidates per state, actions in [-1, 1]."""
+    """A real K = 2 IDQL with one N per agent ([4, 8]) evaluated at N 2 and 8: settings (own, 2, 8) x 2
+    agents, one behavior sampler call per step drawing sum(N) candidates per state, actions in [-1, 1]."""
     from tests.unit.test_policy import tiny_idql
 
     model = tiny_idql(2, critic={"tau": [0.7, 0.9]})
@@ -193,9 +200,11 @@ def test_n_settings_of_a_two_agent_idql_share_one_sampler_call():
 
     model.behavior.sample = counting_sample
     slots = 3
-    actions = evaluation._policy(model, settings, 2)(torch.randn(6, slots, 5), torch.Generator().manual_seed(0))
+    actions = evaluation._policy(model, settings, 2)(torch.randn(6, slots, 5),
+                                                     torch.Generator().manual_seed(0))
     assert actions.shape == (6, slots, 3) and actions.abs().max() <= 1.0
-    # gcd(4, 8, 2, 8) = 2 candidates per repeat; agent 1 (8 + 2 + 8 = 18 per slot) sets the batch: 9 x 3 repeats
+    # gcd(4, 8, 2, 8) = 2 candidates per repeat; agent 1 (8 + 2 + 8 = 18 per slot) sets the batch: 9 x 3
+    # repeats
     assert calls == [((2, 27, 5), 2)]
 
 
@@ -214,4 +223,5 @@ def test_videos_go_to_every_wandb_logger(tmp_path):
     wandb = RecordingWandb()
     trainer = SimpleNamespace(loggers=[CSVLogger(tmp_path), wandb])
     log_videos(trainer, [tmp_path / "step3_ep0.mp4"], 3, ["step 3, episode 0"])
-    assert wandb.logged == [("eval/video", [str(tmp_path / "step3_ep0.mp4")], 3, {"caption": ["step 3, episode 0"]})]
+    assert wandb.logged == [("eval/video", [str(tmp_path / "step3_ep0.mp4")], 3,
+                             {"caption": ["step 3, episode 0"]})]

@@ -42,8 +42,8 @@ def test_implicit_resampling_follows_the_normalized_weights(kind, param):
     n, draws = 8, 40_000
     states = torch.zeros(draws, 1)
     gen = torch.Generator().manual_seed(0)
-    actions = extract_actions(FixedCandidates(), QuadraticCritic(), states, num_samples=n, extraction="implicit",
-                              value_loss=kind, loss_param=param, generator=gen)
+    actions = extract_actions(FixedCandidates(), QuadraticCritic(), states, num_samples=n,
+                              extraction="implicit", value_loss=kind, loss_param=param, generator=gen)
     picked = torch.round(actions[0, :, 0] * n).long()
     freq = torch.bincount(picked, minlength=n).float() / draws
     cand = torch.arange(n, dtype=torch.float32) / n

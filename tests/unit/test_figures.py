@@ -1,4 +1,5 @@
-"""The paper's Fig. 1-3 (``python -m idql_pl.figures ... --quick``): each figure's qualitative claim, measured."""
+"""The paper's Fig. 1-3 (``python -m idql_pl.figures ... --quick``): each figure's qualitative claim,
+measured."""
 
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ def _assert_written(out, name):
 def test_fig1_idql_extraction_vs_awr_gaussian(out):
     """Paper Sec. 1 / Fig. 1 on the 2-D bandit r = a1 + a2 with an expectile (tau 0.9) critic.
 
-    Measured (docs/figures.md): IDQL's implicit extraction puts most actions in the best cluster and almost all in
-    some cluster. The AWR Gaussian leaves most actions outside the best cluster at beta 1 and 3 (IQL's locomotion
-    value), lying between the clusters; at beta 10 (IQL's antmaze value) its mean and most of its mass do reach
-    the best cluster, so the claim that holds at *every* listed temperature is the out-of-distribution one: the
-    unimodal Gaussian puts clearly more actions outside every data cluster than IDQL does.
+    Measured (docs/figures.md): IDQL's implicit extraction puts most actions in the best cluster and almost
+    all in some cluster. The AWR Gaussian leaves most actions outside the best cluster at beta 1 and 3 (IQL's
+    locomotion value), lying between the clusters; at beta 10 (IQL's antmaze value) its mean and most of its
+    mass do reach the best cluster, so the claim that holds at *every* listed temperature is the
+    out-of-distribution one: the unimodal Gaussian puts clearly more actions outside every data cluster than
+    IDQL does.
     """
     rec = figures.fig1(out, quick=True)
     assert rec == _assert_written(out, "fig1")
@@ -64,7 +66,8 @@ def test_fig2_values_follow_each_loss_and_theorem_4_1(out):
     assert np.allclose(v, c["exponential"]["log_mean_exp"], atol=1e-3)
     gap = ref["reward_max"] - v
     assert v[-1] > ref["high_cluster_mean"] and gap[-1] < gap[0] / 3
-    # the reference code's clipped surrogate (exp_clip 6) saturates instead, below the top cluster's mean + noise
+    # the reference code's clipped surrogate (exp_clip 6) saturates instead, below the top cluster's mean +
+    # noise
     assert c["exponential"]["value_exp_clip_6"][-1] < v[-1] - 0.1
     # Theorem 4.1: E_{pi_imp}[Q - V*] = 0, so the implicit actor's mean reward is V* for every loss
     for kind in ("expectile", "quantile", "exponential"):
@@ -82,7 +85,8 @@ def test_fig3_ln_resnet_has_fewer_outliers_than_the_mlp(out):
 
 
 def test_command_line_writes_png_and_json(tmp_path, monkeypatch):
-    monkeypatch.setattr(figures, "FIG2_QUICK", figures.Fig2Size(num_data=500, num_params=5, critic_check_steps=0))
+    monkeypatch.setattr(figures, "FIG2_QUICK",
+                        figures.Fig2Size(num_data=500, num_params=5, critic_check_steps=0))
     assert figures.main(["fig2", "--quick", "--out", str(tmp_path)]) == 0
     rec = _assert_written(tmp_path, "fig2")
     assert rec["quick"] is True and len(rec["curves"]["expectile"]["params"]) == 5

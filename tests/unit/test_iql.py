@@ -57,7 +57,8 @@ def test_gaussian_actor_mean_in_range_log_std_clipped(state_dependent_std):
     actor = GaussianActor(3, 2, (16, 16), state_dependent_std=state_dependent_std)
     states = 100 * torch.randn(50, 3)
     mean, log_std = actor(states)
-    assert mean.shape == log_std.shape == (50, 2) and mean.abs().max() <= 1.0  # tanh; 1.0 when saturated in float32
+    # tanh; 1.0 when saturated in float32
+    assert mean.shape == log_std.shape == (50, 2) and mean.abs().max() <= 1.0
     assert log_std.min() >= -5.0 and log_std.max() <= 2.0
     if state_dependent_std:  # log-std head initialized near 0 (IQL's log_std_scale 1e-3)
         assert actor(torch.randn(8, 3))[1].abs().max() < 0.05
@@ -77,8 +78,10 @@ def test_act_returns_the_mean_action():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"beta": -1.0}, "beta"), ({"max_weight": 0.0}, "max_weight"), ({"actor_hidden_dims": []}, "actor_hidden_dims"),
-     ({"log_std_min": 2.0}, "log_std_min"), ({"actor_lr": 0.0}, "actor_lr"), ({"lr_decay_steps": 0}, "lr_decay_steps")],
+    [({"beta": -1.0}, "beta"), ({"max_weight": 0.0}, "max_weight"),
+     ({"actor_hidden_dims": []}, "actor_hidden_dims"),
+     ({"log_std_min": 2.0}, "log_std_min"), ({"actor_lr": 0.0}, "actor_lr"),
+     ({"lr_decay_steps": 0}, "lr_decay_steps")],
 )
 def test_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -44,7 +44,8 @@ def test_pointmaze_layout_and_rewards(pointmaze):
     # within each 300-step episode the stream is continuous: next_obs[i] == obs[i + 1]
     idx = np.arange(len(arrays["rewards"]) - 1)
     inside = (idx + 1) % 300 != 0
-    np.testing.assert_array_equal(arrays["next_observations"][idx[inside]], arrays["observations"][idx[inside] + 1])
+    np.testing.assert_array_equal(arrays["next_observations"][idx[inside]],
+                                  arrays["observations"][idx[inside] + 1])
     # the data visits every cell of the maze
     cells = M.MazeGrid(M.MAZES["umaze"]).cell_of(arrays["observations"][:, :2].astype(np.float64))
     assert set(np.unique(cells)) == set(range(7))
@@ -53,8 +54,9 @@ def test_pointmaze_layout_and_rewards(pointmaze):
 def test_pointmaze_reference_scores_and_success(pointmaze):
     info, recipe = pointmaze.info, pointmaze.info.extra["recipe"]
     print(f"\nref min (random) {info.ref_min_score:.2f}, ref max (controller) {info.ref_max_score:.2f}, "
-          f"noisy goal success {recipe['goal_success_rate']:.3f} over {recipe['goals_reached'] + recipe['goals_not_reached']} goals, "
-          f"controller eval success {recipe['controller_eval_success_rate']:.3f}")
+          f"noisy goal success {recipe['goal_success_rate']:.3f} over"
+          f" {recipe['goals_reached'] + recipe['goals_not_reached']} goals,"
+          f" controller eval success {recipe['controller_eval_success_rate']:.3f}")
     assert 0 < info.ref_min_score < 100 < info.ref_max_score <= 300
     assert recipe["goal_success_rate"] >= 0.9 and recipe["goals_reached"] >= 50
     assert recipe["controller_eval_success_rate"] >= 0.9
@@ -65,14 +67,16 @@ def test_controller_reaches_goals_in_eval_env():
     returns, success = R.rollout_returns(R.controller_policy(0.0), 20, seed=123)
     noisy_returns, noisy_success = R.rollout_returns(R.controller_policy(R.POINTMAZE_NOISE), 20, seed=456)
     rand_returns, rand_success = R.rollout_returns(R.random_policy, 20, seed=789)
-    print(f"\ncontroller success {success.mean():.2f} (return {returns.mean():.1f}), noisy {noisy_success.mean():.2f} "
-          f"(return {noisy_returns.mean():.1f}), random {rand_success.mean():.2f} (return {rand_returns.mean():.1f})")
+    print(f"\ncontroller success {success.mean():.2f} (return {returns.mean():.1f}), noisy"
+          f" {noisy_success.mean():.2f} (return {noisy_returns.mean():.1f}),"
+          f" random {rand_success.mean():.2f} (return {rand_returns.mean():.1f})")
     assert success.mean() >= 0.9 and noisy_success.mean() >= 0.9
     assert returns.mean() > 3 * rand_returns.mean()
 
 
 def test_cache_reload_is_identical(pointmaze):
-    """A second load reads the cache (no regeneration: the timing is the benchmark's job) and gets the same data."""
+    """A second load reads the cache (no regeneration: the timing is the benchmark's job) and gets the same
+    data."""
     again = load_dataset("local/pointmaze-umaze", dataset_size=POINTMAZE_SIZE)
     for key, value in pointmaze._arrays.items():
         np.testing.assert_array_equal(again.arrays[key], value)
@@ -150,7 +154,8 @@ def test_bandit_geometry_and_data():
 
 @pytest.mark.parametrize(("maze", "goal"), [("umaze", (1, 1)), ("medium", (6, 6)), ("large", (7, 9))])
 def test_maze2d_d4rl_frame(maze, goal):
-    """D4RL maze2d: cell (row, col) sits at qpos (row, col); the goal is the 'G' cell; starts are free cells."""
+    """D4RL maze2d: cell (row, col) sits at qpos (row, col); the goal is the 'G' cell; starts are free
+    cells."""
     env = M.Maze2dEnv(maze, frame="d4rl")
     np.testing.assert_allclose(env.goal_obs, goal, atol=1e-9)
     rows = M.MAZES[maze]
@@ -198,8 +203,8 @@ def _concat(episodes, key):
 
 
 def test_umaze_recipe_is_unchanged():
-    """``local/pointmaze-umaze`` is what the quickstart scores (docs/results/) were measured on: the same cache
-    id, env spec, episode limit, default size and generator (the maze argument defaults to it; the first
+    """``local/pointmaze-umaze`` is what the quickstart scores (docs/results/) were measured on: the same
+    cache id, env spec, episode limit, default size and generator (the maze argument defaults to it; the first
     observations and sums of a small generation as the code before the medium/large recipes made them)."""
     assert L.minari_id("local/pointmaze-umaze") == "idql_pl/pointmaze-umaze-v1"
     assert L.RECIPES["local/pointmaze-umaze"]["default_size"] == 1_000_000 == R.POINTMAZE_DEFAULT_SIZE

@@ -20,10 +20,12 @@ def test_value_loss_hand_values():
     # quantile tau 0.6: 0.4 |u| / 0.6 |u|
     assert torch.allclose(value_loss(u, "quantile", 0.6), torch.tensor([0.8, 0.2, 0.0, 0.3, 1.2]))
     # exponential alpha 1, clip 6: (min(e^u, 6) - 1) u
-    expected = torch.tensor([(math.exp(-2) - 1) * -2, (math.exp(-0.5) - 1) * -0.5, 0.0, (math.exp(0.5) - 1) * 0.5, 5 * 2.0])
+    expected = torch.tensor([(math.exp(-2) - 1) * -2, (math.exp(-0.5) - 1) * -0.5, 0.0,
+                             (math.exp(0.5) - 1) * 0.5, 5 * 2.0])
     assert torch.allclose(value_loss(u, "exponential", 1.0), expected)
     # alpha 0.5 and a custom clip
-    assert torch.allclose(value_loss(torch.tensor([4.0]), "exponential", 0.5, exp_clip=3.0), torch.tensor([8.0]))
+    assert torch.allclose(value_loss(torch.tensor([4.0]), "exponential", 0.5, exp_clip=3.0),
+                          torch.tensor([8.0]))
     assert value_loss(torch.zeros(3, 4), "expectile", 0.9).shape == (3, 4)  # elementwise
 
 
@@ -36,7 +38,8 @@ def test_expectile_gradient_matches_analytic():
 
 
 def test_exponential_surrogate_gradient_is_clipped_linex_gradient():
-    """d/du of the guarded surrogate = min(exp(alpha u), clip) - 1 = f'(u) / alpha of the linex loss (Eq. 11)."""
+    """d/du of the guarded surrogate = min(exp(alpha u), clip) - 1 = f'(u) / alpha of the linex loss
+    (Eq. 11)."""
     alpha, clip = 0.5, 6.0
     u = torch.linspace(-5, 8, 53, dtype=torch.float64).requires_grad_(True)
     value_loss(u, "exponential", alpha, clip).sum().backward()
@@ -49,8 +52,10 @@ def test_exponential_surrogate_gradient_is_clipped_linex_gradient():
 
 def test_implicit_weights_hand_values():
     u = torch.tensor([-2.0, -0.5, 0.5, 3.0], dtype=torch.float64)
-    assert torch.allclose(implicit_weights(u, "expectile", 0.7), torch.tensor([0.3, 0.3, 0.7, 0.7], dtype=torch.float64))
-    assert torch.allclose(implicit_weights(u, "quantile", 0.6), torch.tensor([0.2, 0.8, 1.2, 0.2], dtype=torch.float64))
+    assert torch.allclose(implicit_weights(u, "expectile", 0.7),
+                          torch.tensor([0.3, 0.3, 0.7, 0.7], dtype=torch.float64))
+    assert torch.allclose(implicit_weights(u, "quantile", 0.6),
+                          torch.tensor([0.2, 0.8, 1.2, 0.2], dtype=torch.float64))
     for alpha in (1.0, 0.5):
         expected = alpha * (torch.exp(alpha * u) - 1).abs() / u.abs()
         assert torch.allclose(implicit_weights(u, "exponential", alpha), expected)
@@ -61,7 +66,8 @@ def test_implicit_weights_hand_values():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_implicit_weights_positive_and_finite(kind, param, dtype):
     big = 1e30 if dtype == torch.float32 else 1e200
-    u = torch.tensor([-big, -1e4, -1.0, -1e-3, -1e-7, -1e-30, 0.0, 1e-30, 1e-7, 1e-3, 1.0, 1e4, big], dtype=dtype)
+    u = torch.tensor([-big, -1e4, -1.0, -1e-3, -1e-7, -1e-30, 0.0, 1e-30, 1e-7, 1e-3, 1.0, 1e4, big],
+                     dtype=dtype)
     w = implicit_weights(u, kind, param)
     assert w.dtype == dtype and w.shape == u.shape
     assert torch.isfinite(w).all() and (w > 0).all(), w
@@ -73,9 +79,8 @@ def test_implicit_weights_positive_and_finite(kind, param, dtype):
 def test_exponential_weight_limit_at_zero():
     for alpha in (1.0, 0.5, 2.0):
         for u0 in (0.0, 1e-9, -1e-9, 5e-7, -5e-7):
-            assert implicit_weights(torch.tensor(u0, dtype=torch.float64), "exponential", alpha).item() == pytest.approx(
-                alpha**2, rel=1e-5
-            )
+            assert (implicit_weights(torch.tensor(u0, dtype=torch.float64), "exponential", alpha).item()
+                    == pytest.approx(alpha**2, rel=1e-5))
         # the guarded branch (|u| < 1e-6) agrees with the exact formula on both sides of the threshold
         for u0 in (0.99e-6, -0.99e-6, 1.01e-6, -1.01e-6):
             exact = alpha * math.expm1(alpha * u0) / u0
@@ -84,7 +89,8 @@ def test_exponential_weight_limit_at_zero():
 
 
 def test_quantile_weights_never_negative():
-    """The reference code divides by the signed u; weights must stay positive for u < 0 (docs/fidelity.md §2)."""
+    """The reference code divides by the signed u; weights must stay positive for u < 0
+    (docs/fidelity.md §2)."""
     u = -torch.rand(1000) * 10 - 1e-3
     assert (implicit_weights(u, "quantile", 0.8) > 0).all()
 

@@ -102,7 +102,8 @@ def test_score_net_projected_paths_equal_forward(cls, num_timesteps, K):
     cand = torch.randn(K, 4, 6, A)
     sp = net.project_state(states).unsqueeze(2)
     fast = net.forward_parts(cand, sp, net.project_time(3).view(K, 1, 1, -1))
-    slow = net(cand.reshape(K, -1, A), torch.full((K, 24), 3), states.repeat_interleave(6, 1)).view(K, 4, 6, A)
+    slow = net(cand.reshape(K, -1, A), torch.full((K, 24), 3),
+               states.repeat_interleave(6, 1)).view(K, 4, 6, A)
     assert fast.shape == (K, 4, 6, A) and torch.allclose(fast, slow, atol=1e-5)
     assert torch.allclose(net(cand, 3, states.unsqueeze(2).expand(K, 4, 6, S)), slow, atol=1e-5)  # int k
     if num_timesteps:
@@ -216,8 +217,8 @@ def test_agent_layers_equal_one_plain_layer_per_agent(K):
 
 def test_build_agents_leaves_the_gpu_generators_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Agent k's initialization draws from the CPU generator seeded ``seed + k``; the GPUs' generators (which
-    ``torch.manual_seed`` would reseed, and ``fork_rng(devices=[])`` would not restore) are not touched, and the
-    CPU generator is as before."""
+    ``torch.manual_seed`` would reseed, and ``fork_rng(devices=[])`` would not restore) are not touched, and
+    the CPU generator is as before."""
     reseeded: list[int] = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))

@@ -1,5 +1,6 @@
-"""The torch-only policy (paper Alg. 2 with the Eq. 5 sampler, :mod:`idql_pl.algorithm.policy`): the same actions
-as ``IDQL.act`` given the same noise, eager, scripted and exported, for one agent of K = 1 and K = 2 models."""
+"""The torch-only policy (paper Alg. 2 with the Eq. 5 sampler, :mod:`idql_pl.algorithm.policy`): the same
+actions as ``IDQL.act`` given the same noise, eager, scripted and exported, for one agent of K = 1 and K = 2
+models."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ S, A = 5, 3
 
 
 def tiny_idql(num_agents: int = 1, **kwargs) -> IDQL:
-    """A small IDQL with random weights: the EMA net and the target Qs perturbed away from their online copies,
-    so a wrong copy would show."""
+    """A small IDQL with random weights: the EMA net and the target Qs perturbed away from their online
+    copies, so a wrong copy would show."""
     L.seed_everything(0, verbose=False)
     critic = partial(ImplicitCritic, hidden_dims=[32, 32], **kwargs.pop("critic", {}))
-    behavior = partial(DiffusionBehavior, hidden_dim=16, ff_dim=32, num_blocks=2, **kwargs.pop("behavior", {}))
-    model = IDQL(S, A, critic=critic, behavior=behavior, num_agents=num_agents, num_samples=16, **kwargs).eval()
+    behavior = partial(DiffusionBehavior, hidden_dim=16, ff_dim=32, num_blocks=2,
+                       **kwargs.pop("behavior", {}))
+    model = IDQL(S, A, critic=critic, behavior=behavior, num_agents=num_agents, num_samples=16,
+                 **kwargs).eval()
     with torch.no_grad():
         for p in [*model.behavior.ema_net.parameters(), *model.critic.q_target_net.parameters()]:
             p.add_(0.1 * torch.randn_like(p))
@@ -56,8 +59,8 @@ def same_noise_for_every_agent(agent: int, num_agents: int):
 
 def reference_actions(model: IDQL, obs: torch.Tensor, agent: int, seed: int, extraction: str,
                       num_samples: int | None = None) -> torch.Tensor:
-    """``IDQL.act``'s actions of agent ``agent`` after ``torch.manual_seed(seed)`` (every agent given the noise of
-    a single agent)."""
+    """``IDQL.act``'s actions of agent ``agent`` after ``torch.manual_seed(seed)`` (every agent given the
+    noise of a single agent)."""
     torch.manual_seed(seed)
     if model.num_agents == 1:
         return model.act(obs, num_samples=num_samples, extraction=extraction)[0]
@@ -80,7 +83,8 @@ def compiled(policy: StandalonePolicy, how: str) -> torch.nn.Module:
 @pytest.mark.parametrize("extraction", ["argmax", "implicit"])
 @pytest.mark.parametrize("num_agents, agent", [(1, 0), (2, 1)])
 def test_policy_acts_as_idql_act_given_the_same_noise(num_agents, agent, extraction, how):
-    """Bit for bit: the same candidates (Eq. 5), the same target-Q scores and the same argmax / implicit draw."""
+    """Bit for bit: the same candidates (Eq. 5), the same target-Q scores and the same argmax / implicit
+    draw."""
     model = tiny_idql(num_agents, critic={"tau": [0.7, 0.9][:num_agents] if num_agents > 1 else 0.8})
     policy = compiled(StandalonePolicy.from_model(model, agent, extraction=extraction), how)
     obs = torch.randn(9, S)
@@ -112,7 +116,8 @@ def test_policy_of_the_mlp_score_net_with_swish_and_another_num_samples():
 def test_implicit_log_weights_equal_the_losses_module(kind, param):
     u = torch.cat([torch.randn(64) * 3, torch.tensor([0.0, 1e-8, -1e-8, 40.0, -40.0])])
     expected = losses.implicit_log_weights(u, kind, torch.tensor([[param]]).view(1, 1))
-    assert torch.equal(implicit_log_weights(u.view(1, -1), kind, torch.full((1, 1), param)).view(-1), expected.view(-1))
+    assert torch.equal(implicit_log_weights(u.view(1, -1), kind, torch.full((1, 1), param)).view(-1),
+                       expected.view(-1))
 
 
 def test_policy_refuses_wrong_observations_and_agents():

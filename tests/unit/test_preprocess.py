@@ -42,7 +42,8 @@ def test_d4rl_qlearning_convention_hand_computed():
     np.testing.assert_array_equal(out["next_observations"][:, 0], [1, 2, 3, 4, 5])
     np.testing.assert_array_equal(out["rewards"], [1, 2, 3, 4, 5])
     np.testing.assert_array_equal(out["terminals"], [False, False, True, False, False])
-    # episodes: rows 0-2 (terminal) -> 1+2+3 = 6; rows 3-5 (timeout, row 5 dropped) -> 4+5 = 9; row 6 has no kept row
+    # episodes: rows 0-2 (terminal) -> 1+2+3 = 6; rows 3-5 (timeout, row 5 dropped) -> 4+5 = 9; row 6 has no
+    # kept row
     np.testing.assert_array_equal(returns, [6.0, 9.0])
 
 
@@ -109,7 +110,8 @@ def test_antmaze_and_none_transforms_and_online_use():
     assert make_reward_transform("auto", "maze2d").kind == "none"
     assert make_reward_transform("none", "antmaze").kind == "none"  # override
     assert make_reward_transform("antmaze", "other").shift == -1.0
-    assert RewardTransform("locomotion", 2.0, 0.0).to_dict() == {"kind": "locomotion", "scale": 2.0, "shift": 0.0}
+    assert (RewardTransform("locomotion", 2.0, 0.0).to_dict()
+            == {"kind": "locomotion", "scale": 2.0, "shift": 0.0})
 
 
 def test_resolve_reward_kind():
@@ -134,11 +136,13 @@ def test_clip_actions():
 
 
 def test_validate_arrays_errors():
-    good = {"observations": np.zeros((3, 2)), "actions": np.zeros((3, 1)), "rewards": np.zeros((3, 1)), "terminals": np.zeros(3)}
+    good = {"observations": np.zeros((3, 2)), "actions": np.zeros((3, 1)), "rewards": np.zeros((3, 1)),
+            "terminals": np.zeros(3)}
     out = validate_arrays(good, ("observations", "actions", "rewards", "terminals"), "x")
     assert out["rewards"].shape == (3,)  # [N, 1] accepted and flattened
     with pytest.raises(DatasetError, match="missing key.*terminals"):
-        validate_arrays({k: v for k, v in good.items() if k != "terminals"}, ("observations", "actions", "rewards", "terminals"), "x")
+        validate_arrays({k: v for k, v in good.items() if k != "terminals"},
+                        ("observations", "actions", "rewards", "terminals"), "x")
     with pytest.raises(DatasetError, match="mismatched lengths.*actions=2"):
         validate_arrays({**good, "actions": np.zeros((2, 1))}, ("observations",), "x")
     bad = good["observations"].copy()

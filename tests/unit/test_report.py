@@ -1,4 +1,5 @@
-"""python -m idql_pl.report on synthetic run folders with known values: every aggregate, the paper lookup, curves."""
+"""python -m idql_pl.report on synthetic run folders with known values: every aggregate, the paper lookup,
+curves."""
 
 import csv
 import json
@@ -15,14 +16,17 @@ from idql_pl.experiments.report import aggregate_with_ci, make_report, paper_sco
 HOPPER = (-20.272305, 3234.3)
 
 
-def write_run(root, dataset, seed, scores, *, max_steps=None, tau=0.7, metrics=True, episodes=2, ref=HOPPER, name=None):
-    """A run folder as the CLI writes it; ``scores`` = {step: normalized score}, each step's episodes average to it."""
+def write_run(root, dataset, seed, scores, *, max_steps=None, tau=0.7, metrics=True, episodes=2, ref=HOPPER,
+              name=None):
+    """A run folder as the CLI writes it; ``scores`` = {step: normalized score}, each step's episodes average
+    to it."""
     run = root / (name or f"{report.slug(dataset)}-seed{seed}-tau{tau}")
     (run / "csv").mkdir(parents=True)
     steps = sorted(scores)
     cfg = {"seed_everything": seed, "trainer": {"max_steps": max_steps or steps[-1], "accelerator": "cpu"},
-           "model": {"class_path": "idql_pl.IDQL", "init_args": {"critic": {"class_path": "idql_pl.ImplicitCritic",
-                                                                             "init_args": {"tau": tau}}}},
+           "model": {"class_path": "idql_pl.IDQL",
+                     "init_args": {"critic": {"class_path": "idql_pl.ImplicitCritic",
+                                               "init_args": {"tau": tau}}}},
            "data": {"dataset": dataset, "ref_scores": None, "family": None},
            "run_name": run.name, "run_root": str(root)}
     (run / "config.yaml").write_text("# lightning.pytorch==2.6.6\n" + yaml.safe_dump(cfg))
@@ -44,18 +48,21 @@ def write_run(root, dataset, seed, scores, *, max_steps=None, tau=0.7, metrics=T
 
 def test_paper_lookup():
     assert paper_scores("hopper-medium-v2") == {"IDQL-1": 63.1, "IDQL-A": 65.4}
-    assert paper_scores("/data/hopper_medium_replay-v2.hdf5") == {"IDQL-1": 82.4, "IDQL-A": 92.1}  # D4RL file name
+    # D4RL file name
+    assert paper_scores("/data/hopper_medium_replay-v2.hdf5") == {"IDQL-1": 82.4, "IDQL-A": 92.1}
     assert paper_scores("walker2d-medium-expert-v2") == {"IDQL-1": 111.6, "IDQL-A": 112.7}
     assert paper_scores("antmaze-large-diverse-v2") == {"IDQL-1": 56.4, "IDQL-A": 67.9}
     assert paper_scores("antmaze-medium-play-v0") == {"IDQL-1": 86.6, "IDQL-A": 84.5}
     assert paper_scores("maze2d-large-v1") == {"Table 5": 90.1}
-    for none in ("hopper-random-v2", "mujoco/hopper/medium-v0", "local/pointmaze-umaze", "D4RL/antmaze/umaze-v1"):
+    for none in ("hopper-random-v2", "mujoco/hopper/medium-v0", "local/pointmaze-umaze",
+                 "D4RL/antmaze/umaze-v1"):
         assert paper_scores(none) == {}
     v2 = {k for k, v in report.PAPER.items() if k.endswith("-v2")}
     assert len(v2) == 15 and sum("Table 5" in v for v in report.PAPER.values()) == 3
     from idql_pl.experiments.suite import ANTMAZE_DATASETS, LOCO_DATASETS, MAZE2D_DATASETS
 
-    assert all(paper_scores(d) for d in (*LOCO_DATASETS, *ANTMAZE_DATASETS, *MAZE2D_DATASETS))  # every suite dataset
+    # every suite dataset
+    assert all(paper_scores(d) for d in (*LOCO_DATASETS, *ANTMAZE_DATASETS, *MAZE2D_DATASETS))
 
 
 def test_per_dataset_final_best_and_paper_difference(tmp_path):
@@ -67,11 +74,13 @@ def test_per_dataset_final_best_and_paper_difference(tmp_path):
     rows = {r["dataset"]: r for r in rep["rows"]}
     for dataset, values in finals.items():
         r = rows[dataset]
-        assert r["final_mean"] == pytest.approx(np.mean(values)) and r["final_std"] == pytest.approx(np.std(values, ddof=1))
+        assert (r["final_mean"] == pytest.approx(np.mean(values))
+                and r["final_std"] == pytest.approx(np.std(values, ddof=1)))
         assert r["best_mean"] == pytest.approx(np.mean([max(90.0 - s, f) for s, f in enumerate(values)]))
         assert r["final_step"] == 300 and r["seeds"] == [0, 1, 2] and r["config"] == "default"
         paper = paper_scores(dataset)
-        assert r["paper"] == paper and r["diff"] == pytest.approx({k: np.mean(values) - v for k, v in paper.items()})
+        assert (r["paper"] == paper
+                and r["diff"] == pytest.approx({k: np.mean(values) - v for k, v in paper.items()}))
         expected_return = HOPPER[0] + np.mean(values) / 100 * (HOPPER[1] - HOPPER[0])
         assert r["return_mean"] == pytest.approx(expected_return, rel=1e-6)
     md = (tmp_path / "out" / "report.md").read_text()
@@ -81,13 +90,15 @@ def test_per_dataset_final_best_and_paper_difference(tmp_path):
         csv_rows = {r["dataset"]: r for r in csv.DictReader(f)}
     assert float(csv_rows["walker2d-medium-v2"]["paper_IDQL-A"]) == 82.5
     assert float(csv_rows["walker2d-medium-v2"]["diff_IDQL-1"]) == pytest.approx(81.0 - 80.2)
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["rows"][0]["final_mean"] == pytest.approx(65.0)
+    assert (json.loads((tmp_path / "out" / "report.json").read_text())["rows"][0]["final_mean"]
+            == pytest.approx(65.0))
     for png in ("curve_hopper-medium-v2.png", "curve_walker2d-medium-v2.png", "curves.png", "aggregates.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000, png
 
 
 def test_domain_aggregates_match_their_definitions(tmp_path):
-    matrix = np.array([[60.0, 80.0, 20.0], [64.0, 84.0, 110.0], [71.0, 79.0, 35.0], [66.0, 90.0, 50.0]])  # seeds x tasks
+    # seeds x tasks
+    matrix = np.array([[60.0, 80.0, 20.0], [64.0, 84.0, 110.0], [71.0, 79.0, 35.0], [66.0, 90.0, 50.0]])
     datasets = ["hopper-medium-v2", "walker2d-medium-v2", "halfcheetah-medium-v2"]
     for j, dataset in enumerate(datasets):
         for seed in range(4):
@@ -96,14 +107,16 @@ def test_domain_aggregates_match_their_definitions(tmp_path):
     (agg,) = rep["aggregates"]
     assert agg["family"] == "locomotion" and agg["seeds_per_dataset"] == 4 and len(agg["datasets"]) == 3
     flat = matrix.ravel()
-    # rliable's definitions: mean of the datasets' means, median of the datasets' means, IQM and gap over all runs
-    expected = {"mean": flat.mean(), "median": np.median(matrix.mean(axis=0)), "iqm": stats.trim_mean(flat, 0.25),
-                "optimality_gap": 100 - np.minimum(flat, 100).mean()}
+    # rliable's definitions: mean of the datasets' means, median of the datasets' means, IQM and gap over all
+    # runs
+    expected = {"mean": flat.mean(), "median": np.median(matrix.mean(axis=0)),
+                "iqm": stats.trim_mean(flat, 0.25), "optimality_gap": 100 - np.minimum(flat, 100).mean()}
     for key, value in expected.items():
         assert agg[key]["value"] == pytest.approx(value), key
         assert agg[key]["ci_low"] <= value <= agg[key]["ci_high"], key
     assert agg["mean"]["ci_high"] - agg["mean"]["ci_low"] > 0
-    assert agg["paper_mean"] == pytest.approx({"IDQL-1": np.mean([63.1, 80.2, 49.7]), "IDQL-A": np.mean([65.4, 82.5, 51.0])})
+    assert agg["paper_mean"] == pytest.approx({"IDQL-1": np.mean([63.1, 80.2, 49.7]),
+                                               "IDQL-A": np.mean([65.4, 82.5, 51.0])})
     md = (tmp_path / "out" / "report.md").read_text()
     assert f"| locomotion | default | 3 x 4 | {flat.mean():.1f} [" in md
 
@@ -115,8 +128,10 @@ def test_bootstrap_interval_covers_the_true_mean_and_is_reproducible():
     est = aggregate_with_ci(scores, reps=2000, seed=0)
     assert est["mean"]["ci_low"] < true_means.mean() < est["mean"]["ci_high"]
     assert est["mean"]["ci_high"] - est["mean"]["ci_low"] < 15  # informative, not just wide
-    # the stratified bootstrap keeps each task's share: its CI for the mean is narrower than the pooled-sd t-interval
-    pooled = stats.t.interval(0.95, scores.size - 1, loc=scores.mean(), scale=scores.std(ddof=1) / math.sqrt(scores.size))
+    # the stratified bootstrap keeps each task's share: its CI for the mean is narrower than the pooled-sd
+    # t-interval
+    pooled = stats.t.interval(0.95, scores.size - 1, loc=scores.mean(),
+                              scale=scores.std(ddof=1) / math.sqrt(scores.size))
     assert est["mean"]["ci_high"] - est["mean"]["ci_low"] < pooled[1] - pooled[0]
     assert aggregate_with_ci(scores, reps=2000, seed=0) == est
 
@@ -155,15 +170,18 @@ def test_learning_curve_mean_and_band(tmp_path):
         vals = np.array([c[step] for c in curves])
         half = stats.t.ppf(0.975, 2) * vals.std(ddof=1) / math.sqrt(3)
         assert curve["mean"][i] == pytest.approx(vals.mean())
-        assert (curve["ci_low"][i], curve["ci_high"][i]) == pytest.approx((vals.mean() - half, vals.mean() + half))
+        assert ((curve["ci_low"][i], curve["ci_high"][i])
+                == pytest.approx((vals.mean() - half, vals.mean() + half)))
     assert rep["rows"][0]["paper"] == {"Table 5": 57.9} and rep["aggregates"][0]["family"] == "maze2d"
 
 
 def test_normalized_score_from_returns_when_metrics_are_missing(tmp_path):
     write_run(tmp_path, "hopper-medium-v2", 0, {100: 20.0, 200: 55.0}, metrics=False)
     rep = make_report([tmp_path], tmp_path / "out", reps=100, plots=False)
-    assert rep["rows"][0]["final_mean"] == pytest.approx(55.0, abs=1e-6) and rep["rows"][0]["metric"] == "normalized_score"
-    write_run(tmp_path / "own", "/data/own.hdf5", 0, {100: 20.0}, metrics=False)  # no reference scores anywhere
+    assert (rep["rows"][0]["final_mean"] == pytest.approx(55.0, abs=1e-6)
+            and rep["rows"][0]["metric"] == "normalized_score")
+    # no reference scores anywhere
+    write_run(tmp_path / "own", "/data/own.hdf5", 0, {100: 20.0}, metrics=False)
     rep = make_report([tmp_path / "own"], tmp_path / "out2", reps=100, plots=False)
     assert rep["rows"][0]["metric"] == "return" and rep["rows"][0]["paper"] == {} and rep["aggregates"] == []
 

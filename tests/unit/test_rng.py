@@ -28,7 +28,8 @@ def test_more_saved_cuda_states_than_devices(monkeypatch: pytest.MonkeyPatch) ->
     calls: list[tuple[int, torch.Tensor]] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append((device, state)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": calls.append((device, state)))
 
     def set_all(states: list[torch.Tensor]) -> None:  # as on a real 1-GPU machine: device 1 does not exist
         raise IndexError("list index out of range")
