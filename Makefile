@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # This workplace's CPU machines hold a local torch 2.13.0 CPU wheel; elsewhere this pulls the default build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# test processes (pytest-xdist; a test file stays in one process, so its module fixtures are built once)
+PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test test-tooling test-all lint bench soak gpu-check gpu-check-plan gpu-wheels clean
 
@@ -26,7 +28,8 @@ demo: install
 
 # unit and integration tests, without the slow ones: what CI runs, in under 10 minutes on 2 cores
 test: install
-	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" -q tests/unit tests/integration $(PYTEST_ARGS)
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" -q -n $(PYTEST_WORKERS) \
+		--dist loadfile tests/unit tests/integration $(PYTEST_ARGS)
 
 # the tools' own tests (benchmarks, GPU check); CI runs them after `make test`
 test-tooling: install
@@ -36,7 +39,7 @@ test-all: install
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check idql_pl tests
+	$(BIN)/ruff check .
 
 bench: install
 	$(BIN)/python -m idql_pl.benchmark --json benchmark.json

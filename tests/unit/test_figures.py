@@ -21,6 +21,7 @@ def _assert_written(out, name):
     return json.loads((out / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_fig1_idql_extraction_vs_awr_gaussian(out):
     """Paper Sec. 1 / Fig. 1 on the 2-D bandit r = a1 + a2 with an expectile (tau 0.9) critic.
 
@@ -74,6 +75,7 @@ def test_fig2_values_follow_each_loss_and_theorem_4_1(out):
         assert np.allclose(c[kind]["pi_reward_mean"], c[kind]["value"], atol=2e-3), kind
 
 
+@pytest.mark.slow
 def test_fig3_ln_resnet_has_fewer_outliers_than_the_mlp(out):
     rec = figures.fig3(out, quick=True)
     assert rec == _assert_written(out, "fig3")
@@ -82,6 +84,32 @@ def test_fig3_ln_resnet_has_fewer_outliers_than_the_mlp(out):
         print(dataset, {k: v["outlier_share"] for k, v in res.items()})
         assert res["data (fresh draws)"]["outlier_share"] <= 0.01
         assert res["LN-ResNet"]["outlier_share"] < 0.8 * res["MLP"]["outlier_share"], dataset
+
+
+def test_fig1_tiny_writes_every_method_with_shares(tmp_path):
+    """The fast version of the Fig. 1 claim above (``slow``): every method's record, shares in [0, 1]."""
+    size = figures.Fig1Size(num_data=500, critic_hidden=(16, 16), critic_steps=20, behavior_hidden=16,
+                            behavior_ff=32, behavior_blocks=1, behavior_steps=20, actor_hidden=(16, 16),
+                            actor_steps=20, num_candidates=4, num_eval=50, T=5)
+    rec = figures.fig1(tmp_path, size=size)
+    assert rec == _assert_written(tmp_path, "fig1")
+    betas = rec["sizes"]["betas"]
+    expected = {"data", "IDQL implicit", "IDQL argmax", *(f"AWR Gaussian beta={b:g}" for b in betas)}
+    assert expected <= set(rec["methods"])
+    for method in rec["methods"].values():
+        assert 0.0 <= method["best_cluster_share"] <= method["in_any_cluster_share"] <= 1.0
+
+
+def test_fig3_tiny_writes_the_outlier_share_of_each_network(tmp_path):
+    """The fast version of the Fig. 3 claim above (``slow``): each dataset's record for each network."""
+    size = figures.Fig3Size(num_data=500, steps=20, hidden=16, ff=32, num_samples=100, large_batch=64,
+                            configs=("MLP", "LN-ResNet"), T=5)
+    rec = figures.fig3(tmp_path, size=size)
+    assert rec == _assert_written(tmp_path, "fig3")
+    assert len(rec["results"]) >= 3
+    for res in rec["results"].values():
+        assert {"data (fresh draws)", "MLP", "LN-ResNet"} <= set(res)
+        assert all(0.0 <= r["outlier_share"] <= 1.0 for r in res.values())
 
 
 def test_command_line_writes_png_and_json(tmp_path, monkeypatch):
