@@ -51,3 +51,23 @@ def random_transitions(n: int = 500, seed: int = 0, obs_dim: int = 5, action_dim
         "next_observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
         "masks": (rng.uniform(size=n) >= terminal_prob).astype(np.float32),
     }
+
+
+class IndexedCandidates:
+    """Behavior stub for extraction tests: candidate ``n`` of every state is the action ``n / N``."""
+
+    def sample(self, states: torch.Tensor, num_samples: int = 1, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        agents, batch = states.shape[:2]
+        ramp = torch.arange(num_samples, dtype=torch.float32) / num_samples
+        return ramp.view(1, 1, -1, 1).expand(agents, batch, num_samples, 1).clone()
+
+
+class QIsTheAction:
+    """Critic stub: ``Q(s, a) = a[0]`` (so it ranks :class:`IndexedCandidates` by index) and ``V = 0``."""
+
+    def q_target(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return actions[..., 0]
+
+    def v(self, states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(states.shape[:-1])

@@ -16,9 +16,7 @@ from idql_pl.algorithm.losses import value_loss
 from idql_pl.data.buffer import TransitionBuffer
 from idql_pl.errors import ConfigError
 from idql_pl.training.evaluation import interquartile_mean
-from tests.helpers import (
-    random_transitions,
-)
+from tests.helpers import IndexedCandidates, QIsTheAction, random_transitions
 
 S, A = 5, 3
 TINY_CRITIC = dict(hidden_dims=[32, 32], batch_size=24)
@@ -184,28 +182,7 @@ def test_interquartile_mean():
     assert interquartile_mean([1.0, 2.0, 3.0]) == pytest.approx(2.0)
 
 
-# -------------------------------------------------------------------------------------- run, evaluate, export
-
-
 # ---------------------------------------------------------------------------------- per-agent N, independence
-class _IndexedCandidates:
-    """Behavior stub: candidate ``n`` of every state is the action ``n / N`` (so ``Q = action`` ranks
-    them)."""
-
-    def sample(self, states, num_samples=1, generator=None):
-        agents, batch = states.shape[:2]
-        ramp = torch.arange(num_samples, dtype=torch.float32) / num_samples
-        return ramp.view(1, 1, -1, 1).expand(agents, batch, num_samples, 1).clone()
-
-
-class _QIsTheAction:
-    def q_target(self, states, actions):
-        return actions[..., 0]
-
-    def v(self, states):
-        return torch.zeros(states.shape[:-1])
-
-
 def test_per_agent_num_samples_extracts_from_each_agents_own_candidates():
     """``num_samples`` as one count per agent (a sweep over N): agent k picks among its first N_k candidates
     only, under argmax and implicit resampling; a list of the wrong length is a one-line error."""
@@ -213,9 +190,9 @@ def test_per_agent_num_samples_extracts_from_each_agents_own_candidates():
 
     states = torch.zeros(3, 50, 2)
     counts = [1, 4, 8]
-    best = extract_actions(_IndexedCandidates(), _QIsTheAction(), states, counts)  # [K, B, 1]
+    best = extract_actions(IndexedCandidates(), QIsTheAction(), states, counts)  # [K, B, 1]
     assert [sorted(set(best[k, :, 0].tolist())) for k in range(3)] == [[0.0], [3 / 8], [7 / 8]]
-    drawn = extract_actions(_IndexedCandidates(), _QIsTheAction(), states, counts, extraction="implicit",
+    drawn = extract_actions(IndexedCandidates(), QIsTheAction(), states, counts, extraction="implicit",
                             generator=torch.Generator().manual_seed(0))
     for k, n in enumerate(counts):
         assert drawn[k].max() <= (n - 1) / 8 + 1e-6  # never one of the masked candidates

@@ -12,24 +12,7 @@ import torch
 from idql_pl.algorithm.extraction import extract_actions
 from idql_pl.errors import ConfigError
 from idql_pl.training.evaluation import EPISODE_COLUMNS, PolicyEvaluation
-from tests.helpers import read_csv
-
-
-class _IndexedCandidates:
-    """Candidate ``n`` of every state is the action ``n / N``, so ``Q = action`` ranks them."""
-
-    def sample(self, states, num_samples=1, generator=None):
-        agents, batch = states.shape[:2]
-        ramp = torch.arange(num_samples, dtype=torch.float32) / num_samples
-        return ramp.view(1, 1, -1, 1).expand(agents, batch, num_samples, 1).clone()
-
-
-class _QIsTheAction:
-    def q_target(self, states, actions):
-        return actions[..., 0]
-
-    def v(self, states):
-        return torch.zeros(states.shape[:-1])
+from tests.helpers import IndexedCandidates, QIsTheAction, read_csv
 
 
 class _LabelledCandidates:
@@ -55,17 +38,17 @@ def test_per_state_counts_draw_each_states_own_n_in_one_call():
     counts = torch.tensor([[2, 8, 4, 2], [8, 2, 2, 2]])
     states = torch.arange(4, dtype=torch.float32).view(1, 4, 1).expand(2, 4, 3)  # state b's feature: b
     behavior = _LabelledCandidates()
-    best = extract_actions(behavior, _QIsTheAction(), states, counts)[..., 0]
+    best = extract_actions(behavior, QIsTheAction(), states, counts)[..., 0]
     assert behavior.calls == [(8, 2)]  # 16 / 2 repeats of 2 candidates: one call, sum(N), not 4 x 8
     slots_end = torch.cumsum(counts, dim=1)  # the state's candidates are its own consecutive slots
     assert torch.equal(best, 1000 * torch.arange(4.0) + slots_end - 1)
-    drawn = extract_actions(_LabelledCandidates(), _QIsTheAction(), states, counts, extraction="implicit",
+    drawn = extract_actions(_LabelledCandidates(), QIsTheAction(), states, counts, extraction="implicit",
                             generator=torch.Generator().manual_seed(0))[..., 0]
     state, slot = torch.div(drawn, 1000, rounding_mode="floor"), drawn % 1000
     assert torch.equal(state, torch.arange(4.0).expand(2, 4))
     assert torch.all((slot >= slots_end - counts) & (slot < slots_end))
     with pytest.raises(ConfigError, match="num_samples must be >= 1"):
-        extract_actions(_IndexedCandidates(), _QIsTheAction(), states, counts * 0)
+        extract_actions(IndexedCandidates(), QIsTheAction(), states, counts * 0)
 
 
 def test_per_state_counts_match_single_n_in_distribution():
@@ -79,7 +62,7 @@ def test_per_state_counts_match_single_n_in_distribution():
 
     ns = torch.tensor([1, 3, 12]).repeat_interleave(4000).view(1, -1)
     states = torch.zeros(1, ns.shape[1], 2)
-    best = extract_actions(Uniform(), _QIsTheAction(), states, ns, generator=torch.Generator().manual_seed(1))
+    best = extract_actions(Uniform(), QIsTheAction(), states, ns, generator=torch.Generator().manual_seed(1))
     means = best[0, :, 0].view(3, -1).mean(dim=1)
     assert torch.allclose(means, torch.tensor([1 / 2, 3 / 4, 12 / 13]), atol=0.01)
 
