@@ -141,12 +141,11 @@ def ragged_candidates(behavior: BehaviorSampler, critic: Critic, states: Tensor,
         index = torch.repeat_interleave(torch.arange(batch), repeats[k])
         source[k, : len(index)], valid[k, : len(index)] = index, True
     first = torch.cumsum(repeats, dim=1) - repeats  # [K, B] the first repeat of each state
-    # repeat's rank in its state
-    rank = torch.arange(rows).expand(agents, rows) - torch.gather(first, 1, source)
+    rank = torch.arange(rows).expand(agents, rows) - torch.gather(first, 1, source)  # within its state
     max_n = int(counts.max())
-    # [K, rows, g] slot in [B x max N]
+    # [K, rows, g]: each drawn candidate's slot in the [B x max N] output
     dest = (source * max_n + rank * unit).unsqueeze(-1) + torch.arange(unit)
-    # padding: spare
+    # padding repeats go to the spare last slot, dropped on return
     dest = torch.where(valid.unsqueeze(-1), dest, batch * max_n).reshape(agents, -1).to(device)
     repeated = torch.gather(states, 1, source.to(device).unsqueeze(-1).expand(agents, rows, obs_dim))
     with autocast_for(device, precision):  # bf16 (on CUDA by default) for the T denoising passes only
