@@ -144,7 +144,10 @@ class PolicyEvaluation(L.Callback):
     collects every rank's, so the logged mean covers exactly ``num_episodes``, each episode once. Logs
     ``eval/return``, ``eval/normalized_score`` (0-100, the dataset's reference scores),
     ``eval/episode_length``, ``perf/eval_env_steps_per_s``; writes ``eval_curve.png`` to the run dir (x axis:
-    the module's ``step_unit``). ``at_start`` also evaluates the starting weights as step 0.
+    the module's ``step_unit``). ``at_start`` also evaluates the starting weights as step 0. ``validate`` and
+    ``test`` of a checkpoint evaluate at the checkpoint's step (so validating a run's checkpoint replays the
+    fit's evaluation at that step, episode for episode), tag their ``eval_episodes.csv`` rows with their stage
+    and leave ``eval_curve.png`` alone.
 
     A model of K agents (``num_agents``) plays the same seeded episodes with every agent, all agents in one
     batched policy call over ``K x num_envs`` envs. ``eval/normalized_score`` is then the mean over agents of
@@ -204,6 +207,7 @@ class PolicyEvaluation(L.Callback):
         self.n_history: list[tuple[int, dict[int, float]]] = []  # (step, {N: score}) for a list of N
         self._env: Any = None
         self._last_step = -1
+        self._checkpoint_step: int | None = None  # global_step of the checkpoint validate/test loaded
 
     # ------------------------------------------------------------------------------------- triggers
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -223,6 +227,18 @@ class PolicyEvaluation(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
             self.evaluate(trainer, pl_module, log_to_module=True)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
+
+    def _step(self, trainer: L.Trainer) -> int:
+        """The training step evaluated: the trainer's under fit; under validate/test, the loaded checkpoint's
+        (Lightning restores ``global_step`` for fit only), so the episodes, the policy noise and the rows
+        equal those of the fit's evaluation at that step."""
+        if trainer.state.fn == TrainerFn.FITTING or self._checkpoint_step is None:
+            return trainer.global_step
+        return self._checkpoint_step
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Create the envs up front, so a run that cannot be evaluated fails in seconds, not at its first
@@ -331,7 +347,7 @@ class PolicyEvaluation(L.Callback):
             if seeds:
                 if self._env is None:
                     self._env = self._make_env(trainer, pl_module)
-                generator = torch.Generator(device=device).manual_seed(self.seed + trainer.global_step)
+                generator = torch.Generator(device=device).manual_seed(self.seed + self._step(trainer))
                 returns, lengths = rollout(self._env, policy, seeds, device, generator, groups,
                                            record=self._recorded(trainer), frames=frames)
             else:
@@ -410,21 +426,22 @@ class PolicyEvaluation(L.Callback):
         paths, captions = [], []
         for position, episode_frames in sorted(frames.items()):
             episode = seeds[position] - self.seed
-            name = f"{prefix}step{trainer.global_step}_ep{episode}.mp4"
+            name = f"{prefix}step{self._step(trainer)}_ep{episode}.mp4"
             paths.append(write_mp4(episode_frames, folder / name, fps))
-            captions.append(f"step {trainer.global_step}, episode {episode} (seed {seeds[position]})")
-        log_videos(trainer, paths, trainer.global_step, captions)
+            captions.append(f"step {self._step(trainer)}, episode {episode} (seed {seeds[position]})")
+        log_videos(trainer, paths, self._step(trainer), captions)
         return paths
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float],
                 log_to_module: bool, agent_scores: list[float] | None = None,
                 n_scores: dict[int, float] | None = None, videos: list[Path] | None = None) -> None:
-        step = trainer.global_step
+        step = self._step(trainer)
+        fitting = trainer.state.fn == TrainerFn.FITTING  # validate/test leave the run's curve as fit drew it
         score = metrics.get("eval/normalized_score")
-        if score is not None and (not self.history or self.history[-1][0] != step):
+        if fitting and score is not None and (not self.history or self.history[-1][0] != step):
             self.history.append((step, score))
             self.agent_history.append((step, list(agent_scores or [score])))
-        if n_scores and (not self.n_history or self.n_history[-1][0] != step):
+        if fitting and n_scores and (not self.n_history or self.n_history[-1][0] != step):
             self.n_history.append((step, dict(n_scores)))
         if log_to_module:
             pl_module.log_dict(metrics, sync_dist=False)
@@ -446,7 +463,7 @@ class PolicyEvaluation(L.Callback):
             f" (length {metrics['eval/episode_length']:.0f}, {metrics['perf/eval_env_steps_per_s']:.0f}"
             " env steps/s)"
         )
-        if self.plot and trainer.is_global_zero and (self.history or self.n_history):
+        if fitting and self.plot and trainer.is_global_zero and (self.history or self.n_history):
             self._plot(Path(trainer.default_root_dir) / "eval_curve.png",
                        getattr(pl_module, "step_unit", "critic steps"))
 
@@ -479,7 +496,7 @@ class PolicyEvaluation(L.Callback):
                 ordered = (returns[group][order].tolist(), lengths[group][order].tolist())
                 rows = zip(episodes[order].tolist(), *ordered)
                 for e, r, length in rows:
-                    writer.writerow({"stage": stage, "step": trainer.global_step, "agent": group % agents,
+                    writer.writerow({"stage": stage, "step": self._step(trainer), "agent": group % agents,
                                      "num_samples": n, "model_n": int(own), "episode": int(e),
                                      "seed": self.seed + int(e), "return": f"{r:.6f}", "length": int(length)})
 

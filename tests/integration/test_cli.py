@@ -51,6 +51,36 @@ def test_validate_from_checkpoint_runs_the_requested_episodes(tmp_path):
                                                   rel=1e-6)
 
 
+def test_validate_replays_the_fits_final_evaluation_and_keeps_its_curve(tmp_path, monkeypatch):
+    """validate evaluates at the checkpoint's step (Lightning restores global_step for fit only): the same
+    policy noise and rows as the fit's evaluation at that step; the run's eval_curve.png stays as fit drew
+    it."""
+    import idql_pl.training.evaluation as evaluation
+
+    noise_seeds = []
+
+    def recording_rollout(env, policy, seeds, device, generator, *args, **kwargs):
+        noise_seeds.append(generator.initial_seed())
+        return real_rollout(env, policy, seeds, device, generator, *args, **kwargs)
+
+    real_rollout = evaluation.rollout
+    monkeypatch.setattr(evaluation, "rollout", recording_rollout)
+    assert run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
+                   "--eval.at_end", "true", "--run_root", tmp_path, "--run_name", "r") == 0
+    run = tmp_path / "r"
+    curve = (run / "eval_curve.png").read_bytes()
+    assert run_cli("validate", "--config", run / "config.yaml", "--ckpt_path", run / "last.ckpt") == 0
+    assert len(noise_seeds) == 2 and noise_seeds[0] == noise_seeds[1]
+
+    def episodes(stage):
+        return [(r["step"], r["episode"], r["return"], r["length"]) for r in rows if r["stage"] == stage]
+
+    rows = read_csv(run / "eval_episodes.csv")
+    assert episodes("fit") and [r[0] for r in episodes("fit")] == ["6", "6"]
+    assert episodes("validate") == episodes("fit")
+    assert (run / "eval_curve.png").read_bytes() == curve
+
+
 def test_print_config_round_trips(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli("fit", "--config", CONFIGS / "loco.yaml", "--model.critic.tau", "0.8", "--print_config")
