@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import yaml
@@ -33,50 +35,63 @@ def test_fresh_fit_never_overwrites_a_run(tmp_path):
     assert len(runs) == 2 and runs[1] == runs[0] + "-1"
 
 
-def test_validate_from_checkpoint_runs_the_requested_episodes(tmp_path):
-    assert run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
-                   "--run_root", tmp_path, "--run_name", "r") == 0
-    ckpt = tmp_path / "r" / "last.ckpt"
+def record_noise_seeds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The seed of each evaluation's policy-noise generator, in order, from now on."""
+    import idql_pl.training.evaluation as evaluation
+
+    seeds: list[int] = []
+    real_rollout = evaluation.rollout
+
+    def recording_rollout(env, policy, episode_seeds, device, generator, *args, **kwargs):
+        seeds.append(generator.initial_seed())
+        return real_rollout(env, policy, episode_seeds, device, generator, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "rollout", recording_rollout)
+    return seeds
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory):
+    """One tiny quickstart fit, evaluated at its last step (6); each test validates its own copy."""
+    root = tmp_path_factory.mktemp("fitted")
+    with pytest.MonkeyPatch.context() as mp:
+        noise_seeds = record_noise_seeds(mp)
+        assert run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
+                       "--eval.at_end", "true", "--run_root", root, "--run_name", "r") == 0
+    return root / "r", noise_seeds
+
+
+def test_validate_from_checkpoint_runs_the_requested_episodes(fitted_run, tmp_path):
+    run = shutil.copytree(fitted_run[0], tmp_path / "r")
     code = run_cli("validate", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL,
                    "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
                    "--eval.num_episodes", "3", "--eval.num_envs", "3", "--eval.num_samples", "2",
-                   "--eval.extraction", "implicit", "--ckpt_path", ckpt)
+                   "--eval.extraction", "implicit", "--ckpt_path", run / "last.ckpt")
     assert code == 0
-    rows = read_csv(tmp_path / "r" / "eval_episodes.csv")
+    rows = read_csv(run / "eval_episodes.csv")
     validate_rows = [r for r in rows if r["stage"] == "validate"]
     assert sorted(int(r["episode"]) for r in validate_rows) == [0, 1, 2]
-    metrics = read_csv(tmp_path / "r" / "csv_validate" / "metrics.csv")
+    metrics = read_csv(run / "csv_validate" / "metrics.csv")
     logged = [float(m["eval/return"]) for m in metrics if m.get("eval/return")]
     assert logged and logged[-1] == pytest.approx(sum(float(r["return"]) for r in validate_rows) / 3,
                                                   rel=1e-6)
 
 
-def test_validate_replays_the_fits_final_evaluation_and_keeps_its_curve(tmp_path, monkeypatch):
+def test_validate_replays_the_fits_final_evaluation_and_keeps_its_curve(fitted_run, tmp_path, monkeypatch):
     """validate evaluates at the checkpoint's step (Lightning restores global_step for fit only): the same
     policy noise and rows as the fit's evaluation at that step; the run's eval_curve.png stays as fit drew
     it."""
-    import idql_pl.training.evaluation as evaluation
-
-    noise_seeds = []
-
-    def recording_rollout(env, policy, seeds, device, generator, *args, **kwargs):
-        noise_seeds.append(generator.initial_seed())
-        return real_rollout(env, policy, seeds, device, generator, *args, **kwargs)
-
-    real_rollout = evaluation.rollout
-    monkeypatch.setattr(evaluation, "rollout", recording_rollout)
-    assert run_cli("fit", "--config", CONFIGS / "quickstart.yaml", *SMALL_MAZE, *TINY_IDQL, *TINY_TRAINER,
-                   "--eval.at_end", "true", "--run_root", tmp_path, "--run_name", "r") == 0
-    run = tmp_path / "r"
+    run = shutil.copytree(fitted_run[0], tmp_path / "r")
     curve = (run / "eval_curve.png").read_bytes()
+    noise_seeds = record_noise_seeds(monkeypatch)
     assert run_cli("validate", "--config", run / "config.yaml", "--ckpt_path", run / "last.ckpt") == 0
-    assert len(noise_seeds) == 2 and noise_seeds[0] == noise_seeds[1]
+    assert len(fitted_run[1]) == 1 and noise_seeds == fitted_run[1]
 
     def episodes(stage):
         return [(r["step"], r["episode"], r["return"], r["length"]) for r in rows if r["stage"] == stage]
 
     rows = read_csv(run / "eval_episodes.csv")
-    assert episodes("fit") and [r[0] for r in episodes("fit")] == ["6", "6"]
+    assert [r[0] for r in episodes("fit")] == ["6", "6"]
     assert episodes("validate") == episodes("fit")
     assert (run / "eval_curve.png").read_bytes() == curve
 
