@@ -20,6 +20,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from idql_pl import runtime
@@ -51,7 +52,8 @@ class RunConfigSaver(SaveConfigCallback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if trainer.is_global_zero:
             # fit owns config.yaml; validate/test of the same run write theirs beside it, never over it
-            name = self.config_filename if stage == "fit" else f"config_{stage}.yaml"
+            # the stage comes as a TrainerFn, whose str() is "TrainerFn.VALIDATING": name files by its value
+            name = self.config_filename if stage == "fit" else f"config_{TrainerFn(stage).value}.yaml"
             path = Path(trainer.default_root_dir) / name
             path.parent.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)

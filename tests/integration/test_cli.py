@@ -68,6 +68,7 @@ def test_validate_from_checkpoint_runs_the_requested_episodes(fitted_run, tmp_pa
                    "--eval.num_episodes", "3", "--eval.num_envs", "3", "--eval.num_samples", "2",
                    "--eval.extraction", "implicit", "--ckpt_path", run / "last.ckpt")
     assert code == 0
+    assert (run / "config_validate.yaml").is_file()  # beside the fit's config.yaml, never over it
     rows = read_csv(run / "eval_episodes.csv")
     validate_rows = [r for r in rows if r["stage"] == "validate"]
     assert sorted(int(r["episode"]) for r in validate_rows) == [0, 1, 2]
