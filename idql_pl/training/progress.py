@@ -3,7 +3,8 @@ the time left and the latest ``eval/normalized_score``; nothing about epochs (th
 ``v_num``.
 
 On a terminal it is a tqdm bar on stderr. Anywhere else (a CI log, a cluster job's output file) it prints one
-plain line every ``every_n_steps`` steps instead of carriage-return redraws::
+plain line every ``every_n_steps`` steps instead of carriage-return redraws, written once the step's callbacks
+have run, so a line at an evaluation step shows that evaluation's score::
 
     [idql_pl] critic step 5,000/25,000 (20%) | 96.1 steps/s | elapsed 0:00:52 | ETA 0:03:28 | eval/normalized_score 13.6
 """  # noqa: E501 (one sample output line, which cannot be split)
@@ -53,6 +54,7 @@ class StepProgressBar(ProgressBar):
         self.label = "step"
         self._shown_score: float | None = None
         self._last_line_step = -1
+        self._pending_step: int | None = None  # a due line, printed once every callback has run its step
 
     # --------------------------------------------------------------------------------- ProgressBar API
     def disable(self) -> None:
@@ -114,7 +116,12 @@ class StepProgressBar(ProgressBar):
                 self._shown_score = score
                 self._bar.set_postfix_str(f"{SCORE} {score:.1f}", refresh=False)
         elif step - self._last_line_step >= self.every_n_steps:
-            self._line(trainer, step)
+            # printed at the next step's start (or at the end), so an evaluation at this step is in it
+            self._pending_step = step
+            self._last_line_step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._flush_line(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer)
@@ -161,10 +168,17 @@ class StepProgressBar(ProgressBar):
         with contextlib.suppress(OSError, ValueError):
             print(text, file=self._out(), flush=True)
 
+    def _flush_line(self, trainer: L.Trainer) -> None:
+        if self._pending_step is not None and self._start is not None:
+            self._line(trainer, self._pending_step)
+        self._pending_step = None
+
     def _finish(self, trainer: L.Trainer, final_line: bool = True) -> None:
-        if self._enabled and self._start is not None and self._bar is None and final_line \
-                and trainer.global_step != self._last_line_step:
-            self._line(trainer, trainer.global_step)
+        if self._enabled and self._start is not None and self._bar is None and final_line:
+            if self._pending_step is None and trainer.global_step != self._last_line_step:
+                self._pending_step = trainer.global_step
+            self._flush_line(trainer)
+        self._pending_step = None
         self._close()
         self._start = None
 

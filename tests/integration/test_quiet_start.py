@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -89,7 +90,10 @@ def test_cli_start_is_quiet_but_our_own_warning_gets_through(tmp_path):
     assert [ln.split(" | ")[0] for ln in progress] == ["[idql_pl] critic step 4/8 (50%)",
                                                        "[idql_pl] critic step 8/8 (100%)"]
     assert "steps/s" in progress[0] and "ETA" in progress[0]
-    assert "eval/normalized_score" in progress[1]  # the step-4 evaluation's score
+    # each line is printed after its step's evaluation, so it shows that evaluation's score, not the last one
+    evals = dict(re.findall(r"\[eval\] step (\d+): .*?normalized score (-?[\d.]+)", out))
+    assert sorted(evals) == ["4", "8"], out[-3000:]
+    assert [ln.rsplit(" | ", 1)[1] for ln in progress] == [f"eval/normalized_score {evals[s]}" for s in "48"]
     assert "\r" not in proc.stderr
 
 
