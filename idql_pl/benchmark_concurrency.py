@@ -1,9 +1,9 @@
 """``python -m idql_pl.benchmark_concurrency``: the command line of
 :mod:`idql_pl.experiments.benchmark_concurrency`."""
 
-import sys
 
 if __name__ == "__main__":
+    from idql_pl.entrypoint import run_main
     from idql_pl.experiments.benchmark_concurrency import main
 
-    sys.exit(main())
+    run_main(main)

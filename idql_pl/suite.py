@@ -1,8 +1,8 @@
 """``python -m idql_pl.suite``: the command line of :mod:`idql_pl.experiments.suite`."""
 
-import sys
 
 if __name__ == "__main__":
+    from idql_pl.entrypoint import run_main
     from idql_pl.experiments.suite import main
 
-    sys.exit(main())
+    run_main(main)

@@ -560,4 +560,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from idql_pl.entrypoint import run_main
+
+    run_main(main)

@@ -630,4 +630,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from idql_pl.entrypoint import run_main
+
+    run_main(main)

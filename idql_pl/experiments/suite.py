@@ -683,4 +683,6 @@ def _main(args: argparse.Namespace, passthrough: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from idql_pl.entrypoint import run_main
+
+    run_main(main)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from idql_pl.entrypoint import CLOSED_PIPE_EXIT
 from idql_pl.errors import ConfigError
 from idql_pl.experiments import suite
 from tests.helpers import CONFIGS, SMALL_MAZE, TINY_IDQL, TINY_TRAINER, read_csv, run_cli
@@ -109,6 +110,17 @@ def _finished(run: "suite.Run") -> bool:
     rows = read_csv(run.run_dir / "eval_episodes.csv")
     return ({int(r["step"]) for r in rows if r["stage"] == "fit"} == {6}
             and (run.run_dir / "last.ckpt").is_file())
+
+
+def test_listing_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`python -m idql_pl.suite ... --dry-run | head -1`: when the reader has gone, the command exits as a
+    shell tool killed by SIGPIPE would (141), without a traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader leaves before the first line
+    proc = subprocess.run([sys.executable, "-m", "idql_pl.suite", "table5-local", "--dry-run", "--root",
+                           str(tmp_path)], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert proc.returncode == CLOSED_PIPE_EXIT == 141 and proc.stderr == "", proc.stderr[-2000:]
 
 
 def test_local_launcher_runs_then_skips(tmp_path, capsys):
