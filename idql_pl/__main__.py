@@ -1,6 +1,5 @@
 """``python -m idql_pl fit --config configs/quickstart.yaml`` (also ``validate``, ``test``, ``export``)."""
 
-
 from idql_pl.runtime import passive_openmp_wait
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """``python -m idql_pl.benchmark``: the command line of :mod:`idql_pl.experiments.benchmark`."""
 
-
 from idql_pl.runtime import passive_openmp_wait
 
 if __name__ == "__main__":
